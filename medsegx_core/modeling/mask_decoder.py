@@ -1,0 +1,104 @@
+"""SegVol's 3D mask decoder: two-way transformer, 3D upscaling, hypernetwork masks, text-similarity branch."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import SegVolConfig
+from .transformer import TwoWayTransformer
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linears with ReLU between them (``layers.N``: the checkpoint's names)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class MaskDecoder3D(nn.Module):
+    def __init__(self, config: SegVolConfig):
+        super().__init__()
+        dim = config.embed_dim
+        dec = config.mask_decoder
+        self.num_mask_tokens = dec.num_multimask_outputs + 1
+        self.transformer = TwoWayTransformer(dec.transformer_depth, dim, dec.transformer_heads,
+                                             dec.transformer_mlp_dim, dec.attention_downsample_rate)
+        self.iou_token = nn.Embedding(1, dim)
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, dim)
+        upscaled_grid = tuple(2 * g for g in config.embedding_grid)
+        # The LayerNorm normalises the whole (C/4, 2d, 2h, 2w) block with position-wise affine parameters:
+        # this is what the published weights hold, and it ties the decoder to the configured window size.
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose3d(dim, dim // 4, kernel_size=2, stride=2),
+            nn.LayerNorm((dim // 4, *upscaled_grid)),
+            nn.GELU(),
+            nn.ConvTranspose3d(dim // 4, dim // 8, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens))
+        self.iou_prediction_head = MLP(dim, dec.iou_head_hidden_dim, self.num_mask_tokens, dec.iou_head_depth)
+        self.txt_align_upscaled_embedding = nn.Linear(dim, dim // 8)
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        text_embedding: Optional[torch.Tensor] = None,
+        multimask_output: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns low-resolution mask logits (B, M, 4d, 4h, 4w) and IoU predictions (B, M); M = 1 unless
+        ``multimask_output`` (then the 3 extra masks)."""
+        masks, iou_pred = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                             dense_prompt_embeddings, text_embedding)
+        selected = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, selected], iou_pred[:, selected]
+
+    def predict_masks(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                      text_embedding=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        batch = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(batch, -1, -1)
+        tokens = torch.cat([output_tokens.to(sparse_prompt_embeddings.dtype), sparse_prompt_embeddings], dim=1)
+
+        # One image embedding may serve a batch of prompts (several texts or clicks on one window).
+        if image_embeddings.shape[0] != batch:
+            image_embeddings = image_embeddings.expand(batch, -1, -1, -1, -1)
+        src = image_embeddings + dense_prompt_embeddings
+        pos_src = image_pe.expand(batch, -1, -1, -1, -1)
+        _, channels, d, h, w = src.shape
+
+        hs, src = self.transformer(src, pos_src, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens, :]
+
+        src = src.transpose(1, 2).reshape(batch, channels, d, h, w)
+        upscaled = self.output_upscaling(src)
+        hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :])
+                                for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
+        _, up_channels, ud, uh, uw = upscaled.shape
+        upscaled_flat = upscaled.reshape(batch, up_channels, ud * uh * uw)
+        masks = (hyper_in @ upscaled_flat).reshape(batch, -1, ud, uh, uw)
+
+        if text_embedding is not None:
+            # Text-similarity branch: the projected text vector matched against every upscaled voxel feature.
+            text_down = self.txt_align_upscaled_embedding(text_embedding).unsqueeze(1)
+            similarity = (text_down @ upscaled_flat).reshape(batch, 1, ud, uh, uw)
+            masks = masks + similarity
+        iou_pred = self.iou_prediction_head(iou_token_out)
+        return masks, iou_pred

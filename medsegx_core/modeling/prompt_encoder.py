@@ -1,0 +1,149 @@
+"""SegVol's 3D prompt encoder: points, boxes and a text token become sparse tokens; a dense no-mask prompt.
+
+It is SAM's prompt encoder lifted to 3D, including the quirks the published weights were trained with
+(do not "fix" them, the weights depend on them):
+* point/box coordinates are (d, h, w) voxel indices in model space, shifted by +0.5, and normalised with
+  d / image_size[1] (256) and h / image_size[0] (32): the first two sizes are swapped;
+* the dense positional grid puts the H coordinate first, then D, then W;
+* points without a box get one padding point (0, 0, 0) labelled -1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import SegVolConfig
+
+
+class LayerNorm2d(nn.Module):
+    """Channel LayerNorm of a (B, C, H, W) map (SAM's); only used by the unused mask branch."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class PositionEmbeddingRandom3D(nn.Module):
+    """Random Fourier features of coordinates in [0, 1]^3: [sin(2pi (2c-1) G), cos(2pi (2c-1) G)]."""
+
+    def __init__(self, num_pos_feats: int, scale: float = 1.0):
+        super().__init__()
+        self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((3, num_pos_feats)))
+
+    def _encode(self, coords: torch.Tensor) -> torch.Tensor:
+        gaussian = self.positional_encoding_gaussian_matrix
+        coords = (2 * coords - 1) @ gaussian.to(coords.dtype)
+        coords = 2 * math.pi * coords
+        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+
+    def dense(self, grid: Tuple[int, int, int]) -> torch.Tensor:
+        """(C, d, h, w) encoding of the cell centres of a grid; channel order of the coordinate: (h, d, w)."""
+        d, h, w = grid
+        ones = torch.ones(grid, device=self.positional_encoding_gaussian_matrix.device,
+                          dtype=self.positional_encoding_gaussian_matrix.dtype)
+        along_d = (ones.cumsum(dim=0) - 0.5) / d
+        along_h = (ones.cumsum(dim=1) - 0.5) / h
+        along_w = (ones.cumsum(dim=2) - 0.5) / w
+        encoding = self._encode(torch.stack([along_h, along_d, along_w], dim=-1))
+        return encoding.permute(3, 0, 1, 2)
+
+    def from_voxel_coords(self, coords: torch.Tensor, image_size: Tuple[int, int, int]) -> torch.Tensor:
+        """(B, N, 3) shifted (d, h, w) voxel coordinates -> (B, N, C), with the official size swap."""
+        coords = coords.clone()
+        coords[..., 0] = coords[..., 0] / image_size[1]
+        coords[..., 1] = coords[..., 1] / image_size[0]
+        coords[..., 2] = coords[..., 2] / image_size[2]
+        return self._encode(coords.to(torch.float32 if coords.dtype == torch.float64 else coords.dtype))
+
+
+class PromptEncoder3D(nn.Module):
+    def __init__(self, config: SegVolConfig):
+        super().__init__()
+        dim = config.embed_dim
+        self.embed_dim = dim
+        self.image_size = config.image_size
+        self.image_embedding_size = config.embedding_grid
+        self.pe_layer = PositionEmbeddingRandom3D(dim // 2)
+        # 0 negative point, 1 positive point, 2 box min corner, 3 box max corner
+        self.point_embeddings = nn.ModuleList([nn.Embedding(1, dim) for _ in range(4)])
+        self.not_a_point_embed = nn.Embedding(1, dim)
+        mask_chans = config.prompt_encoder.mask_in_chans
+        # SAM's 2D mask-input branch: never called by SegVol, kept so the published state dict loads strictly.
+        self.mask_downscaling = nn.Sequential(
+            nn.Conv2d(1, mask_chans // 4, kernel_size=2, stride=2),
+            LayerNorm2d(mask_chans // 4),
+            nn.GELU(),
+            nn.Conv2d(mask_chans // 4, mask_chans, kernel_size=2, stride=2),
+            LayerNorm2d(mask_chans),
+            nn.GELU(),
+            nn.Conv2d(mask_chans, dim, kernel_size=1),
+        )
+        self.no_mask_embed = nn.Embedding(1, dim)
+
+    def get_dense_pe(self) -> torch.Tensor:
+        """(1, C, d, h, w) positional encoding of the image-embedding grid."""
+        return self.pe_layer.dense(self.image_embedding_size).unsqueeze(0)
+
+    def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        coords = coords + 0.5  # voxel index -> voxel centre
+        if pad:
+            coords = torch.cat([coords, coords.new_zeros((coords.shape[0], 1, 3))], dim=1)
+            labels = torch.cat([labels, -labels.new_ones((labels.shape[0], 1))], dim=1)
+        embedding = self.pe_layer.from_voxel_coords(coords, self.image_size)
+        padding = (labels == -1).unsqueeze(-1)
+        embedding = torch.where(padding, self.not_a_point_embed.weight.to(embedding.dtype), embedding)
+        embedding = embedding + (labels == 0).unsqueeze(-1) * self.point_embeddings[0].weight
+        embedding = embedding + (labels == 1).unsqueeze(-1) * self.point_embeddings[1].weight
+        return embedding
+
+    def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        corners = (boxes + 0.5).reshape(-1, 2, 3)
+        embedding = self.pe_layer.from_voxel_coords(corners, self.image_size)
+        corner_codes = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight], dim=0)
+        return embedding + corner_codes
+
+    def forward(
+        self,
+        points: Optional[Tuple[torch.Tensor, torch.Tensor]],
+        boxes: Optional[torch.Tensor],
+        text_embedding: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns sparse tokens (B, N, C) ordered [points (+ padding point)] [box corners] [text] and the dense
+        prompt (B, C, d, h, w) (the no-mask embedding everywhere)."""
+        batch = _batch_size(points, boxes, text_embedding)
+        parts = []
+        if points is not None:
+            coords, labels = points
+            parts.append(self._embed_points(coords.to(self.no_mask_embed.weight.dtype), labels,
+                                            pad=boxes is None))
+        if boxes is not None:
+            parts.append(self._embed_boxes(boxes.to(self.no_mask_embed.weight.dtype)))
+        if text_embedding is not None:
+            parts.append(text_embedding.unsqueeze(1))
+        if parts:
+            sparse = torch.cat([p.to(parts[0].dtype) for p in parts], dim=1)
+        else:
+            sparse = self.no_mask_embed.weight.new_empty((batch, 0, self.embed_dim))
+        dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(batch, -1, *self.image_embedding_size)
+        return sparse, dense
+
+
+def _batch_size(points, boxes, text_embedding) -> int:
+    if points is not None:
+        return points[0].shape[0]
+    if boxes is not None:
+        return boxes.shape[0]
+    if text_embedding is not None:
+        return text_embedding.shape[0]
+    return 1
