@@ -207,8 +207,8 @@ def infer_config(state: StateDict, source: str, name: Optional[str] = None) -> S
         max_position_embeddings=shape(NEW_CLIP_PREFIX + "embeddings.position_embedding.weight")[0],
     )
     iou_head = "mask_decoder.iou_prediction_head.layers."
-    return SegVolConfig(
-        name=name or ("segvol" if width == 768 else f"segvol-{width}"),
+    config = SegVolConfig(
+        name=name or f"segvol-{width}",
         image_encoder=ImageEncoderConfig(
             hidden_size=width,
             mlp_dim=shape("image_encoder.blocks.0.mlp.linear1.weight")[0],
@@ -229,3 +229,10 @@ def infer_config(state: StateDict, source: str, name: Optional[str] = None) -> S
         ),
         text_encoder=TextEncoderConfig(kind="clip", clip=clip),
     )
+    if name is None:  # call it by its preset name when it is one
+        for known in ("segvol", "tiny"):
+            candidate = preset(known)
+            candidate.name = config.name
+            if candidate == config:
+                config.name = known
+    return config
