@@ -1,0 +1,111 @@
+"""Model-level parity with the official SegVol: the fixture checkpoint, loaded from each published layout,
+reproduces every stored model-level array within the fixture README's tolerances (section 7), in float32."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medsegx_core.weights.store import load_model
+
+LAYOUTS = ["hf_style.bin", "github_style.pth", "model.safetensors"]
+CASES = ["text", "box", "points", "text_box", "text_points"]
+
+
+@pytest.fixture(scope="module")
+def parity_dir(fixtures_dir):
+    return fixtures_dir / "segvol_parity"
+
+
+@pytest.fixture(scope="module")
+def float32_stats(parity_dir):
+    arrays = json.loads((parity_dir / "public" / "fixtures.json").read_text())["arrays"]
+    return {name.split(".")[0]: entries for name, entries in arrays.items()}
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def loaded(request, parity_dir):
+    """(model, image embedding, fixture text-case arrays) for one checkpoint layout."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = load_model(parity_dir / "public" / request.param, tokenizer=parity_dir / "tokenizer")
+    image = torch.from_numpy(np.load(parity_dir / "public" / "model_input.npz")["image"])
+    with torch.no_grad():
+        embedding = model.encode_image(image)
+    return model, embedding
+
+
+def max_abs(ours: torch.Tensor, reference: np.ndarray) -> float:
+    return float(np.abs(ours.detach().numpy().astype(np.float64) - reference.astype(np.float64)).max())
+
+
+def test_loaded_config_is_the_fixture_architecture(loaded, parity_dir):
+    model, _ = loaded
+    config = json.loads((parity_dir / "public" / "config.json").read_text())
+    assert model.config.name == "tiny"
+    assert model.config.embed_dim == config["image_encoder"]["hidden_size"]
+    assert model.config.image_encoder.num_layers == config["image_encoder"]["num_layers"]
+    assert model.config.text_encoder.clip["hidden_size"] == config["text_encoder"]["clip_text_config"]["hidden_size"]
+
+
+def test_image_embedding_and_dense_pe(loaded, parity_dir):
+    model, embedding = loaded
+    reference = np.load(parity_dir / "public" / "model_case_text.npz")
+    assert tuple(embedding.shape) == reference["image_embedding"].shape
+    assert max_abs(embedding, reference["image_embedding"]) <= 1e-5
+    assert max_abs(model.prompt_encoder.get_dense_pe(), reference["dense_pe"]) <= 1e-4
+
+
+def test_text_tower(loaded, parity_dir):
+    model, _ = loaded
+    reference = np.load(parity_dir / "public" / "model_case_text.npz")
+    tokens = model.text_encoder.tokenize(["liver"])
+    np.testing.assert_array_equal(tokens["input_ids"].numpy(), reference["input_ids"])
+    with torch.no_grad():
+        pooled = model.text_encoder.pooled(tokens["input_ids"], tokens["attention_mask"])
+        text_embedding = model.encode_text(["liver"])
+    assert max_abs(pooled, reference["clip_pooled"]) <= 1e-5
+    assert max_abs(text_embedding, reference["text_embedding"]) <= 1e-5
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_decoder_case(loaded, parity_dir, float32_stats, case):
+    model, embedding = loaded
+    reference = np.load(parity_dir / "public" / f"model_case_{case}.npz")
+    boxes = torch.from_numpy(reference["boxes"]) if "boxes" in reference else None
+    points = ((torch.from_numpy(reference["point_coords"]), torch.from_numpy(reference["point_labels"]))
+              if "point_coords" in reference else None)
+    with torch.no_grad():
+        text_embedding = model.encode_text(["liver"]) if "text" in case else None
+        details = model.decode_with_details(embedding, text_embedding, points, boxes)
+        logits = model.decode(embedding, text_embedding, points, boxes)
+
+    assert details.sparse_embeddings.shape == reference["sparse_embeddings"].shape
+    assert max_abs(details.sparse_embeddings, reference["sparse_embeddings"]) <= 1e-4
+    assert max_abs(details.logits_lowres, reference["logits_lowres"]) <= 1e-4
+    assert max_abs(details.iou_pred, reference["iou_pred"]) <= 1e-4
+
+    # Final logits are stored as a float16 copy: compare with the float16-aware rule and the float32 sum.
+    ours = logits.numpy().astype(np.float64)
+    stored = reference["logits"].astype(np.float64)
+    assert ours.shape == stored.shape == (1, 1, 32, 256, 256)
+    assert np.all(np.abs(ours - stored) <= 1e-3 * np.abs(stored) + 1e-4)
+    stored_sum = float32_stats[f"model_case_{case}"]["logits"]["stats_of_float32_source"]["sum"]
+    assert abs(ours.sum() - stored_sum) <= 1e-5 * abs(stored_sum)
+
+
+def test_text_only_has_one_sparse_token_and_points_get_padding(loaded, parity_dir):
+    """The official rules the README spells out: no padding point for text, one for points without a box."""
+    model, embedding = loaded
+    coords = torch.tensor([[[28.0, 154.0, 171.0]]])
+    labels = torch.tensor([[1]])
+    with torch.no_grad():
+        text_only = model.decode_with_details(embedding, model.encode_text(["liver"]))
+        point_only = model.decode_with_details(embedding, points=(coords, labels))
+        point_and_box = model.decode_with_details(embedding, points=(coords, labels),
+                                                  boxes=torch.tensor([[20.0, 66, 78, 31, 229, 219]]))
+    assert text_only.sparse_embeddings.shape[1] == 1
+    assert point_only.sparse_embeddings.shape[1] == 2
+    assert point_and_box.sparse_embeddings.shape[1] == 3
+    assert torch.equal(point_only.sparse_embeddings[0, 1], model.prompt_encoder.not_a_point_embed.weight[0])
