@@ -52,7 +52,8 @@ _SPELLING = {"tumour": "tumor", "tumours": "tumor", "oesophagus": "esophagus", "
              "ventricular": "ventricle", "centre": "center", "fibre": "fiber", "anaemia": "anemia",
              "paediatric": "pediatric", "foetal": "fetal", "leukaemia": "leukemia", "lobes": "lobe"}
 _STOPWORDS = {"the", "of", "a", "an", "and", "in", "segment", "segmentation", "structure", "mask", "label"}
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+# CamelCase boundaries, and a number after a word ('Rib1'), but not inside codes such as 'L3' or 'C7'
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])|(?<=[a-z]{2})(?=[0-9])")
 _SEPARATORS = re.compile(r"[^a-z0-9]+")
 
 
@@ -315,11 +316,13 @@ class Hierarchy:
         if text is None or not normalise(str(text)):
             raise PromptError(f"empty text prompt {text!r}: give a structure name such as 'liver' "
                               f"(run 'medsegx categories' to list them)")
-        for table, query, match in ((self._exact, normalise(text), "exact"),
-                                    (self._by_key, word_key(text), "synonym")):
-            node = self._pick(table.get(query, []), text)
-            if node is not None:
-                return ResolvedTerm(query=text, node=node, context=self.context_of(node), match=match)
+        exact = self._exact.get(normalise(text), [])
+        # exact and synonym hits compete by depth: 'Pituitary' is level-3 'pituitary' by name but MedSegDB's task
+        # 'Pituitary' by synonym, and the task is the more specific meaning
+        node = self._pick(exact + [n for n in self._by_key.get(word_key(text), []) if n not in exact], text)
+        if node is not None:
+            match = "exact" if node in exact else "synonym"
+            return ResolvedTerm(query=text, node=node, context=self.context_of(node), match=match)
         key = _correct_sides(word_key(text))
         node = self._pick(self._by_key.get(key, []), text)
         if node is not None:   # only a misspelt "left"/"right"
@@ -457,9 +460,9 @@ def guess_modality(array: np.ndarray) -> Modality:
         return load_hierarchy().unknown_modality
     sample = values.ravel()[:: max(1, values.size // 200_000)].astype(np.float64)
     low, high = np.percentile(sample, [1, 99])
-    if sample.min() >= -1100 and low <= -500 and high >= 0 and sample.max() <= 4000:
+    if sample.min() >= -3100 and low <= -500 and high >= 0 and sample.max() <= 5000:
         return resolve_modality("CT")
-    if sample.min() >= 0 and high > 0:
+    if high > 0 and low >= -0.05 * high:    # (almost) non-negative: bias-corrected MRI may dip slightly below 0
         return resolve_modality("MRI")
     return load_hierarchy().unknown_modality
 
