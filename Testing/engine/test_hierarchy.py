@@ -273,3 +273,21 @@ def test_modality_guess_from_real_intensities(data_dir, path, expected):
 
 def test_modality_guess_is_unknown_when_nothing_fits():
     assert guess_modality(np.full((4, 4, 4), -5.0)).name == "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def test_categories_cli_search_and_tree(capsys):
+    from medsegx_core.cli import main
+    assert main(["categories", "--search", "kidney_left"]) == 0
+    out = capsys.readouterr().out
+    assert "'kidney_left' resolves to 'left kidney' (synonym): human body > body > abdomen > kidney" in out
+    assert main(["categories", "--search", "banana"]) == 0
+    assert "unknown structure 'banana'" in capsys.readouterr().out
+    assert main(["categories", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert len(listing["nodes"]) == len(ALL_NODES) and listing["table_rows"] == H.table_sizes()
+    assert main(["categories"]) == 0
+    tree = capsys.readouterr().out.splitlines()
+    cortex = tree.index("        -- cerebral cortex (Destrieux parcels)")
+    assert tree.count("        -- cerebral cortex (Destrieux parcels)") == 1       # a group is listed once
+    assert all(line.startswith("        ") for line in tree[cortex:cortex + 149])
