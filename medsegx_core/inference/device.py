@@ -1,0 +1,127 @@
+"""Where and in which precision the model runs, and what happens when the GPU runs out of memory.
+
+* device ``"auto"``: CUDA when torch sees a GPU, else the CPU.
+* precision ``"auto"``: on CUDA bf16 autocast where the GPU supports it, else fp16; on the CPU bf16 autocast
+  where the processor has native bf16 instructions (AMX or AVX512_BF16; without them bf16 is emulated and
+  slower than fp32), else fp32. ``"fp32"`` forces full precision (the parity tests use it).
+* CUDA out of memory: the caller catches it with ``is_out_of_memory``, tells the user through the progress
+  callback and the ``medsegx`` logger, and continues on the CPU (``Runtime.cpu_fallback``).
+
+``use_fused_attention`` switches MONAI attention blocks to PyTorch's fused ``scaled_dot_product_attention``:
+same mathematics, no materialised 2048x2048 attention matrix per head, about twice as fast on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+LOG = logging.getLogger("medsegx")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AMX or AVX512_BF16)."""
+    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    if "AMX" in capability or "BF16" in capability:
+        return True
+    try:  # torch reports "AVX512" on CPUs that also have AVX512_BF16: read the flags (Linux)
+        flags = Path("/proc/cpuinfo").read_text(errors="ignore").split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in _CPU_BF16_FLAGS)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name!r} was asked for but torch sees no CUDA GPU; use --device auto or cpu")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise InputError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)} (or cuda:N)")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    precision = (precision or "auto").lower()
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise InputError("precision 'fp16' is for CUDA GPUs; on the CPU use bf16 or fp32")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A device and a precision; ``autocast()`` is the context the model's forwards run in."""
+
+    device: torch.device
+    precision: str
+
+    @classmethod
+    def resolve(cls, device: str = "auto", precision: str = "auto") -> "Runtime":
+        resolved = resolve_device(device)
+        return cls(resolved, resolve_precision(precision, resolved))
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
+
+    def cpu_fallback(self) -> "Runtime":
+        """The runtime to continue with after CUDA ran out of memory (fp32 stays fp32)."""
+        cpu = torch.device("cpu")
+        precision = "fp32" if self.precision == "fp32" else resolve_precision("auto", cpu)
+        return Runtime(cpu, precision)
+
+    def describe(self) -> str:
+        return f"{self.device.type} {self.precision}"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc))
+
+
+def release_cuda_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every MONAI self-attention block in ``model`` to fused SDPA; returns how many were switched."""
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, "use_flash_attention") and hasattr(module, "qkv"):
+            if getattr(module, "save_attn", False) or getattr(module, "rel_positional_embedding", None) is not None:
+                continue  # the fused path cannot return attention maps or add relative positions
+            module.use_flash_attention = bool(enabled)
+            switched += 1
+    return switched
+
+
+def warn(message: str, progress=None, fraction: float = 0.0) -> None:
+    """A warning the user sees: the ``medsegx`` logger and, when there is one, the progress callback."""
+    LOG.warning(message)
+    if progress is not None:
+        progress(fraction, f"warning: {message}")
+
+
+__all__ = ["Runtime", "resolve_device", "resolve_precision", "cpu_has_native_bf16", "is_out_of_memory",
+           "release_cuda_memory", "use_fused_attention", "warn"]
