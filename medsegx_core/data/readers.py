@@ -47,7 +47,7 @@ def read_volume(path: PathLike, series_uid: Optional[str] = None, progress: Opti
         volume = _read_dicom(path, None, series_uid, progress, cancel)
     elif _lower_name(path).endswith(FREESURFER_SUFFIXES):
         volume = _read_freesurfer(path)
-    elif _is_dicom_file(path):
+    elif is_dicom_file(path):
         volume = _read_dicom(path.parent, path, series_uid, progress, cancel)
     else:
         volume = _read_itk_file(path, progress, cancel)
@@ -132,7 +132,7 @@ def _refuse_undecodable_members(folder: Path, entries, series_reader, series: di
     grouped = {os.path.realpath(f) for uid in series_reader.GetGDCMSeriesIDs(str(folder))
                for f in series_reader.GetGDCMSeriesFileNames(str(folder), uid)}
     for entry in entries:
-        if os.path.realpath(entry) in grouped or not _is_dicom_file(entry):
+        if os.path.realpath(entry) in grouped or not is_dicom_file(entry):
             continue
         try:
             uid = pydicom.dcmread(entry, stop_before_pixels=True).get("SeriesInstanceUID")
@@ -300,7 +300,7 @@ def _drop_single_time_point(image):
     return image
 
 
-def _is_dicom_file(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
     if _lower_name(path).endswith(DICOM_SUFFIXES):
         return True
     try:
