@@ -1,0 +1,90 @@
+"""The `official` preprocessing and the zoom index maps reproduce the SegVol fixture (README 5.1, 5.2, 7)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medsegx_core.data.readers import read_volume
+from medsegx_core.errors import InputError
+from medsegx_core.inference.preprocessing import preprocess
+from medsegx_core.inference.zoom import ZoomMaps
+
+MODEL_SHAPE = (32, 256, 256)
+
+
+@pytest.fixture(scope="module")
+def reference(fixtures_dir):
+    public = fixtures_dir / "segvol_parity" / "public"
+    return np.load(public / "pipeline_preprocess.npz"), np.load(public / "model_input.npz")
+
+
+@pytest.fixture(scope="module")
+def official(reference):
+    raw = reference[0]["raw_volume"]
+    return preprocess(raw, np.eye(3), "official")
+
+
+def test_reference_ct_file_is_the_fixture_volume(data_dir, reference):
+    volume = read_volume(data_dir / "ct" / "totalseg_ct.nii.gz")
+    np.testing.assert_array_equal(volume.array, reference[0]["raw_volume"])
+
+
+def test_foreground_normalisation_statistics(official):
+    # Values printed in the fixture README (5.1 step 2) and fixtures.json -> summary.preprocess.
+    stats = official.stats
+    assert stats.threshold == pytest.approx(-360.0203857421875, abs=1e-4)
+    assert stats.foreground_count == 872929
+    assert stats.lower == pytest.approx(-356.0, abs=1e-4)
+    assert stats.upper == pytest.approx(2449.823974609375, abs=1e-3)
+    assert stats.mean == pytest.approx(-19.6723690032959, abs=1e-4)
+    assert stats.std == pytest.approx(128.04962158203125, abs=1e-3)
+    assert stats.minmax_min == pytest.approx(-2.6265413761138916, abs=1e-5)
+    assert stats.minmax_range == pytest.approx(21.912004470825195, abs=1e-5)
+
+
+def test_crop_bounds_and_normalised_crop(official, reference):
+    pre = reference[0]
+    assert official.crop_lo == tuple(pre["crop_lo_zyx"])
+    assert tuple(h - 1 for h in official.crop_hi) == tuple(pre["crop_hi_zyx_inclusive"])
+    np.testing.assert_allclose(official.cropped, pre["normalised_cropped"], rtol=0, atol=1e-6)
+    assert official.cropped.dtype == np.float32
+
+
+def test_index_maps_match_torch_resizes_of_the_fixture(official, reference):
+    pre = reference[0]
+    maps = ZoomMaps.build(official.cropped_shape, MODEL_SHAPE)
+    for axis, name in enumerate("dhw"):
+        np.testing.assert_array_equal(maps.out[axis], pre[f"zoom_index_{name}"])
+        np.testing.assert_array_equal(maps.back[axis], pre[f"back_index_{name}"])
+    # The legacy float32 `nearest` rule differs from exact arithmetic at one W index (README 5.2).
+    assert maps.back[2][61] == 127
+
+
+def test_zoom_out_model_input(official, reference):
+    maps = ZoomMaps.build(official.cropped_shape, MODEL_SHAPE)
+    image = maps.zoom_out(official.cropped)
+    np.testing.assert_allclose(image, reference[1]["image"][0, 0], rtol=0, atol=1e-6)
+
+
+def test_zoomed_box_from_a_box_cube(official):
+    # The liver box in crop indices resizes to the fixture's zoomed box (fixtures.json -> summary.liver_box).
+    maps = ZoomMaps.build(official.cropped_shape, MODEL_SHAPE)
+    box = maps.box_to_model((69, 25, 37), (111, 86, 104))
+    np.testing.assert_array_equal(box, [20, 66, 78, 31, 229, 219])
+
+
+def test_input_array_is_not_modified(reference):
+    raw = reference[0]["raw_volume"].astype(np.float32)
+    before = raw.copy()
+    preprocess(raw, np.eye(3), "official")
+    np.testing.assert_array_equal(raw, before)
+
+
+def test_constant_volume_is_a_clear_error():
+    with pytest.raises(InputError, match="same value"):
+        preprocess(np.full((4, 5, 6), 7.0, np.float32), np.eye(3), "official", name="flat.nii.gz")
+
+
+def test_unknown_profile_is_a_clear_error():
+    with pytest.raises(InputError, match="canonical, official"):
+        preprocess(np.zeros((2, 2, 2)), np.eye(3), "ras")
