@@ -97,6 +97,14 @@ class SegVol(nn.Module):
     def set_tokenizer(self, tokenizer_or_folder) -> None:
         self.text_encoder.set_tokenizer(tokenizer_or_folder)
 
+    def restore_buffers(self) -> None:
+        """After an empty (meta-device) build filled from a checkpoint: re-create the constant buffers that
+        checkpoints do not store, and make sure nothing is left unfilled."""
+        self.text_encoder.restore_buffers()
+        unfilled = [name for name, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if unfilled:
+            raise RuntimeError(f"model tensors left unfilled after loading: {unfilled[:5]}")
+
     def packaged_state_prefixes(self) -> Tuple[str, ...]:
         """Full state-dict prefixes whose weights come from an installed package, not from checkpoints."""
         return tuple("text_encoder." + p for p in self.text_encoder.packaged_state_prefixes())

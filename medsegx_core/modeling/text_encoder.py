@@ -33,6 +33,7 @@ class _FrozenTextTower(nn.Module):
     """Common behaviour: templating, tokenizer handling, frozen tower kept in eval mode."""
 
     tower_name = ""          # attribute holding the frozen transformer
+    can_build_on_meta = True
 
     def __init__(self, template: str):
         super().__init__()
@@ -53,6 +54,9 @@ class _FrozenTextTower(nn.Module):
     def packaged_state_prefixes(self) -> Tuple[str, ...]:
         """State-dict prefixes (relative to this module) whose weights come from elsewhere than checkpoints."""
         return ()
+
+    def restore_buffers(self) -> None:
+        """Re-create non-persistent buffers after a meta-device build (see ``SegVol.can_build_on_meta``)."""
 
     def templated(self, texts: Sequence[str]) -> List[str]:
         if isinstance(texts, str):
@@ -104,6 +108,14 @@ class ClipTextEncoder(_FrozenTextTower):
             self.tokenizer_source = str(folder)
         self.tokenizer = tokenizer_or_folder
 
+    def restore_buffers(self) -> None:
+        """Re-create the constant ``position_ids`` buffer (never stored in checkpoints) after a meta-device
+        build whose parameters were then adopted from a checkpoint."""
+        embeddings = self.clip_text_model.embeddings
+        if embeddings.position_ids.is_meta:
+            count = self.clip_text_model.config.max_position_embeddings
+            embeddings.register_buffer("position_ids", torch.arange(count).expand((1, -1)), persistent=False)
+
     def pooled(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         hidden = self.clip_text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         # End-of-text has the largest id in CLIP's vocabulary; argmax takes its first occurrence.
@@ -133,6 +145,9 @@ class MiniLMTextEncoder(_FrozenTextTower):
                                f"{config.text_encoder.minilm_dim}")
         self.dim_align = nn.Linear(width, config.embed_dim)
         self._freeze()
+
+    # Its weights are read from the package when it is built, so it cannot be built on the meta device.
+    can_build_on_meta = False
 
     def packaged_state_prefixes(self) -> Tuple[str, ...]:
         return ("sentence_model.",)

@@ -40,6 +40,11 @@ class Checkpoint:
     state: StateDict         # our key names
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def read_tensors(path: Union[str, Path]) -> object:
     """The raw content of a checkpoint file: safetensors, or torch.load(weights_only=True)."""
     path = Path(path)
@@ -51,7 +56,7 @@ def read_tensors(path: Union[str, Path]) -> object:
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise WeightsError(f"checkpoint {path}: not a valid safetensors file ({exc})") from exc
+            raise WeightsError(f"checkpoint {path}: not a valid safetensors file ({one_line(exc)})") from exc
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
@@ -60,8 +65,9 @@ def read_tensors(path: Union[str, Path]) -> object:
         raise WeightsError(
             f"checkpoint {path} needs arbitrary code to be unpickled{what}; refusing to load it because that "
             f"could run code. Use a safetensors file or a plain tensor checkpoint from a trusted source") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise WeightsError(f"checkpoint {path}: not a readable PyTorch checkpoint ({exc})") from exc
+    except Exception as exc:  # the unpickler fails in many ways on files that are not checkpoints
+        raise WeightsError(f"checkpoint {path}: not a readable PyTorch checkpoint "
+                           f"({type(exc).__name__}: {one_line(exc)})") from exc
 
 
 def unwrap(raw: object, path: Path) -> Tuple[str, StateDict]:

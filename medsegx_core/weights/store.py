@@ -114,8 +114,9 @@ def load_model(path_or_folder: PathLike, tokenizer: Optional[PathLike] = None,
                                f"it cannot segment on its own: use the full SegVol weights (pytorch_model.bin)")
         model_config = config or infer_config(checkpoint.state, str(file))
         tokenizer_folder = tokenizer or find_tokenizer(file.parent)
-    model = build_model(model_config)
+    model = build_model(model_config, empty=True)  # every tensor is adopted from the checkpoint just below
     load_state(model, checkpoint.state, str(checkpoint.path), skip_prefixes=model.packaged_state_prefixes())
+    model.restore_buffers()
     if tokenizer_folder is not None:
         model.set_tokenizer(Path(tokenizer_folder))
     model.weights_source = str(path)
