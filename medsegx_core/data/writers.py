@@ -230,9 +230,13 @@ def _looks_dicom(path: Path) -> bool:
 
 
 # ---- by file name ------------------------------------------------------------------------------------------------
+FORMATS = ("seg.nrrd", "nifti", "dicom-seg")
+
+
 def output_format(path: PathLike) -> str:
+    """The output type a file name asks for: ``seg.nrrd``, ``nifti`` or ``dicom-seg``."""
     name = Path(path).name.lower()
-    if name.endswith((".seg.nrrd", ".nrrd")):
+    if name.endswith(".nrrd"):
         return "seg.nrrd"
     if name.endswith((".nii", ".nii.gz")):
         return "nifti"
@@ -243,10 +247,15 @@ def output_format(path: PathLike) -> str:
 
 
 def write_segmentation(path: PathLike, reference: Volume, segments: Sequence[Segment], overwrite: bool = False,
-                       source_dicom: Optional[PathLike] = None) -> Path:
-    kind = output_format(path)
+                       source_dicom: Optional[PathLike] = None, format: Optional[str] = None) -> Path:
+    """Write with the writer ``format`` names, or the one the file name asks for."""
+    kind = format or output_format(path)
+    if kind not in FORMATS:
+        raise OutputError(f"{path}: unknown output format {kind!r}; choose one of {', '.join(FORMATS)}")
     if kind == "seg.nrrd":
         return write_seg_nrrd(path, reference, segments, overwrite)
     if kind == "nifti":
+        if output_format(path) != "nifti":  # ITK picks its NIfTI writer from the name
+            raise OutputError(f"{path}: a NIfTI labelmap needs a name ending in .nii.gz or .nii")
         return write_nifti_labelmap(path, reference, segments, overwrite)
     return write_dicom_seg(path, reference, segments, overwrite, source_dicom)
