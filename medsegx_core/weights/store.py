@@ -105,6 +105,7 @@ def load_model(path_or_folder: PathLike, tokenizer: Optional[PathLike] = None,
         record = read_config_record(path)
         model_config = config or SegVolConfig.from_dict(record["model"], source=str(path / CONFIG_FILE))
         checkpoint = read_checkpoint(path / WEIGHTS_FILE)
+        layout = "medsegx"
         tokenizer_folder = tokenizer or (path if has_tokenizer_files(path) else None)
     else:
         file = find_published_checkpoint(path) if path.is_dir() else path
@@ -113,13 +114,16 @@ def load_model(path_or_folder: PathLike, tokenizer: Optional[PathLike] = None,
             raise WeightsError(f"checkpoint {file} holds only a pre-trained image encoder (vit_pretrain.ckpt); "
                                f"it cannot segment on its own: use the full SegVol weights (pytorch_model.bin)")
         model_config = config or infer_config(checkpoint.state, str(file))
+        layout = checkpoint.layout
         tokenizer_folder = tokenizer or find_tokenizer(file.parent)
     model = build_model(model_config, empty=True)  # every tensor is adopted from the checkpoint just below
     load_state(model, checkpoint.state, str(checkpoint.path), skip_prefixes=model.packaged_state_prefixes())
     model.restore_buffers()
     if tokenizer_folder is not None:
         model.set_tokenizer(Path(tokenizer_folder))
-    model.weights_source = str(path)
+    # Where the tensors came from, for records such as 'medsegx weights import'.
+    model.weights_source = str(checkpoint.path)
+    model.weights_layout = layout
     return model.to(device).eval()
 
 
