@@ -23,7 +23,9 @@ text embedding; the text is also matched against the upscaled image features in 
 branch). In zoom-in windows: the text is passed unchanged; a point goes to every window that contains it
 (deterministic, where the official code re-draws points at random from a rasterised cube); when the user gave
 a box or points each window also gets the bounding box of the coarse mask inside it (``[-1]*6`` if it holds
-none), as the official code does, except that with a single window a user box is used itself.
+none), as the official code does, except that with a single window a user box is used itself. The region of
+interest is the official one (coarse foreground, widened to a window) extended to hold every positive click,
+so that a click where the coarse result missed the structure is still zoomed in on.
 
 Caches (per volume): the zoom-out embedding and each window's embedding, keyed by the ConMoAE context (when
 experts are attached the embeddings depend on the anatomy named by the text) and by what the window reads;
@@ -147,7 +149,8 @@ class Predictor:
         self._record(trace, zoomout_box=model_box, zoomout_logits_lowres=coarse_lowres.numpy(),
                      zoomout_logits=coarse)
 
-        roi = region_of_interest(coarse_foreground, self.maps, self.window)
+        positive = np.floor(mapped.points[mapped.labels == 1] + 0.5).astype(int)
+        roi = region_of_interest(coarse_foreground, self.maps, self.window, include_voxels=positive)
         plan = None if roi is None else WindowPlan.official(roi[0], roi[1], self.prepared.cropped_shape,
                                                              self.window)
         encoded = 0

@@ -99,18 +99,23 @@ def foreground(logits: np.ndarray | torch.Tensor) -> np.ndarray:
     return out
 
 
-def region_of_interest(coarse_foreground_model: np.ndarray, maps: ZoomMaps,
-                       window: Sequence[int]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def region_of_interest(coarse_foreground_model: np.ndarray, maps: ZoomMaps, window: Sequence[int],
+                       include_voxels: Optional[np.ndarray] = None) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """The official ROI ``(lo, hi)`` (inclusive, hi may equal the axis length) in crop indices, or None.
 
     The coarse mask is the zoom-out foreground resized back to the crop; its bounding box is found from
     per-axis projections through the back maps, which is exact for a separable nearest resize.
+    ``include_voxels`` (N, 3) crop voxels (the positive clicks) are added to the box: a click says "this is
+    the structure", so it must be zoomed in on even where the coarse result missed it (our addition; the
+    official code has no clicks in its pipeline cases, so parity is unaffected).
     """
+    include = np.zeros((0, 3), dtype=int) if include_voxels is None else np.asarray(include_voxels, int)
     lo, hi = [], []
     for axis in range(3):
         others = tuple(a for a in range(3) if a != axis)
         present_model = coarse_foreground_model.any(axis=others)
-        present_crop = present_model[maps.back[axis]]
+        present_crop = present_model[maps.back[axis]].copy()
+        present_crop[include[:, axis]] = True
         if not present_crop.any():
             return None
         first = int(np.argmax(present_crop))

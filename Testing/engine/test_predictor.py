@@ -1,0 +1,250 @@
+"""Predictor behaviour on the real reference CT with the fixture's tiny checkpoint: caching, prompt
+combinations, window prompts, errors, cancel, progress, devices."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from medsegx_core.data.readers import read_volume
+from medsegx_core.errors import Cancelled, InputError, PromptError, UnknownTermError
+from medsegx_core.inference.device import Runtime, cpu_has_native_bf16, resolve_precision
+from medsegx_core.modeling.conmoae import attach_experts_to_model
+from medsegx_core.predictor import Predictor
+from medsegx_core.progress import CancelToken
+from medsegx_core.prompts import BoxPrompt, PointPrompt, Prompts
+from medsegx_core.weights.store import load_model
+
+LIVER_IJK = (70.0, 55.0, 90.0)
+SPLEEN_IJK = (90.0, 60.0, 60.0)
+BOX_IJK = BoxPrompt((37, 25, 69), (104, 86, 111), space="ijk")
+
+
+@pytest.fixture(scope="module")
+def model(fixtures_dir):
+    segvol = fixtures_dir / "segvol_parity"
+    return load_model(segvol / "public" / "model.safetensors", tokenizer=segvol / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def volume(data_dir):
+    return read_volume(data_dir / "ct" / "totalseg_ct.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def predictor(model, volume):
+    predictor = Predictor(model, device="cpu", precision="fp32")
+    predictor.set_volume(volume)
+    return predictor
+
+
+class EncoderCalls:
+    """Counts real forwards of a module through a forward hook."""
+
+    def __init__(self, module):
+        self.count = 0
+        self._handle = module.register_forward_hook(self._seen)
+
+    def _seen(self, *_):
+        self.count += 1
+
+    def close(self):
+        self._handle.remove()
+
+
+def point(ijk, positive=True):
+    return PointPrompt(ijk, positive=positive, space="ijk")
+
+
+def test_a_new_click_does_not_rerun_the_image_encoder(model, volume):
+    calls = EncoderCalls(model.image_encoder)
+    text_calls = EncoderCalls(model.text_encoder)
+    try:
+        predictor = Predictor(model, device="cpu", precision="fp32")
+        predictor.set_volume(volume)
+        assert calls.count == 1                       # the zoom-out view
+        first = predictor.segment(Prompts(text="liver", points=(point(LIVER_IJK),)), return_logits=True)
+        assert first.windows >= 1 and first.windows_encoded == first.windows
+        assert calls.count == 1 + first.windows
+        second = predictor.segment(Prompts(text="liver", points=(point(LIVER_IJK), point(SPLEEN_IJK, False))),
+                                   return_logits=True)
+        assert second.windows_encoded == 0 and calls.count == 1 + first.windows
+        assert text_calls.count == 1                   # "liver" encoded once
+        assert not np.array_equal(first.logits, second.logits)   # the negative click was used
+        predictor.set_volume(volume)                   # a new volume clears the caches
+        assert calls.count == 2 + first.windows
+    finally:
+        calls.close()
+        text_calls.close()
+
+
+def test_cached_result_equals_a_fresh_predictor(model, volume, predictor):
+    prompts = Prompts(text="spleen", box=BOX_IJK)
+    predictor.segment(Prompts(text="spleen"))
+    cached = predictor.segment(prompts, return_logits=True)
+    fresh = Predictor(model, device="cpu", precision="fp32")
+    fresh.set_volume(volume)
+    np.testing.assert_array_equal(fresh.segment(prompts, return_logits=True).logits, cached.logits)
+
+
+def test_experts_key_the_cache_by_the_anatomy(model, volume):
+    with_experts = copy.deepcopy(model)
+    attach_experts_to_model(with_experts)
+    calls = EncoderCalls(with_experts.image_encoder)
+    predictor = Predictor(with_experts, device="cpu", precision="fp32")
+    predictor.set_volume(volume)
+    assert calls.count == 0                            # the zoom-out embedding waits for the context
+    liver = predictor.segment(Prompts(text="liver"))
+    after_liver = calls.count
+    predictor.segment(Prompts(text="spleen"))
+    assert calls.count > after_liver                   # another context, other embeddings
+    after_spleen = calls.count
+    again = predictor.segment(Prompts(text="liver"))
+    assert calls.count == after_spleen
+    np.testing.assert_array_equal(again.mask, liver.mask)
+    calls.close()
+
+
+@pytest.mark.parametrize("prompts", [
+    Prompts(text="liver"),
+    Prompts(points=(point(LIVER_IJK),)),
+    Prompts(box=BOX_IJK),
+    Prompts(text="liver", points=(point(LIVER_IJK), point(SPLEEN_IJK, positive=False))),
+    Prompts(text="liver", box=BOX_IJK),
+    Prompts(points=(point(LIVER_IJK),), box=BOX_IJK),
+    Prompts(text="liver", points=(point(LIVER_IJK),), box=BOX_IJK),
+], ids=["text", "point", "box", "text+points", "text+box", "point+box", "all"])
+def test_prompt_combinations(predictor, volume, prompts):
+    trace = {}
+    result = predictor.segment(prompts, trace=trace)
+    assert result.mask.shape == volume.array.shape and result.mask.dtype == np.uint8
+    assert set(np.unique(result.mask)) <= {0, 1} and result.mask.any()
+    assert result.name == ("liver" if prompts.text else None)
+    spatial = bool(prompts.points or prompts.box)
+    # Windows get a box exactly when the user gave a spatial prompt.
+    assert all((box is not None) == spatial for box in trace["window_boxes"])
+    if prompts.box is not None:
+        np.testing.assert_array_equal(trace["zoomout_box"], predictor.maps.box_to_model((69, 25, 37),
+                                                                                      (111, 86, 104)))
+
+
+def test_points_go_to_every_window_that_contains_them(predictor):
+    trace = {}
+    click = point(LIVER_IJK)
+    predictor.segment(Prompts(text="liver", points=(click,)), trace=trace)
+    plan = trace["plan"]
+    crop_dhw = np.array(LIVER_IJK[::-1]) - np.array(predictor.prepared.crop_lo)
+    for index, (points, labels) in enumerate(trace["window_points"]):
+        crop, _ = plan.readable(index)
+        inside = all(s.start <= c < s.stop for s, c in zip(crop, crop_dhw))
+        assert len(points) == int(inside)
+        if inside:
+            np.testing.assert_allclose(points[0] + plan.origins[index], crop_dhw)
+            assert labels.tolist() == [1]
+    assert sum(len(p) for p, _ in trace["window_points"]) >= 1
+
+
+def test_positive_clicks_are_inside_the_region_of_interest(predictor):
+    # This click lies outside the coarse result's region (d 28..83 for "liver" with these weights).
+    far = (70.0, 55.0, 100.0)
+    trace = {}
+    predictor.segment(Prompts(text="liver"), trace=trace)
+    assert not trace["roi_dhw"][0] <= far[2] <= trace["roi_dhw"][3]
+    trace = {}
+    predictor.segment(Prompts(text="liver", points=(point(far),)), trace=trace)
+    assert trace["roi_dhw"][0] <= far[2] <= trace["roi_dhw"][3]
+    assert sum(len(p) for p, _ in trace["window_points"]) >= 1
+
+
+def test_no_prompt_is_a_clear_error(predictor):
+    with pytest.raises(PromptError, match="nothing to segment"):
+        predictor.segment(Prompts())
+
+
+def test_unknown_text_lists_close_names(predictor):
+    with pytest.raises(UnknownTermError) as error:
+        predictor.segment(Prompts(text="kidny stone"))
+    assert "kidney tumor" in error.value.suggestions and "kidney tumor" in str(error.value)
+
+
+def test_prompts_outside_the_volume(predictor, volume):
+    outside_ras = volume.ijk_to_ras_points(np.array([[200.0, 50.0, 50.0]]))[0]
+    with pytest.raises(PromptError, match="outside the volume"):
+        predictor.segment(Prompts(points=(PointPrompt(tuple(outside_ras)),)))
+    with pytest.raises(PromptError, match="outside the volume"):
+        predictor.segment(Prompts(box=BoxPrompt((300, 300, 300), (400, 400, 400), space="ijk")))
+    # Inside the image but in the cropped-away border (rows j >= 97 are all at the minimum value).
+    with pytest.raises(PromptError, match="empty border"):
+        predictor.segment(Prompts(points=(point((60.0, 99.0, 50.0)),)))
+
+
+def test_segment_before_set_volume(model):
+    with pytest.raises(PromptError, match="set_volume"):
+        Predictor(model, device="cpu").segment(Prompts(text="liver"))
+
+
+def test_cancel_between_windows_keeps_the_predictor_usable(predictor):
+    token = CancelToken()
+    messages = []
+
+    def progress(fraction, message):
+        messages.append((fraction, message))
+        if message.startswith("zoom-in window 2"):
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        predictor.segment(Prompts(text="liver"), progress=progress, cancel=token)
+    fractions = [f for f, _ in messages]
+    assert fractions == sorted(fractions)
+    done = []
+    result = predictor.segment(Prompts(text="liver"), progress=lambda f, m: done.append(f))
+    assert result.mask.any() and done[-1] == 1.0
+
+
+def test_bf16_agrees_with_fp32(model, volume):
+    masks = {}
+    for precision in ("fp32", "bf16"):
+        predictor = Predictor(model, device="cpu", precision=precision)
+        predictor.set_volume(volume)
+        masks[precision] = predictor.segment(Prompts(text="liver", box=BOX_IJK)).mask.astype(bool)
+    dice = 2 * np.sum(masks["fp32"] & masks["bf16"]) / (masks["fp32"].sum() + masks["bf16"].sum())
+    assert dice >= 0.98
+
+
+def test_device_and_precision_selection():
+    runtime = Runtime.resolve("auto", "auto")
+    expected_device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert runtime.device.type == expected_device
+    if expected_device == "cpu":
+        assert runtime.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    with pytest.raises(InputError, match="fp16"):
+        resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(InputError, match="precision"):
+        resolve_precision("fp8", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA"):
+            Runtime.resolve("cuda")
+    assert Runtime(torch.device("cuda"), "bf16").cpu_fallback().device.type == "cpu"
+    assert Runtime(torch.device("cuda"), "fp32").cpu_fallback().precision == "fp32"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_out_of_memory_falls_back_to_the_cpu(model, volume):
+    predictor = Predictor(copy.deepcopy(model), device="cuda", precision="fp32")
+    predictor.set_volume(volume)
+    free, _ = torch.cuda.mem_get_info()
+    hog = []
+    try:   # fill the GPU so that the next window encodings cannot allocate
+        while True:
+            hog.append(torch.empty(max(free // 4, 1 << 20), dtype=torch.uint8, device="cuda"))
+            free, _ = torch.cuda.mem_get_info()
+    except torch.cuda.OutOfMemoryError:
+        pass
+    messages = []
+    result = predictor.segment(Prompts(text="liver"), progress=lambda f, m: messages.append(m))
+    del hog
+    assert predictor.runtime.device.type == "cpu"
+    assert any("ran out of memory" in m for m in messages) and result.mask.any()
