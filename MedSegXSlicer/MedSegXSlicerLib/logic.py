@@ -79,6 +79,7 @@ class SegmentationTask:
     rename_existing: bool
     ijk_to_world: np.ndarray
     shape_kji: tuple
+    prompts: object = None  # medsegx_core.prompts.Prompts as handed to the engine (world RAS / volume voxels)
     warnings: list = field(default_factory=list)
 
     def cancel(self) -> None:
@@ -197,7 +198,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         return SegmentationTask(job, volumeNode, segmentationNode, segmentId, name,
                                 rename_existing=bool(segmentName or term) or not existing,
                                 ijk_to_world=volume.ijk_to_ras, shape_kji=volume.array.shape,
-                                warnings=scene_prompts.warnings)
+                                prompts=scene_prompts.prompts, warnings=scene_prompts.warnings)
 
     def finishSegmentation(self, task: SegmentationTask) -> str:
         """Write a finished job's mask into its segment (main thread); re-raises the job's error or ``Cancelled``."""
@@ -218,7 +219,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         record = _UndoRecord(segmentation_node.GetID(), task.segment_id or "",
                              segment_writer.snapshot_segment(segmentation, task.segment_id) if existed else None,
                              segmentation.GetSegmentIndex(task.segment_id) if existed else -1)
-        color, terminology = segment_appearance(task.segment_name)
+        color, terminology = segment_appearance(task.segment_name, segmentation.GetNumberOfSegments())
         try:
             segment_id = segment_writer.write_segment(
                 segmentation_node, mask, task.ijk_to_world, segment_id=task.segment_id, name=task.segment_name,
@@ -236,6 +237,9 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         return segment_id
 
     # ---- undo, import, completion -----------------------------------------------------------------------------
+    def canUndo(self) -> bool:
+        return bool(self._undo)
+
     def undoLastSegmentation(self, scene=None) -> bool:
         """Put back the segment the last result replaced (or remove the segment it created)."""
         import slicer

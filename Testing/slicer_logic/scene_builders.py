@@ -122,6 +122,19 @@ def node_state(volume_node) -> tuple:
             slicer.util.arrayFromVolume(volume_node).tobytes(), volume_node.GetImageData().GetMTime())
 
 
+TAGS = ("TerminologyEntry", "Segmentation.Status")  # the tags MedSegX or Slicer's editor set
+
+
+def segment_tags(segment) -> tuple:
+    """The segment's known tags (vtkSegment's Python wrapping cannot list tag names)."""
+    tags = []
+    for name in TAGS:
+        value = vtk.reference("")
+        if segment.GetTag(name, value):
+            tags.append((name, str(value)))
+    return tuple(tags)
+
+
 def segmentation_state(segmentation_node, reference_volume_node) -> dict:
     """Every segment's name, colour, tags and voxels on the reference grid (compare before/after)."""
     from MedSegXSlicerLib import mrml_conversion, segment_writer
@@ -134,10 +147,6 @@ def segmentation_state(segmentation_node, reference_volume_node) -> dict:
     state = {}
     for segment_id in segmentation.GetSegmentIDs():
         segment = segmentation.GetSegment(segment_id)
-        tags = vtk.vtkStringArray()
-        segment.GetTagNames(tags)
-        state[segment_id] = (segment.GetName(), tuple(np.round(segment.GetColor(), 6)),
-                             tuple(sorted((tags.GetValue(n), segment.GetTag(tags.GetValue(n)))
-                                          for n in range(tags.GetNumberOfValues()))),
+        state[segment_id] = (segment.GetName(), tuple(np.round(segment.GetColor(), 6)), segment_tags(segment),
                              segment_writer.read_segment_mask(segmentation_node, segment_id, world, shape).tobytes())
     return state
