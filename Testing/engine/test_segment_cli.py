@@ -1,0 +1,104 @@
+"""``medsegx segment`` end to end on the real reference CT with the fixture checkpoint: outputs read back by
+slicerio and SimpleITK, prompts in RAS and ijk, and the refusals (nothing written, nothing overwritten)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+import torch
+
+from medsegx_core.cli import main
+from medsegx_core.data.readers import read_volume
+from medsegx_core.predictor import Predictor
+from medsegx_core.prompts import PointPrompt, Prompts
+from medsegx_core.weights.store import load_model
+
+CLICK_IJK = (70.0, 55.0, 60.0)
+
+
+class NotWeights:
+    """Pickled into a checkpoint: loading it would need arbitrary unpickling."""
+
+
+@pytest.fixture(scope="module")
+def paths(data_dir, fixtures_dir):
+    segvol = fixtures_dir / "segvol_parity"
+    return {"ct": data_dir / "ct" / "totalseg_ct.nii.gz", "weights": segvol / "public" / "model.safetensors",
+            "tokenizer": segvol / "tokenizer"}
+
+
+def segment(paths, output, *extra):
+    argv = ["segment", str(paths["ct"]), "--weights", str(paths["weights"]), "--tokenizer",
+            str(paths["tokenizer"]), "--precision", "fp32", "-o", str(output), *extra]
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def expected_mask(paths):
+    model = load_model(paths["weights"], tokenizer=paths["tokenizer"])
+    predictor = Predictor(model, device="cpu", precision="fp32")
+    predictor.set_volume(read_volume(paths["ct"]))
+    return predictor.segment(Prompts(text="liver", points=(PointPrompt(CLICK_IJK, space="ijk"),))).mask
+
+
+def test_seg_nrrd_output_with_a_ras_click(paths, tmp_path, expected_mask, capsys):
+    volume = read_volume(paths["ct"])
+    click_ras = volume.ijk_to_ras_points(np.array([CLICK_IJK]))[0]
+    output = tmp_path / "liver.seg.nrrd"
+    assert segment(paths, output, "--text", "Liver", "--point", *map(str, click_ras)) == 0
+    captured = capsys.readouterr()
+    assert "zoom-in window" in captured.err and "'liver'" in captured.out
+    segmentation = slicerio.read_segmentation(str(output))
+    assert [s["name"] for s in segmentation["segments"]] == ["liver"]
+    labelmap = slicerio.extract_segments(segmentation, [("liver", 1)])["voxels"]
+    # Geometry through ITK: resampling onto the CT's grid must be the identity (same grid was written).
+    resampled = sitk.Resample(sitk.ReadImage(str(output)), sitk.ReadImage(str(paths["ct"])), sitk.Transform(),
+                              sitk.sitkNearestNeighbor, 0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(resampled) != 0, expected_mask.astype(bool))
+    assert labelmap.sum() == expected_mask.sum()
+
+
+def test_nifti_output_with_ijk_prompts(paths, tmp_path, expected_mask):
+    output = tmp_path / "liver.nii.gz"
+    assert segment(paths, output, "--text", "liver", "--point", *map(str, CLICK_IJK), "--ijk") == 0
+    image = sitk.ReadImage(str(output))
+    reference = sitk.ReadImage(str(paths["ct"]))
+    assert image.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)
+    np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image) != 0, expected_mask.astype(bool))
+    assert (tmp_path / "liver.json").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), "nothing to segment"),
+    (("--text", "kidny stone"), "Did you mean"),
+    (("--point", "9999", "0", "0"), "outside the volume"),
+    (("--negative-point", "60", "50", "50", "--ijk"), "only negative points"),
+    (("--point", "60", "99", "50", "--ijk"), "empty border"),
+])
+def test_bad_prompts_are_one_line_errors_and_write_nothing(paths, tmp_path, capsys, extra, message):
+    output = tmp_path / "out.seg.nrrd"
+    assert segment(paths, output, *extra) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("medsegx: error:") and message in err[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_not_overwritten(paths, tmp_path, capsys):
+    output = tmp_path / "keep.seg.nrrd"
+    output.write_bytes(b"the user's file")
+    assert segment(paths, output, "--text", "liver") == 1
+    assert "exists" in capsys.readouterr().err
+    assert output.read_bytes() == b"the user's file"
+
+
+def test_pickled_checkpoint_is_refused(paths, tmp_path, capsys):
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": NotWeights()}, evil)
+    output = tmp_path / "out.seg.nrrd"
+    argv = ["segment", str(paths["ct"]), "--text", "liver", "--weights", str(evil), "-o", str(output)]
+    assert main(argv) == 1
+    assert "medsegx: error:" in capsys.readouterr().err
+    assert not output.exists()
