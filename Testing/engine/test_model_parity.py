@@ -109,3 +109,24 @@ def test_text_only_has_one_sparse_token_and_points_get_padding(loaded, parity_di
     assert point_only.sparse_embeddings.shape[1] == 2
     assert point_and_box.sparse_embeddings.shape[1] == 3
     assert torch.equal(point_only.sparse_embeddings[0, 1], model.prompt_encoder.not_a_point_embed.weight[0])
+
+
+def test_bfloat16_autocast_keeps_prompt_encoding_exact_and_masks_close(parity_dir):
+    """Under CPU bf16 autocast (the fast path on AMX CPUs) the Fourier prompt encoding stays float32 (its sine
+    arguments reach hundreds of radians) and the mask agrees with float32."""
+    model = load_model(parity_dir / "public" / "model.safetensors", tokenizer=parity_dir / "tokenizer")
+    image = torch.from_numpy(np.load(parity_dir / "public" / "model_input.npz")["image"])
+    reference = np.load(parity_dir / "public" / "model_case_text_points.npz")
+    points = (torch.from_numpy(reference["point_coords"]), torch.from_numpy(reference["point_labels"]))
+    with torch.no_grad():
+        text = model.encode_text(["liver"])
+        fp32 = model.decode(model.encode_image(image), text, points)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            embedding = model.encode_image(image)
+            details = model.decode_with_details(embedding, text, points)
+            bf16 = model.decode(embedding, text, points)
+    assert embedding.dtype == torch.bfloat16
+    assert max_abs(details.sparse_embeddings[:, :3], reference["sparse_embeddings"][:, :3]) <= 1e-4
+    ours, theirs = bf16.float() > 0, fp32 > 0
+    dice = 2 * (ours & theirs).sum() / (ours.sum() + theirs.sum())
+    assert dice >= 0.99

@@ -42,16 +42,18 @@ class PositionEmbeddingRandom3D(nn.Module):
         self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((3, num_pos_feats)))
 
     def _encode(self, coords: torch.Tensor) -> torch.Tensor:
-        gaussian = self.positional_encoding_gaussian_matrix
-        coords = (2 * coords - 1) @ gaussian.to(coords.dtype)
-        coords = 2 * math.pi * coords
-        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+        # Always float32, also under autocast: sine arguments reach hundreds of radians (the official size swap
+        # scales h by 8), where bfloat16's 8-bit mantissa would turn the encoding into noise.
+        gaussian = self.positional_encoding_gaussian_matrix.float()
+        with torch.autocast(device_type=coords.device.type, enabled=False):
+            coords = (2 * coords.float() - 1) @ gaussian
+            coords = 2 * math.pi * coords
+            return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
 
     def dense(self, grid: Tuple[int, int, int]) -> torch.Tensor:
         """(C, d, h, w) encoding of the cell centres of a grid; channel order of the coordinate: (h, d, w)."""
         d, h, w = grid
-        ones = torch.ones(grid, device=self.positional_encoding_gaussian_matrix.device,
-                          dtype=self.positional_encoding_gaussian_matrix.dtype)
+        ones = torch.ones(grid, device=self.positional_encoding_gaussian_matrix.device, dtype=torch.float32)
         along_d = (ones.cumsum(dim=0) - 0.5) / d
         along_h = (ones.cumsum(dim=1) - 0.5) / h
         along_w = (ones.cumsum(dim=2) - 0.5) / w
@@ -60,11 +62,11 @@ class PositionEmbeddingRandom3D(nn.Module):
 
     def from_voxel_coords(self, coords: torch.Tensor, image_size: Tuple[int, int, int]) -> torch.Tensor:
         """(B, N, 3) shifted (d, h, w) voxel coordinates -> (B, N, C), with the official size swap."""
-        coords = coords.clone()
+        coords = coords.float().clone()
         coords[..., 0] = coords[..., 0] / image_size[1]
         coords[..., 1] = coords[..., 1] / image_size[0]
         coords[..., 2] = coords[..., 2] / image_size[2]
-        return self._encode(coords.to(torch.float32 if coords.dtype == torch.float64 else coords.dtype))
+        return self._encode(coords)
 
 
 class PromptEncoder3D(nn.Module):
@@ -125,14 +127,14 @@ class PromptEncoder3D(nn.Module):
         parts = []
         if points is not None:
             coords, labels = points
-            parts.append(self._embed_points(coords.to(self.no_mask_embed.weight.dtype), labels,
-                                            pad=boxes is None))
+            parts.append(self._embed_points(coords.float(), labels, pad=boxes is None))
         if boxes is not None:
-            parts.append(self._embed_boxes(boxes.to(self.no_mask_embed.weight.dtype)))
+            parts.append(self._embed_boxes(boxes.float()))
         if text_embedding is not None:
             parts.append(text_embedding.unsqueeze(1))
+        dtype = self.no_mask_embed.weight.dtype  # coordinates were encoded in float32 whatever the model's dtype
         if parts:
-            sparse = torch.cat([p.to(parts[0].dtype) for p in parts], dim=1)
+            sparse = torch.cat([p.to(dtype) for p in parts], dim=1)
         else:
             sparse = self.no_mask_embed.weight.new_empty((batch, 0, self.embed_dim))
         dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(batch, -1, *self.image_embedding_size)
