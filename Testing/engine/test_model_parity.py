@@ -120,12 +120,13 @@ def test_bfloat16_autocast_keeps_prompt_encoding_exact_and_masks_close(parity_di
     points = (torch.from_numpy(reference["point_coords"]), torch.from_numpy(reference["point_labels"]))
     with torch.no_grad():
         text = model.encode_text(["liver"])
-        fp32 = model.decode(model.encode_image(image), text, points)
+        fp32_embedding = model.encode_image(image)
+        fp32 = model.decode(fp32_embedding, text, points)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             embedding = model.encode_image(image)
             details = model.decode_with_details(embedding, text, points)
             bf16 = model.decode(embedding, text, points)
-    assert embedding.dtype == torch.bfloat16
+    assert not torch.equal(embedding.float(), fp32_embedding)   # the encoder really ran in reduced precision
     assert max_abs(details.sparse_embeddings[:, :3], reference["sparse_embeddings"][:, :3]) <= 1e-4
     ours, theirs = bf16.float() > 0, fp32 > 0
     dice = 2 * (ours & theirs).sum() / (ours.sum() + theirs.sum())
