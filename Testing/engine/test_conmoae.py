@@ -219,3 +219,13 @@ def test_official_weights_fill_the_medsegdb_rows_and_leave_unknown_rows_zero(off
         assert table.weight[-1].abs().max() == 0                 # unknown rows: ours, untrained
     with pytest.raises(WeightsError, match="lack"):
         medsegx_state_to_conmoae({}, experts)
+
+
+def test_experts_follow_the_models_mode():
+    model = monai_vit().eval()
+    experts = attach_experts_to_model(model, ConMoAEConfig(dropout=0.5))
+    randomise_experts(experts)
+    image = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert not experts.training
+        assert torch.equal(backbone_output(model, image), backbone_output(model, image))   # no dropout in eval

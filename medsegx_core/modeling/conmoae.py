@@ -252,6 +252,7 @@ def attach_experts_to_model(model: nn.Module, config: Optional[ConMoAEConfig] = 
     if isinstance(getattr(model, "conmoae", None), ConMoAE):
         raise WeightsError("this model already has experts attached (model.conmoae)")
     experts = attach_experts(find_blocks(model), config)
+    experts.train(model.training)     # a new module is in training mode: follow the model (no dropout in eval)
     model.conmoae = experts
     return experts
 

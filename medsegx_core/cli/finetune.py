@@ -1,0 +1,140 @@
+"""``medsegx finetune``: train ConMoAE experts on a few labelled volumes and save an expert pack.
+
+    medsegx finetune --base WEIGHTS --image ct1.nii.gz ct2.nii.gz --label lab1.nii.gz lab2.nii.gz \\
+        --names classes.json [--structures liver,spleen] -o liver_spleen.experts.safetensors
+
+Distributed (same arguments; ``--batch-size`` is the global batch):
+
+    torchrun --nproc_per_node 2 -m medsegx_core finetune ...
+
+Segment names go through the anatomy hierarchy ('medsegx categories'); a structure the tree lacks is written
+NAME@PARENT (e.g. 'liver cyst@liver'). Training state is kept beside the output (``*.train-state.safetensors``)
+at every validation; ``--resume`` continues from it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..data.atomic import check_writable
+from ..errors import InputError
+from ..progress import CancelToken
+
+
+def _parse_blocks(text: str):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--blocks {text!r}: give block numbers such as 0,1,2") from None
+
+
+def state_path_for(output: Path) -> Path:
+    name = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
+    return output.with_name(f"{name}.train-state.safetensors")
+
+
+def _load_cases(images, labels, args, role: str):
+    from ..training.dataset import load_case
+
+    if len(images) != len(labels):
+        raise InputError(f"{role}: {len(images)} image(s) but {len(labels)} label file(s); give one label file per "
+                         f"image, in the same order")
+    only = [s.strip() for s in args.structures.split(",")] if args.structures else None
+    return [load_case(image, label, args.names, only=only, modality=args.modality, profile=args.preprocessing)
+            for image, label in zip(images, labels)]
+
+
+def run(args) -> int:
+    import torch
+
+    from ..inference.device import resolve_device
+    from ..training.finetune import (Distributed, FinetuneSettings, PromptSettings, base_sha256, finetune,
+                                     write_pack)
+    from ..weights.store import load_model
+
+    output = Path(args.output)
+    device = resolve_device(args.device)
+    distributed = Distributed.from_environment(device)
+    if device.type == "cuda" and distributed.world_size > 1:
+        device = torch.device("cuda", distributed.rank % torch.cuda.device_count())
+    if distributed.is_main:
+        check_writable(output, overwrite=args.overwrite or args.resume)
+    cases = _load_cases(args.image, args.label, args, "training data")
+    validation = _load_cases(args.val_image, args.val_label, args, "validation data") if args.val_image else []
+    model = load_model(args.base, tokenizer=args.tokenizer)
+    base_hash = base_sha256(model)
+    settings = FinetuneSettings(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, train_decoder=args.train_decoder,
+        val_fraction=args.val_fraction, val_every=args.val_every, seed=args.seed, n_experts=args.experts,
+        bottleneck=args.bottleneck, dropout=args.dropout, blocks=_parse_blocks(args.blocks) if args.blocks else None,
+        prompts=PromptSettings(box_jitter=args.box_jitter, zoom_in_probability=args.zoom_in))
+    progress = None
+    bar = None
+    if distributed.is_main and not args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=settings.steps, unit="step", desc="fine-tuning")
+
+        def progress(fraction, message):
+            bar.n = round(fraction * settings.steps)
+            bar.set_postfix_str(message.split(" ", 2)[-1] if message else "")
+            bar.refresh()
+    try:
+        result = finetune(model, cases, settings, validation_cases=validation, state_path=state_path_for(output),
+                          resume=args.resume, device=device, distributed=distributed, progress=progress,
+                          cancel=CancelToken())
+    finally:
+        if bar is not None:
+            bar.close()
+    if distributed.is_main:
+        write_pack(output, model.cpu(), settings, base_hash, cases, result, overwrite=True)
+        if args.history:
+            Path(args.history).write_text(json.dumps({"history": result.history,
+                                                      "initial_val_dice": result.initial_val_dice,
+                                                      "best_val_dice": result.best_val_dice,
+                                                      "best_step": result.best_step}, indent=1))
+        names = sorted({s.name for case in cases for s in case.structures})
+        print(f"trained {', '.join(names)} on {len(cases)} volume(s), {settings.steps} steps x {settings.batch_size}"
+              f" on {distributed.world_size} process(es)")
+        if result.best_val_dice is not None:
+            print(f"validation Dice: {result.initial_val_dice:.4f} before, {result.best_val_dice:.4f} best "
+                  f"(step {result.best_step})")
+        print(f"expert pack: {output}")
+    distributed.barrier()
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("finetune", help="fine-tune adapter experts on labelled volumes (expert pack)",
+                                   description=__doc__.split("\n\n")[0],
+                                   epilog="See 'medsegx categories' for structure names.")
+    parser.add_argument("--base", required=True, help="base model: our weights folder or a published checkpoint")
+    parser.add_argument("--tokenizer", help="tokenizer folder when it is not beside the base weights")
+    parser.add_argument("--image", nargs="+", required=True, help="training images")
+    parser.add_argument("--label", nargs="+", required=True, help="labelmaps or .seg.nrrd, one per image")
+    parser.add_argument("--names", help="label names for labelmaps: JSON map, colour table or '1=liver,2=spleen'")
+    parser.add_argument("--structures", help="train only these structures (comma-separated names)")
+    parser.add_argument("--modality", help="modality of all images (default: from the file, else guessed)")
+    parser.add_argument("--val-image", nargs="+", default=[], help="held-out validation images")
+    parser.add_argument("--val-label", nargs="+", default=[], help="their labels")
+    parser.add_argument("-o", "--output", required=True, help="expert pack to write (.safetensors)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--resume", action="store_true", help="continue from the training state beside -o")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=2, help="global batch (all processes together)")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--val-fraction", type=float, default=0.25,
+                        help="fraction of (volume, structure) pairs held out when no --val-image is given")
+    parser.add_argument("--val-every", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-decoder", action="store_true", help="also train the mask decoder (MedSegX does)")
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--bottleneck", type=int, default=16)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--blocks", help="blocks that get experts, e.g. 0,1,2 (default: all)")
+    parser.add_argument("--box-jitter", type=int, default=4, help="voxels each box side may move outwards")
+    parser.add_argument("--zoom-in", type=float, default=0.5, help="fraction of zoom-in (native resolution) crops")
+    parser.add_argument("--preprocessing", choices=("canonical", "official"), default="canonical")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--history", help="write the loss/validation history here (JSON)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)

@@ -1,0 +1,125 @@
+"""Expert packs: the tensors a fine-tune trained, in one safetensors file that loads on top of its base model.
+
+Contents: the trained tensors only (ConMoAE experts and context tables, plus the mask decoder when it was
+trained), and in the safetensors metadata: the ConMoAE config, the hierarchy version, the sha256 of the base
+model's weights, and the structures trained. Loading checks the base (a pack on another base would combine
+adapters with weights they were not trained against) and the hierarchy version (its table rows must mean the
+same structures). Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..data.atomic import atomic_output
+from ..data.hierarchy import load_hierarchy
+from ..errors import WeightsError
+from ..modeling.conmoae import ConMoAE, ConMoAEConfig, attach_experts_to_model
+
+PACK_FORMAT = "medsegx-expert-pack"
+PACK_VERSION = "1"
+EXPERT_PREFIX = "conmoae."
+
+
+def base_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The base model's tensors: everything but attached experts."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(EXPERT_PREFIX)}
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """A hash of tensor names, dtypes, shapes and bytes: equal for equal weights in any file layout."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_expert_pack(path: Union[str, Path], model: nn.Module, trained_prefixes: Sequence[str], base_sha256: str,
+                     structures: Sequence[Mapping] = (), extra: Optional[Mapping] = None,
+                     overwrite: bool = False) -> Path:
+    """Write the tensors under ``trained_prefixes`` (e.g. ``("conmoae.", "mask_decoder.")``) atomically."""
+    from safetensors.torch import save_file
+
+    experts = getattr(model, "conmoae", None)
+    if not isinstance(experts, ConMoAE):
+        raise WeightsError("the model has no experts attached (model.conmoae); nothing to save")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if k.startswith(tuple(trained_prefixes))}
+    metadata = {
+        "format": PACK_FORMAT, "pack_version": PACK_VERSION,
+        "conmoae": json.dumps(experts.config.to_dict()),
+        "hierarchy_version": experts.config.hierarchy_version,
+        "base_sha256": base_sha256,
+        "trained_prefixes": json.dumps(list(trained_prefixes)),
+        "structures": json.dumps(list(structures)),
+        "extra": json.dumps(dict(extra or {})),
+    }
+    with atomic_output(path, overwrite=overwrite) as temp:
+        save_file(state, str(temp), metadata=metadata)
+    return Path(path)
+
+
+def read_pack_metadata(path: Union[str, Path]) -> Dict[str, object]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"expert pack {path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as exc:   # safetensors raises its own error types for non-safetensors files
+        raise WeightsError(f"expert pack {path}: not a safetensors file ({exc})") from None
+    if metadata.get("format") != PACK_FORMAT:
+        raise WeightsError(f"{path}: not a MedSegX expert pack (no '{PACK_FORMAT}' metadata); make one with "
+                           f"'medsegx finetune'")
+    decoded: Dict[str, object] = dict(metadata)
+    for key in ("conmoae", "trained_prefixes", "structures", "extra"):
+        decoded[key] = json.loads(metadata[key])
+    return decoded
+
+
+def load_expert_pack(model: nn.Module, path: Union[str, Path], base_sha256: Optional[str] = None) -> Dict:
+    """Attach the pack's experts to ``model`` (a base model) and load its tensors; returns its metadata.
+
+    Raises WeightsError when the model is not the pack's base or the hierarchy version differs."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    metadata = read_pack_metadata(path)
+    hierarchy = load_hierarchy()
+    if metadata["hierarchy_version"] != hierarchy.version:
+        raise WeightsError(f"expert pack {path} was trained with anatomy hierarchy {metadata['hierarchy_version']}"
+                           f", this installation has {hierarchy.version}: fine-tune it again with this version")
+    actual = base_sha256 or weights_sha256(base_state(model))
+    if actual != metadata["base_sha256"]:
+        raise WeightsError(f"expert pack {path} was trained on other base weights (sha256 "
+                           f"{str(metadata['base_sha256'])[:12]}..., this model {actual[:12]}...): load it on the "
+                           f"model it was fine-tuned from")
+    experts = getattr(model, "conmoae", None)
+    if experts is None:
+        experts = attach_experts_to_model(model, ConMoAEConfig.from_dict(metadata["conmoae"]))
+    elif experts.config.to_dict() != metadata["conmoae"]:
+        raise WeightsError(f"expert pack {path}: the model already has experts with another configuration")
+    state = load_file(str(path))
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+    missing = [k for k in own if k.startswith(EXPERT_PREFIX) and k not in state]
+    if unexpected or mismatched or missing:
+        problems = unexpected[:3] + mismatched[:3] + missing[:3]
+        raise WeightsError(f"expert pack {path} does not fit this model ({', '.join(problems)}): it was made for "
+                           f"another architecture")
+    model.load_state_dict(state, strict=False)
+    return metadata
+
+
+def trained_structures(metadata: Mapping) -> List[str]:
+    return [s["name"] for s in metadata.get("structures", [])]

@@ -1,0 +1,113 @@
+"""Random training samples for the starter model: which case, structure, view and prompt, plus augmentation.
+
+The view and prompt simulation itself is the fine-tuning one (``prompt_simulation.simulate``: zoom-out = the
+whole crop resized with inference's index maps; zoom-in = a native-resolution window in the structure; box
+jitter, positive/negative points, text name). This file decides what to draw and adds what a many-structure,
+many-case training needs on top:
+
+* case weights (the abdominal CT, the README's default input, is drawn most) and structure weights (the
+  organs the issue measures are drawn more often than, say, one rib);
+* a varying number of clicks (1-3 positive, 0-1 negative), since a user's first click is a single point;
+* zoom-out field-of-view augmentation: a random sub-box of the crop is what gets resized, as when a user's scan
+  covers more or less of the body;
+* intensity augmentation (gamma, contrast, brightness, noise) on the model input, staying in [0, 1].
+No flips: left and right structures are different prompts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .prompt_simulation import PromptedSample, PromptSettings, bounding_box, simulate
+from .starter_data import TrainingCase
+
+# Prompt kinds (prompt_simulation.PROMPT_KINDS) and how often each is drawn: text alone is the README's main
+# job, so it is drawn most.
+KIND_WEIGHTS: Dict[str, float] = {"text": 0.35, "box": 0.2, "points": 0.15, "text+box": 0.12, "text+points": 0.18}
+# Structures the issue measures (and that users ask for first) are drawn this many times more often.
+KEY_STRUCTURES = ("liver", "spleen", "left kidney", "right kidney", "aorta", "heart", "stomach", "pancreas",
+                  "gallbladder", "urinary bladder", "brain whole tumor")
+KEY_STRUCTURE_WEIGHT = 4.0
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    zoom_in_probability: float = 0.5
+    subcrop_probability: float = 0.5
+    subcrop_min_fraction: float = 0.6
+    intensity_probability: float = 0.8
+    gamma_range: Tuple[float, float] = (0.7, 1.5)
+    contrast_range: Tuple[float, float] = (0.85, 1.15)
+    brightness: float = 0.05
+    noise_std: float = 0.02
+    box_jitter: int = 4
+
+
+class StarterSampler:
+    """Draws prompted samples (``prompt_simulation.PromptedSample``) from the cases with one seeded generator."""
+
+    def __init__(self, cases: Sequence[TrainingCase], model_shape: Sequence[int], seed: int,
+                 settings: AugmentSettings = AugmentSettings()):
+        if not cases:
+            raise ValueError("the starter sampler needs at least one case")
+        self.cases = list(cases)
+        self.model_shape = tuple(int(n) for n in model_shape)
+        self.settings = settings
+        self.rng = np.random.default_rng(seed)
+        weights = np.asarray([case.spec.weight for case in self.cases], dtype=np.float64)
+        self.case_p = weights / weights.sum()
+        self.structure_p = []
+        for case in self.cases:
+            w = np.asarray([KEY_STRUCTURE_WEIGHT if s.name in KEY_STRUCTURES else 1.0 for s in case.structures])
+            self.structure_p.append(w / w.sum())
+        self.kinds = list(KIND_WEIGHTS)
+        self.kind_p = np.asarray([KIND_WEIGHTS[k] for k in self.kinds]) / sum(KIND_WEIGHTS.values())
+
+    def draw(self) -> PromptedSample:
+        """One sample; retries when the structure vanishes from the drawn view (e.g. thinner than a voxel)."""
+        while True:
+            sample = self._try_draw()
+            if sample is not None:
+                return sample
+
+    def batch(self, size: int) -> list:
+        return [self.draw() for _ in range(size)]
+
+    def _try_draw(self) -> Optional[PromptedSample]:
+        rng, settings = self.rng, self.settings
+        index = int(rng.choice(len(self.cases), p=self.case_p))
+        case = self.cases[index]
+        structure = case.structures[int(rng.choice(len(case.structures), p=self.structure_p[index]))]
+        kind = self.kinds[int(rng.choice(len(self.kinds), p=self.kind_p))]
+        view = "zoom-in" if rng.random() < settings.zoom_in_probability else "zoom-out"
+        image, mask = case.labelled.image, case.labelled.mask(structure)
+        if view == "zoom-out" and rng.random() < settings.subcrop_probability:
+            region = self._subcrop(mask)
+            image, mask = image[region], mask[region]
+        clicks = PromptSettings(box_jitter=settings.box_jitter, positive_points=int(rng.integers(1, 4)),
+                                negative_points=int(rng.integers(0, 2)))
+        sample = simulate(image, mask, structure.name, kind, view, self.model_shape, rng, clicks)
+        if sample is not None and rng.random() < settings.intensity_probability:
+            sample.image = self._augment_intensity(sample.image)
+        return sample
+
+    def _subcrop(self, mask: np.ndarray) -> Tuple[slice, slice, slice]:
+        """A random sub-box of the crop (each side >= subcrop_min_fraction) holding the structure's centre."""
+        lo, hi = bounding_box(mask)
+        centre = (lo + hi) // 2
+        region = []
+        for axis, n in enumerate(mask.shape):
+            size = max(1, int(round(n * self.rng.uniform(self.settings.subcrop_min_fraction, 1.0))))
+            first = int(self.rng.integers(max(0, centre[axis] - size + 1), min(centre[axis], n - size) + 1))
+            region.append(slice(first, first + size))
+        return tuple(region)
+
+    def _augment_intensity(self, image: np.ndarray) -> np.ndarray:
+        rng, s = self.rng, self.settings
+        out = np.power(image, rng.uniform(*s.gamma_range), dtype=np.float32)
+        mean = out.mean()
+        out = (out - mean) * rng.uniform(*s.contrast_range) + mean + rng.uniform(-s.brightness, s.brightness)
+        out += rng.normal(0.0, rng.uniform(0.0, s.noise_std), size=out.shape).astype(np.float32)
+        return np.clip(out, 0.0, 1.0, out=out).astype(np.float32)
