@@ -131,3 +131,35 @@ def test_bfloat16_autocast_keeps_prompt_encoding_exact_and_masks_close(parity_di
     ours, theirs = bf16.float() > 0, fp32 > 0
     dice = 2 * (ours & theirs).sum() / (ours.sum() + theirs.sum())
     assert dice >= 0.99
+
+
+def test_encoder_blocks_are_monai_blocks_whose_mlp_sees_norm2(parity_dir):
+    """ConMoAE wraps ``block.mlp`` and relies on its input being ``block.norm2(x)``."""
+    from monai.networks.blocks import TransformerBlock
+
+    model = load_model(parity_dir / "public" / "model.safetensors")
+    blocks = model.image_encoder.blocks
+    assert len(blocks) == 2 and all(isinstance(b, TransformerBlock) for b in blocks)
+    seen = {}
+    blocks[1].register_forward_pre_hook(lambda module, args: seen.update(block_in=args[0]))
+    blocks[1].mlp.register_forward_pre_hook(lambda module, args: seen.update(mlp_in=args[0]))
+    image = torch.from_numpy(np.load(parity_dir / "public" / "model_input.npz")["image"])
+    with torch.no_grad():
+        model.encode_image(image)
+        block = blocks[1]
+        after_attention = seen["block_in"] + block.attn(block.norm1(seen["block_in"]))
+        assert torch.allclose(seen["mlp_in"], block.norm2(after_attention), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_official_widths_run_one_window():
+    """The 'segvol' preset (180.9M parameters) builds and runs a window end to end (about 10 s on 2 CPUs)."""
+    from medsegx_core.modeling.build import build_model
+
+    model = build_model("segvol")
+    image = torch.rand(1, 1, 32, 256, 256)
+    with torch.no_grad():
+        embedding = model.encode_image(image)
+        logits = model.decode(embedding, boxes=torch.tensor([[4.0, 40, 40, 20, 200, 200]]))
+    assert embedding.shape == (1, 768, 8, 16, 16)
+    assert logits.shape == (1, 1, 32, 256, 256) and torch.isfinite(logits).all()
