@@ -1,0 +1,176 @@
+"""MedSegX checkpoints: the official split pair and merged files, mapped onto ``MedSegX2D``.
+
+Layouts:
+* ``split``: the original SAM checkpoint (flat dict, SAM names, 1024-input shapes) + MedSegX's trained file
+  (``{'model': {...}}``: adapters, context tables and the whole mask decoder). Loaded as the official code does:
+  encoder and prompt encoder from SAM, with ``pos_embed`` and the global blocks' relative-position tables
+  bilinearly resized (``align_corners=False``) to the 256 input; SAM's mask decoder ignored; everything in the
+  trained file on top.
+* ``merged``: one file (``.pth`` flat dict or ``.safetensors``) with the loaded model's keys.
+MedSegX wraps each block's MLP, so its merged names are ``blocks.{i}.mlp.mlp.lin*`` where SAM (and our model)
+have ``blocks.{i}.mlp.lin*``, and its adapters are ``blocks.{i}.mlp.adapter_*`` with the context tables
+``modal_embed`` / ``organ_embed.{0..4}``; those go to our ConMoAE (``image_encoder.conmoae.*``) through
+``conmoae.medsegx_state_to_conmoae``. Files are read with safetensors or ``torch.load(weights_only=True)`` only.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch.nn import functional as F
+
+from ...errors import WeightsError
+from ...weights.checkpoints import load_state, read_tensors
+from ..conmoae import ConMoAEConfig, medsegx_state_to_conmoae
+from .config import MedSegX2DConfig
+from .model import MedSegX2D
+
+StateDict = Dict[str, torch.Tensor]
+PathLike = Union[str, Path]
+
+SAM_MLP, MEDSEGX_MLP = ".mlp.lin", ".mlp.mlp.lin"
+MEDSEGX_EXPERT_KEY = re.compile(r"^image_encoder\.(blocks\.\d+\.mlp\.adapter_|modal_embed\.|organ_embed\.)")
+SAM_KEPT_PREFIXES = ("image_encoder.", "prompt_encoder.")   # SAM's mask decoder is replaced by the trained one
+MEDSEGX_INPUT_SIZE = 256
+REL_POS_KEY = re.compile(r"^image_encoder\.blocks\.(\d+)\.attn\.rel_pos_[hw]$")
+
+
+def _flat_state(raw: object, path: Path) -> Tuple[bool, StateDict]:
+    """(is MedSegX's trained-only file, its tensors)."""
+    if not isinstance(raw, Mapping):
+        raise WeightsError(f"checkpoint {path}: holds a {type(raw).__name__}, not a dictionary of tensors")
+    trained = isinstance(raw.get("model"), Mapping)
+    tensors = raw["model"] if trained else raw
+    bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+    if bad or not tensors:
+        raise WeightsError(f"checkpoint {path}: {'entry ' + repr(bad[0]) + ' is not a tensor' if bad else 'is empty'}")
+    return trained, dict(tensors)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, G, G, C) -> (1, grid, grid, C), bilinear, align_corners=False, no antialias (as MedSegX loads SAM)."""
+    resized = F.interpolate(pos_embed.permute(0, 3, 1, 2), size=(grid, grid), mode="bilinear", align_corners=False)
+    return resized.permute(0, 2, 3, 1)
+
+
+def resize_rel_pos(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """(R, C) -> (rows, C): the table as a 1x1xRxC image, bilinear, align_corners=False (linear along rows)."""
+    return F.interpolate(table[None, None], size=(rows, table.shape[1]), mode="bilinear",
+                         align_corners=False)[0, 0]
+
+
+def fit_to_config(state: StateDict, config: MedSegX2DConfig) -> StateDict:
+    """Resize what MedSegX resizes when it loads SAM's 1024-input encoder at 256: ``pos_embed`` to the token grid
+    and the global blocks' relative-position tables to 2*grid-1 rows (windowed tables already fit)."""
+    fitted = dict(state)
+    pos_embed = fitted.get("image_encoder.pos_embed")
+    if pos_embed is not None and pos_embed.shape[1] != config.token_grid:
+        fitted["image_encoder.pos_embed"] = resize_pos_embed(pos_embed, config.token_grid)
+    for key, table in state.items():
+        found = REL_POS_KEY.match(key)
+        if found:
+            block = int(found.group(1))
+            side = config.token_grid if block in config.global_attn_indexes else config.window_size
+            if table.shape[0] != 2 * side - 1:
+                fitted[key] = resize_rel_pos(table, 2 * side - 1)
+    return fitted
+
+
+def to_model_state(merged: StateDict, model: MedSegX2D) -> StateDict:
+    """MedSegX names -> ours: MLP keys unwrapped, adapters and context tables into our ConMoAE."""
+    experts = {k: v for k, v in merged.items() if MEDSEGX_EXPERT_KEY.match(k)}
+    if not experts:
+        raise WeightsError("these MedSegX weights hold no adapters or context tables (image_encoder.blocks.*.mlp."
+                           "adapter_*, modal_embed, organ_embed): give the trained MedSegX file too")
+    state = {k.replace(MEDSEGX_MLP, SAM_MLP): v for k, v in merged.items() if k not in experts}
+    conmoae = medsegx_state_to_conmoae(experts, model.image_encoder.conmoae, prefix="image_encoder.")
+    state.update({f"image_encoder.conmoae.{k}": v for k, v in conmoae.items()})
+    return state
+
+
+def read_medsegx_state(path: PathLike, trained: Optional[PathLike] = None) -> Tuple[str, StateDict]:
+    """(layout, state with MedSegX's merged names, not yet resized) from one merged file, or from SAM's
+    checkpoint + MedSegX's trained file (encoder and prompt encoder from SAM, everything trained on top)."""
+    path = Path(path)
+    is_trained, state = _flat_state(read_tensors(path), path)
+    if trained is None:
+        if is_trained:
+            raise WeightsError(f"{path} is MedSegX's trained-only file ({{'model': ...}}): give the SAM checkpoint "
+                               f"as the weights and this file as the trained ones")
+        if not any(MEDSEGX_EXPERT_KEY.match(k) for k in state):
+            raise WeightsError(f"{path} has no MedSegX experts (a SAM checkpoint?): give MedSegX's trained file "
+                               f"(medsegx_trained.pth) with it")
+        return "merged", state
+    trained_path = Path(trained)
+    trained_is_trained, trained_state = _flat_state(read_tensors(trained_path), trained_path)
+    if is_trained or not trained_is_trained:
+        raise WeightsError(f"split MedSegX weights are a SAM checkpoint plus MedSegX's trained file "
+                           f"({{'model': ...}}); {path} and {trained_path} are not that pair")
+    merged = {k.replace(SAM_MLP, MEDSEGX_MLP): v for k, v in state.items() if k.startswith(SAM_KEPT_PREFIXES)}
+    merged.update(trained_state)
+    return "split", merged
+
+
+def _shape(state: StateDict, key: str) -> Tuple[int, ...]:
+    if key not in state:
+        raise WeightsError(f"MedSegX weights lack {key}: not a MedSegX (SAM ViT) checkpoint")
+    return tuple(state[key].shape)
+
+
+def _indices(state: StateDict, pattern: str) -> list:
+    return sorted({int(m.group(1)) for k in state for m in [re.match(pattern, k)] if m})
+
+
+def infer_config(state: StateDict, decoder_heads: int = 8, image_size: Optional[int] = None) -> MedSegX2DConfig:
+    """The architecture from tensor shapes (MedSegX names). Not recorded in any shape: the decoder's head count
+    (SAM uses 8), the experts' scale (0.1); the input size defaults to the checkpoint's pos_embed grid."""
+    embed_dim, _, patch, _ = _shape(state, "image_encoder.patch_embed.proj.weight")
+    stored_grid = _shape(state, "image_encoder.pos_embed")[1]
+    depth = len(_indices(state, r"image_encoder\.blocks\.(\d+)\.norm1\.weight"))
+    rows = {i: _shape(state, f"image_encoder.blocks.{i}.attn.rel_pos_h") for i in range(depth)}
+    global_blocks = tuple(i for i in range(depth) if rows[i][0] == 2 * stored_grid - 1)
+    windowed_rows = {rows[i][0] for i in range(depth) if i not in global_blocks}
+    dim = _shape(state, "image_encoder.neck.0.weight")[0]
+    expert_blocks = _indices(state, r"image_encoder\.blocks\.(\d+)\.mlp\.adapter_gate\.weight")
+    if not expert_blocks:
+        raise WeightsError("MedSegX weights hold no adapters (image_encoder.blocks.*.mlp.adapter_*)")
+    first = f"image_encoder.blocks.{expert_blocks[0]}.mlp."
+    experts = ConMoAEConfig(
+        n_experts=len(_indices(state, re.escape(first) + r"adapter_down\.(\d+)\.weight")),
+        bottleneck=_shape(state, first + "adapter_down.0.weight")[0],
+        context_dim=_shape(state, first + "adapter_input_embed.weight")[0],
+        blocks=expert_blocks)
+    cross_width = _shape(state, "mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight")[0]
+    return MedSegX2DConfig(
+        image_size=image_size or stored_grid * patch, patch_size=patch, embed_dim=embed_dim, depth=depth,
+        num_heads=embed_dim // rows[0][1], mlp_dim=_shape(state, f"image_encoder.blocks.0{MEDSEGX_MLP}1.weight")[0],
+        global_attn_indexes=global_blocks,
+        window_size=(windowed_rows.pop() + 1) // 2 if len(windowed_rows) == 1 else 14,
+        out_chans=dim,
+        decoder_depth=len(_indices(state, r"mask_decoder\.transformer\.layers\.(\d+)\.norm1\.weight")),
+        decoder_heads=decoder_heads,
+        decoder_mlp_dim=_shape(state, "mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
+        attention_downsample_rate=dim // cross_width,
+        iou_head_depth=len(_indices(state, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.weight")),
+        iou_head_hidden_dim=_shape(state, "mask_decoder.iou_prediction_head.layers.0.weight")[0],
+        num_multimask_outputs=_shape(state, "mask_decoder.mask_tokens.weight")[0] - 1,
+        mask_in_chans=_shape(state, "prompt_encoder.mask_downscaling.3.weight")[0],
+        conmoae=experts)
+
+
+def load_medsegx(path: PathLike, trained: Optional[PathLike] = None, config: Optional[MedSegX2DConfig] = None,
+                 decoder_heads: int = 8) -> MedSegX2D:
+    """A MedSegX model in eval mode from a merged file, or from (SAM checkpoint, trained file).
+
+    The architecture is read from the tensor shapes unless ``config`` is given (the decoder's head count is not in
+    any shape: ``decoder_heads``). The split pair is loaded at MedSegX's 256 input. ``model.checkpoint_layout``
+    says which layout was read."""
+    layout, state = read_medsegx_state(path, trained)
+    config = config or infer_config(state, decoder_heads, MEDSEGX_INPUT_SIZE if layout == "split" else None)
+    model = MedSegX2D(config)
+    source = str(path) if trained is None else f"{path} + {trained}"
+    load_state(model, to_model_state(fit_to_config(state, config), model), source)
+    model.checkpoint_layout = layout
+    return model.eval()

@@ -1,0 +1,43 @@
+"""Architecture of MedSegX's 2D model; the defaults are the released model (SAM ViT-B at 256x256)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Tuple
+
+from ..conmoae import ConMoAEConfig
+
+
+@dataclass
+class MedSegX2DConfig:
+    image_size: int = 256                     # square model input, pixels
+    patch_size: int = 16
+    embed_dim: int = 768                      # encoder width
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    global_attn_indexes: Tuple[int, ...] = (2, 5, 8, 11)   # the other blocks attend inside windows
+    window_size: int = 14
+    out_chans: int = 256                      # neck width = prompt width = decoder width (D)
+    decoder_depth: int = 2
+    decoder_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    attention_downsample_rate: int = 2
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    num_multimask_outputs: int = 3
+    mask_in_chans: int = 16                   # SAM's mask-prompt branch: MedSegX never feeds it a mask
+    pixel_mean: Tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: Tuple[float, float, float] = (58.395, 57.12, 57.375)
+    conmoae: ConMoAEConfig = field(default_factory=ConMoAEConfig)   # MedSegX: 4 experts, bottleneck 16, all blocks
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image size {self.image_size} is not a multiple of the patch size {self.patch_size}")
+        if self.out_chans % 32:
+            # the keep-resolution decoder halves the width four times after a first division by 4: D / 32 at the end
+            raise ValueError(f"decoder width {self.out_chans} must be a multiple of 32")
+        self.global_attn_indexes = tuple(int(i) for i in self.global_attn_indexes)
+
+    @property
+    def token_grid(self) -> int:
+        return self.image_size // self.patch_size
