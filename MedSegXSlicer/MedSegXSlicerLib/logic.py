@@ -282,8 +282,9 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         from medsegx_core.data.hierarchy import iter_terms
         return sorted({node.name for node in iter_terms() if node.level > 0})
 
-    def cleanup(self) -> None:
-        self.worker.shutdown()
+    def cleanup(self, timeout_s: float = 5.0) -> None:
+        """Stop the worker thread (after the job in progress) and free the model and embeddings."""
+        self.worker.shutdown(timeout_s)
         self.sessions.forget()
 
 

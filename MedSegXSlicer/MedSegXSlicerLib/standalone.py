@@ -78,8 +78,13 @@ def make_application():
     return types.SimpleNamespace(scene=scene, app_logic=app_logic, logics=logics)
 
 
+_installed = None  # keeps the application logic alive: the module logics hold only weak references to it
+
+
 def install_application(application) -> None:
     """Point ``slicer.mrmlScene``, ``slicer.modules`` and ``slicer.app`` at ``application``."""
+    global _installed
+    _installed = application
     slicer.mrmlScene = application.scene
     slicer.modules = types.SimpleNamespace(**{
         name.lower(): types.SimpleNamespace(logic=(lambda logic=logic: logic))

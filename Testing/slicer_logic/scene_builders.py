@@ -6,10 +6,12 @@ Slicer's hardening and Crop Volume logic), never from the code under test.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "MedSegXSlicer"
 if str(MODULE_DIR) not in sys.path:
@@ -150,3 +152,24 @@ def segmentation_state(segmentation_node, reference_volume_node) -> dict:
         state[segment_id] = (segment.GetName(), tuple(np.round(segment.GetColor(), 6)), segment_tags(segment),
                              segment_writer.read_segment_mask(segmentation_node, segment_id, world, shape).tobytes())
     return state
+
+
+@pytest.fixture(scope="session")
+def imported_weights(tmp_path_factory, fixtures_dir):
+    """The parity fixture's tiny SegVol, imported through the Logic as "Import official checkpoint" does
+    (a published file with the tokenizer files beside it -> our safetensors folder). Import it in a test module
+    (``from scene_builders import imported_weights``) to use it as a fixture."""
+    from MedSegXSlicerLib import MedSegXSlicerLogic
+
+    published = tmp_path_factory.mktemp("published")
+    shutil.copy(fixtures_dir / "segvol_parity/public/model.safetensors", published)
+    for file in (fixtures_dir / "segvol_parity/tokenizer").iterdir():
+        shutil.copy(file, published)
+    importer = MedSegXSlicerLogic()
+    try:
+        folder = importer.importCheckpoint(published / "model.safetensors",
+                                           destination=tmp_path_factory.mktemp("weights") / "tiny")
+    finally:
+        importer.cleanup()
+    assert importer.weightsPath == folder and (folder / "config.json").is_file()
+    return folder

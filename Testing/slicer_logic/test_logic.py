@@ -8,14 +8,13 @@ on the geometry (canonical preprocessing reorients to RAS+).
 """
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import slicer
 import slicerio
 
 import scene_builders as sb
+from scene_builders import imported_weights  # noqa: F401 (a fixture)
 from MedSegXSlicerLib import MedSegXSlicerLogic, mrml_conversion, segment_writer
 from medsegx_core.data.terminology import lookup
 from medsegx_core.data.volume import Volume
@@ -29,35 +28,17 @@ BOX = ((30, 35, 5), (80, 75, 25))
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, fixtures_dir):
-    """The parity fixture's tiny SegVol, imported through the Logic like "Import official checkpoint" does
-    (published file + tokenizer files beside it -> our safetensors folder)."""
-    published = tmp_path_factory.mktemp("published")
-    shutil.copy(fixtures_dir / "segvol_parity/public/model.safetensors", published)
-    for file in (fixtures_dir / "segvol_parity/tokenizer").iterdir():
-        shutil.copy(file, published)
-    importer = MedSegXSlicerLogic()
-    try:
-        folder = importer.importCheckpoint(published / "model.safetensors",
-                                           destination=tmp_path_factory.mktemp("weights") / "tiny")
-    finally:
-        importer.cleanup()
-    assert importer.weightsPath == folder and (folder / "config.json").is_file()
-    return folder
-
-
-@pytest.fixture(scope="module")
-def logic(weights):
-    logic = MedSegXSlicerLogic(weightsPath=weights, device="cpu")
+def logic(imported_weights):
+    logic = MedSegXSlicerLogic(weightsPath=imported_weights, device="cpu")
     yield logic
     logic.cleanup()
 
 
 @pytest.fixture(scope="module")
-def reference_predictor(weights):
+def reference_predictor(imported_weights):
     from medsegx_core.predictor import Predictor
     from medsegx_core.weights.store import load_model
-    return Predictor(load_model(weights), device="cpu")
+    return Predictor(load_model(imported_weights), device="cpu")
 
 
 def hardened_volume(volume_node) -> Volume:
@@ -266,8 +247,8 @@ def test_corrupt_weights_fail_in_the_worker_without_writing(ct, unchanged, tmp_p
         logic.cleanup()
 
 
-def test_cancel_mid_run(ct, weights, unchanged):
-    logic = MedSegXSlicerLogic(weightsPath=weights, device="cpu")  # fresh: model load + encoding take a while
+def test_cancel_mid_run(ct, imported_weights, unchanged):
+    logic = MedSegXSlicerLogic(weightsPath=imported_weights, device="cpu")  # fresh: model load + encoding take a while
     token = CancelToken()
     seen = []
 

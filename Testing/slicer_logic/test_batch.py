@@ -1,0 +1,96 @@
+"""Batch mode: ``medsegx_batch.py`` run as a separate process on plain Python with slicer-core (the same script
+runs inside ``Slicer --no-main-window --python-script``): output file, exit codes, nothing overwritten."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import slicerio
+
+import scene_builders as sb
+from scene_builders import imported_weights  # noqa: F401 (a fixture)
+from medsegx_core.data.readers import read_volume
+
+SCRIPT = sb.MODULE_DIR / "medsegx_batch.py"
+POINT_IJK = (50, 60, 15)
+
+
+def run_batch(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_segments_and_writes_a_seg_nrrd_the_engine_agrees_with(data_dir, imported_weights, tmp_path):
+    from medsegx_core.predictor import Predictor
+    from medsegx_core.prompts import PointPrompt, Prompts
+    from medsegx_core.weights.store import load_model
+
+    ct_path = data_dir / sb.CT_SMALL
+    volume = read_volume(ct_path)
+    point = volume.ijk_to_ras_points(np.array(POINT_IJK, float))
+    output = tmp_path / "liver.seg.nrrd"
+    done = run_batch("--input", ct_path, "--text", "liver", "--point", *point, "--output", output,
+                     "--weights", imported_weights, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert "wrote segment 'liver'" in done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["liver.seg.nrrd"]  # no temporary file left behind
+
+    read = slicerio.read_segmentation(str(output))
+    assert [s["name"] for s in read["segments"]] == ["liver"]
+    assert np.allclose(read["ijkToLPS"], volume.ijk_to_lps, atol=1e-4)
+    predictor = Predictor(load_model(imported_weights), device="cpu")
+    predictor.set_volume(volume)
+    expected = predictor.segment(Prompts(text="liver", points=(PointPrompt(tuple(point)),))).mask
+    written = slicerio.segment_mask(read, read["segments"][0]["id"]).transpose(2, 1, 0)
+    assert np.array_equal(written.astype(bool), expected.astype(bool))
+
+
+def test_user_errors_exit_1_with_one_line_and_write_nothing(data_dir, imported_weights, tmp_path):
+    ct_path = data_dir / sb.CT_SMALL
+    output = tmp_path / "out.seg.nrrd"
+    cases = [
+        (["--input", tmp_path / "missing.nii.gz", "--text", "liver"], "missing.nii.gz: no such file"),
+        (["--input", ct_path, "--text", "livr tumr xyz"], "unknown structure 'livr tumr xyz'"),
+        (["--input", ct_path, "--point", 9999, 0, 0], "is outside volume"),
+    ]
+    for args, message in cases:
+        done = run_batch(*args, "--weights", imported_weights, "--output", output)
+        assert done.returncode == 1, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("medsegx_batch: error: ") and message in lines[0], lines
+        assert not output.exists()
+
+
+def test_existing_output_is_kept_without_overwrite(data_dir, imported_weights, tmp_path):
+    output = tmp_path / "kept.seg.nrrd"
+    output.write_bytes(b"the user's earlier result")
+    done = run_batch("--input", data_dir / sb.CT_SMALL, "--text", "liver", "--output", output,
+                     "--weights", imported_weights, "--device", "cpu")
+    assert done.returncode == 1 and "already exists" in done.stderr
+    assert output.read_bytes() == b"the user's earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.seg.nrrd"]
+
+
+@pytest.mark.slow  # two engine starts in a subprocess: about 30 s on a busy 2-core machine
+def test_interrupt_exits_130_and_writes_nothing(data_dir, imported_weights, tmp_path):
+    output = tmp_path / "interrupted.seg.nrrd"
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--input", str(data_dir / sb.CT_SMALL), "--text", "liver",
+         "--output", str(output), "--weights", str(imported_weights), "--device", "cpu"],
+        stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        for line in process.stderr:  # the engine reports progress once it has started
+            if line.startswith("["):
+                process.send_signal(signal.SIGINT)
+                break
+        rest = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 130, rest
+    assert "interrupted; nothing was written" in rest
+    assert not output.exists()
