@@ -160,6 +160,7 @@ def test_clicks_and_box_on_oblique_flipped_volume_under_a_transform_then_refine_
     task.job.wait()
     assert logic.finishSegmentation(task) == segment_id
     assert logic.sessions.volume_encodings == encodings + 1
+    assert logic.sessions.model_loads == 1  # one model for the whole module's tests
     assert segmentation.GetSegmentation().GetSegment(segment_id).GetName() == "spleen"
     refined = mask_in(segmentation, segment_id, moved_ct)
     assert np.array_equal(refined, reference("spleen", POSITIVE_VOXELS))
