@@ -34,6 +34,16 @@ TOLERANCES = {
 NEAR_THRESHOLD = 1e-3   # mask pixels whose reference logit is this close to 0 may flip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The model is tiny: a second intra-op thread only adds synchronisation, which on a loaded 2-core runner
+    # made each forward 30-50x slower (0.1 s -> 5 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def public(fixtures_dir):
     return fixtures_dir / "medsegx_parity" / "public"
@@ -58,21 +68,18 @@ def references(public):
     return {case: dict(np.load(public / f"case_{case}.npz")) for case in CASES}
 
 
-_evaluations: dict = {}
-
-
 @pytest.fixture(scope="module")
 def evaluate(models, references):
     """(layout, case) -> (our evaluation, reference arrays), computed once each."""
+    done: dict = {}
+
     def run(layout: str, case: str):
-        if (layout, case) not in _evaluations:
+        if (layout, case) not in done:
             ref = references[case]
             context = context_from_task_folder(str(ref["task_folder"]))
-            _evaluations[layout, case] = evaluate_slice(models[layout], ref["npy_img"], ref["npy_gt"], context,
-                                                        trace=True)
-        return _evaluations[layout, case], references[case]
-    yield run
-    _evaluations.clear()
+            done[layout, case] = evaluate_slice(models[layout], ref["npy_img"], ref["npy_gt"], context, trace=True)
+        return done[layout, case], references[case]
+    return run
 
 
 def max_abs(ours, reference: np.ndarray) -> float:
