@@ -102,3 +102,26 @@ def test_pickled_checkpoint_is_refused(paths, tmp_path, capsys):
     assert main(argv) == 1
     assert "medsegx: error:" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_several_structures_labelmap_and_figure_into_a_new_folder(paths, tmp_path, monkeypatch, capsys):
+    """The README's main command, with the fixture weights chosen through $MEDSEGX_WEIGHTS."""
+    monkeypatch.setenv("MEDSEGX_WEIGHTS", str(paths["weights"]))
+    out = tmp_path / "out"
+    argv = ["segment", str(paths["ct"]), "--text", "liver", "--text", "spleen", "--tokenizer",
+            str(paths["tokenizer"]), "-o", str(out / "result.seg.nrrd"), "--labelmap", str(out / "result.nii.gz"),
+            "--figure", str(out / "result.png")]
+    assert main(argv) == 0
+    assert "MEDSEGX_WEIGHTS" in capsys.readouterr().err
+    segmentation = slicerio.read_segmentation(str(out / "result.seg.nrrd"))
+    assert [s["name"] for s in segmentation["segments"]] == ["liver", "spleen"]
+    labelmap = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "result.nii.gz")))
+    assert set(np.unique(labelmap)) == {0, 1, 2}
+    assert (out / "result.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_clicks_with_several_texts_are_refused(paths, tmp_path, capsys):
+    output = tmp_path / "out.seg.nrrd"
+    assert segment(paths, output, "--text", "liver", "--text", "spleen", "--point", "1", "2", "3") == 1
+    assert "single --text" in capsys.readouterr().err
+    assert not output.exists()

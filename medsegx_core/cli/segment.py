@@ -1,7 +1,8 @@
-"""``medsegx segment VOLUME [--text NAME] [--point R A S ...] [--box ...] --weights W -o OUT``.
+"""``medsegx segment VOLUME [--text NAME ...] [--point R A S ...] [--box ...] [--weights W] -o OUT``.
 
-Segments one structure with SegVol's zoom-out-zoom-in and writes it as a named segment on the volume's grid
-(.seg.nrrd for Slicer, .nii.gz labelmap + .json names, or .dcm DICOM SEG, from the output's extension).
+Segments structures with SegVol's zoom-out-zoom-in and writes them as named segments on the volume's grid
+(.seg.nrrd for Slicer, .nii.gz labelmap + .json names, or .dcm DICOM SEG, from the output's extension); one
+segment per ``--text``, or one for a structure given by clicks and/or a box (with at most one text).
 Points and boxes are RAS millimetres (what Slicer shows), or voxel indices (i, j, k in ITK order) with
 ``--ijk``. Text, points and a box may be combined. ``--weights`` takes a published SegVol checkpoint file or
 folder (tokenizer files beside it, or ``--tokenizer``) or a folder made by ``medsegx weights import``.
@@ -11,12 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import List
+
+import numpy as np
 
 from ..data.atomic import check_writable
 from ..data.hierarchy import resolve_term
 from ..data.readers import read_volume
 from ..data.segments import Segment
-from ..data.writers import FORMATS, output_format, write_segmentation
+from ..data.writers import FORMATS, output_format, write_nifti_labelmap, write_segmentation
+from ..errors import OutputError, PromptError
 from ..inference.device import DEVICES, PRECISIONS
 from ..inference.preprocessing import PROFILES
 from ..progress import scaled
@@ -24,12 +30,29 @@ from ..prompts import BoxPrompt, PointPrompt, Prompts
 from .weights import _progress_bar
 
 
-def _prompts(args) -> Prompts:
+def _prompt_sets(args) -> List[Prompts]:
+    """One prompt set per structure: each ``--text`` alone, or one set holding the clicks and the box."""
     space = "ijk" if args.ijk else "ras"
     points = [PointPrompt(tuple(p), positive=True, space=space) for p in args.point or []]
     points += [PointPrompt(tuple(p), positive=False, space=space) for p in args.negative_point or []]
     box = None if args.box is None else BoxPrompt(tuple(args.box[:3]), tuple(args.box[3:]), space=space)
-    return Prompts(text=args.text, points=tuple(points), box=box)
+    texts = args.text or [None]
+    if len(texts) > 1 and (points or box is not None):
+        raise PromptError(f"{len(texts)} --text values with points or a box: clicks and boxes describe one "
+                          f"structure, so give them with a single --text (or run once per structure)")
+    if args.name and len(texts) > 1:
+        raise PromptError("--name names one segment; with several --text values the names are the structures'")
+    return [Prompts(text=text, points=tuple(points), box=box) for text in texts]
+
+
+def _weights(args) -> str:
+    if args.weights:
+        return args.weights
+    from ..weights.default import default_weights
+
+    chosen = default_weights()
+    print(f"medsegx: {chosen.explanation}", file=sys.stderr)
+    return str(chosen.path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,35 +60,68 @@ def run(args: argparse.Namespace) -> int:
     from ..weights.store import load_model
 
     # Everything that can be refused cheaply is refused before the volume and the weights are read.
-    check_writable(args.output, args.overwrite)
+    outputs = [args.output] + [p for p in (args.labelmap, args.figure) if p]
+    for output in outputs:
+        Path(output).expanduser().parent.mkdir(parents=True, exist_ok=True)   # "-o out/x.seg.nrrd" just works
+        check_writable(output, args.overwrite)
     if args.format is None:
         output_format(args.output)
-    prompts = _prompts(args)
-    if prompts.text:
-        resolve_term(prompts.text)
+    if args.labelmap and output_format(args.labelmap) != "nifti":
+        raise OutputError(f"--labelmap {args.labelmap}: a labelmap is written as NIfTI; end it with .nii.gz")
+    prompt_sets = _prompt_sets(args)
+    for prompts in prompt_sets:
+        if prompts.text:
+            resolve_term(prompts.text)
     volume = read_volume(args.volume, series_uid=args.series_uid)
-    prompts.to_voxel(volume)
+    for prompts in prompt_sets:
+        prompts.to_voxel(volume)
+    weights = _weights(args)
 
     bar, update = _progress_bar("segment")
+    segments, notes = [], []
     try:
         update(0.0, "loading the weights")
-        model = load_model(args.weights, tokenizer=args.tokenizer)
+        model = load_model(weights, tokenizer=args.tokenizer)
         predictor = Predictor(model, device=args.device, precision=args.precision,
                               preprocessing=args.preprocessing)
         predictor.set_volume(volume, modality=args.modality, progress=scaled(update, 0.05, 0.3))
-        result = predictor.segment(prompts, progress=scaled(update, 0.3, 1.0))
+        share = 0.7 / len(prompt_sets)
+        for index, prompts in enumerate(prompt_sets):
+            result = predictor.segment(prompts, progress=scaled(update, 0.3 + index * share,
+                                                                0.3 + (index + 1) * share))
+            name = args.name or result.name or "segment"
+            segments.append(Segment(name=name, mask=result.mask))
+            notes.append(f"{name!r} {int(result.mask.sum())} voxels ({result.windows} windows)")
     finally:
         bar.close()
-    name = args.name or result.name or "segment"
-    voxels = int(result.mask.sum())
-    if voxels == 0:
-        print(f"medsegx: warning: the segmentation of {name!r} is empty", file=sys.stderr)
-    out = write_segmentation(args.output, volume, [Segment(name=name, mask=result.mask)],
-                             overwrite=args.overwrite, format=args.format)
-    millilitres = voxels * float(volume.spacing[0] * volume.spacing[1] * volume.spacing[2]) / 1000.0
-    print(f"wrote {out}: {name!r}, {voxels} voxels ({millilitres:.1f} mL), {result.windows} zoom-in windows, "
-          f"{result.runtime}")
+    for segment in segments:
+        if not segment.mask.any():
+            print(f"medsegx: warning: the segmentation of {segment.name!r} is empty", file=sys.stderr)
+    written = [write_segmentation(args.output, volume, segments, overwrite=args.overwrite, format=args.format)]
+    if args.labelmap:
+        overlapping = sum(s.mask.astype(np.uint16) for s in segments).max() > 1
+        if overlapping:
+            print("medsegx: warning: segments overlap; in the labelmap a later segment wins where they do",
+                  file=sys.stderr)
+        written.append(write_nifti_labelmap(args.labelmap, volume, _without_overlaps(segments),
+                                            overwrite=args.overwrite))
+    if args.figure:
+        from ._figure import write_figure
+
+        written.append(write_figure(args.figure, volume, segments, overwrite=args.overwrite))
+    print(f"wrote {', '.join(map(str, written))}: {'; '.join(notes)}; {result.runtime}")
     return 0
+
+
+def _without_overlaps(segments: List[Segment]) -> List[Segment]:
+    """Copies whose masks do not overlap (a later segment keeps the contested voxels), for one labelmap."""
+    taken = np.zeros(segments[0].mask.shape, dtype=bool)
+    exclusive = []
+    for segment in reversed(segments):
+        mask = segment.mask.astype(bool) & ~taken
+        taken |= mask
+        exclusive.append(Segment(name=segment.name, mask=mask.astype(np.uint8), color=segment.color))
+    return exclusive[::-1]
 
 
 def _triples(value_count: int):
@@ -77,7 +133,9 @@ def register(subparsers) -> None:
         "segment", help="segment a structure from text, points and/or a box (SegVol zoom-out-zoom-in)",
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("volume", help="CT/MRI volume (NIfTI, NRRD, MHA, .mgz, or a DICOM folder)")
-    parser.add_argument("--text", help="structure name, e.g. 'liver' (see 'medsegx categories')")
+    parser.add_argument("--text", action="append",
+                        help="structure name, e.g. 'liver' (see 'medsegx categories'); repeat it for several "
+                             "structures (one segment each)")
     parser.add_argument("--point", action="append", metavar=("R", "A", "S"), **_triples(3),
                         help="a positive click (repeatable); RAS mm, or i j k with --ijk")
     parser.add_argument("--negative-point", action="append", metavar=("R", "A", "S"), **_triples(3),
@@ -86,8 +144,10 @@ def register(subparsers) -> None:
                         help="two opposite corners of a box")
     parser.add_argument("--ijk", action="store_true",
                         help="points and box are voxel indices (i, j, k in ITK order), not RAS mm")
-    parser.add_argument("--weights", required=True,
-                        help="published checkpoint file or folder, or a folder from 'medsegx weights import'")
+    parser.add_argument("--weights",
+                        help="published checkpoint file or folder, or a folder from 'medsegx weights import' "
+                             "(default: $MEDSEGX_WEIGHTS, installed official weights, else the bundled starter "
+                             "model)")
     parser.add_argument("--tokenizer", help="folder of tokenizer files when they are not beside the weights")
     parser.add_argument("--preprocessing", choices=PROFILES, default="canonical",
                         help="canonical (default): reorient to RAS+ first, so storage order does not matter; "
@@ -100,6 +160,8 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True,
                         help="output file: .seg.nrrd (Slicer), .nii.gz (labelmap + .json names), .dcm (DICOM SEG)")
     parser.add_argument("--format", choices=FORMATS, help="output type when the extension does not say it")
+    parser.add_argument("--labelmap", help="also write the segments as one NIfTI labelmap (.nii.gz + .json names)")
+    parser.add_argument("--figure", help="also write a PNG overview (axial, coronal, sagittal slices)")
     parser.add_argument("--series-uid", help="which DICOM series, when the folder holds several")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.set_defaults(func=run)
