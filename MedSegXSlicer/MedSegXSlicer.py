@@ -21,7 +21,6 @@ from slicer import (vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLSc
 from slicer.util import VTKObservationMixin
 
 try:  # the Slicer application (Qt)
-    import ctk
     import qt
     from slicer.i18n import tr as _
     from slicer.i18n import translate
@@ -29,7 +28,7 @@ try:  # the Slicer application (Qt)
     from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
                                                ScriptedLoadableModuleWidget)
 except ImportError:  # slicer-core (no Qt): keep the module importable; the Logic does not need any of this
-    ctk = qt = None
+    qt = None
 
     class ScriptedLoadableModule:  # noqa: D101 - placeholders so that the classes below can be defined
         pass

@@ -59,9 +59,10 @@ def missing_packages(requirements: Optional[list] = None) -> list:
     return [r for r in requirements if importlib.util.find_spec(_import_name(r)) is None]
 
 
-def require_engine() -> None:
-    """Raise ``MissingDependenciesError`` naming what is missing; installs nothing."""
-    missing = missing_packages()
+def require_engine(requirements: Optional[list] = None) -> None:
+    """Raise ``MissingDependenciesError`` naming what is missing (default: torch + requirements.txt); installs
+    nothing."""
+    missing = missing_packages(requirements)
     if missing:
         names = ", ".join(_distribution_name(r) for r in missing)
         raise MissingDependenciesError(

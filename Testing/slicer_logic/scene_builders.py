@@ -173,3 +173,20 @@ def imported_weights(tmp_path_factory, fixtures_dir):
         importer.cleanup()
     assert importer.weightsPath == folder and (folder / "config.json").is_file()
     return folder
+
+
+@pytest.fixture
+def ct(slicer_app, data_dir):
+    """The small real CT loaded through slicer.util.loadVolume into the test's scene."""
+    return load_ct(data_dir)
+
+
+@pytest.fixture
+def moved_ct(ct):
+    """The CT with oblique, LPS-flipped axes under two nested parent transforms (rotation + translation)."""
+    scene = ct.GetScene()
+    make_oblique_flipped(ct)
+    outer = linear_transform(scene, affine(rotation("R", 15.0), (5.0, -7.0, 11.0)), "outer")
+    inner = linear_transform(scene, affine(rotation("S", -30.0), (-20.0, 3.0, 0.5)), "inner", outer)
+    ct.SetAndObserveTransformNodeID(inner.GetID())
+    return ct

@@ -14,7 +14,7 @@ import slicer
 import slicerio
 
 import scene_builders as sb
-from scene_builders import imported_weights  # noqa: F401 (a fixture)
+from scene_builders import ct, imported_weights, moved_ct  # noqa: F401 (fixtures)
 from MedSegXSlicerLib import MedSegXSlicerLogic, mrml_conversion, segment_writer
 from medsegx_core.data.terminology import lookup
 from medsegx_core.data.volume import Volume
@@ -63,20 +63,6 @@ def engine_mask(predictor, volume_node, prompts) -> np.ndarray:
 def mask_in(segmentation_node, segment_id, volume_node) -> np.ndarray:
     return segment_writer.read_segment_mask(segmentation_node, segment_id, sb.to_world(volume_node)
                                             @ sb.ijk_to_ras(volume_node), slicer.util.arrayFromVolume(volume_node).shape)
-
-
-@pytest.fixture
-def ct(slicer_app, data_dir):
-    return sb.load_ct(data_dir)
-
-
-@pytest.fixture
-def moved_ct(ct):
-    scene = ct.GetScene()
-    sb.make_oblique_flipped(ct, degrees=25.0)
-    parent = sb.linear_transform(scene, sb.affine(sb.rotation("R", -20.0), (12.0, -4.0, 7.5)), "registration")
-    ct.SetAndObserveTransformNodeID(parent.GetID())
-    return ct
 
 
 def segmentation_with_other_segment(volume_node):

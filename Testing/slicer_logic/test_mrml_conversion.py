@@ -8,27 +8,12 @@ import slicer
 import vtk
 
 import scene_builders as sb
+from scene_builders import ct, moved_ct  # noqa: F401 (fixtures)
 from MedSegXSlicerLib import mrml_conversion as mc
 from medsegx_core.data.readers import read_volume
 from medsegx_core.errors import GeometryError, InputError, PromptError
 
 VOXELS = [(20, 30, 5), (100, 70, 25), (61, 50, 14)]  # (i, j, k) inside the 122 x 101 x 30 CT
-
-
-@pytest.fixture
-def ct(slicer_app, data_dir):
-    return sb.load_ct(data_dir)
-
-
-@pytest.fixture
-def moved_ct(ct):
-    """The CT with oblique, LPS-flipped axes under two nested parent transforms (rotation + translation)."""
-    scene = ct.GetScene()
-    sb.make_oblique_flipped(ct)
-    outer = sb.linear_transform(scene, sb.affine(sb.rotation("R", 15.0), (5.0, -7.0, 11.0)), "outer")
-    inner = sb.linear_transform(scene, sb.affine(sb.rotation("S", -30.0), (-20.0, 3.0, 0.5)), "inner", outer)
-    ct.SetAndObserveTransformNodeID(inner.GetID())
-    return ct
 
 
 def test_volume_matches_the_engine_reader(ct, data_dir):
