@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
         written.append(write_nifti_labelmap(args.labelmap, volume, _without_overlaps(segments),
                                             overwrite=args.overwrite))
     if args.figure:
-        from ._figure import write_figure
+        from ..data.figure import save_overlay_figure
 
-        written.append(write_figure(args.figure, volume, segments, overwrite=args.overwrite))
+        written.append(save_overlay_figure(args.figure, volume, segments, overwrite=args.overwrite))
     print(f"wrote {', '.join(map(str, written))}: {'; '.join(notes)}; {result.runtime}")
     return 0
 
