@@ -199,12 +199,10 @@ def test_misspellings_over_the_whole_tree_resolve_or_suggest_the_intended_name()
             wrong.append((typo, node.name, resolved.name))
     total = accepted + suggested + len(wrong)
     assert total > 200
-    # a typo never silently becomes a different structure of the opposite side
-    for typo, intended, got in wrong:
-        if isinstance(got, str):
-            assert ("left" in intended) == ("left" in got) and ("right" in intended) == ("right" in got), typo
-    assert accepted / total > 0.7, (accepted, suggested, wrong[:10])
-    assert (accepted + suggested) / total > 0.9, wrong[:10]
+    # a typo is never silently taken for another structure (at worst the intended name is not suggested)
+    assert not [w for w in wrong if isinstance(w[2], str)], wrong
+    assert accepted / total > 0.8, (accepted, suggested, wrong[:10])
+    assert (accepted + suggested) / total > 0.95, wrong[:10]
 
 
 @pytest.mark.parametrize("typo, name", [("livr", "liver"), ("spleeen", "spleen"), ("rigth kidney", "right kidney"),

@@ -94,6 +94,17 @@ def _correct_sides(key: str) -> str:
     return " ".join(sorted(words))
 
 
+def _words_covered(key: str, node: "Node") -> bool:
+    """Every query word is a misspelling or an abbreviation of a word of one of the node's spellings, so that
+    'left ventricular picardium' is not taken for 'left ventricular myocardium' on overall similarity alone."""
+    for spelling in node.spellings():
+        words = word_key(spelling).split()
+        if all(any(w == c or (len(w) >= 3 and c.startswith(w))
+                   or difflib.SequenceMatcher(None, w, c).ratio() >= 0.75 for c in words) for w in key.split()):
+            return True
+    return False
+
+
 def _sides(key: str) -> frozenset[str]:
     return frozenset(word for word in key.split() if word in ("left", "right"))
 
@@ -331,7 +342,8 @@ class Hierarchy:
         if scored:
             best_score, best = scored[0]
             runner_up = next((s for s, n in scored[1:] if n is not best), 0.0)
-            if best_score >= FUZZY_ACCEPT and best_score - runner_up >= FUZZY_MARGIN:
+            if (best_score >= FUZZY_ACCEPT and best_score - runner_up >= FUZZY_MARGIN
+                    and _words_covered(key, best)):
                 return ResolvedTerm(query=text, node=best, context=self.context_of(best), match="fuzzy")
         raise UnknownTermError(text, [n.name for n in self._suggest(key)])
 
