@@ -54,8 +54,12 @@ except ImportError:  # slicer-core (no Qt): keep the module importable; the Logi
     def Choice(choices):
         return choices
 
-from MedSegXSlicerLib import MedSegXSlicerLogic, install, mrml_conversion
-from medsegx_core.errors import Cancelled, MedSegXError
+from MedSegXSlicerLib.resources import ensure_engine_importable, resource_path
+
+ensure_engine_importable()
+
+from MedSegXSlicerLib import MedSegXSlicerLogic, install, mrml_conversion  # noqa: E402
+from medsegx_core.errors import Cancelled, MedSegXError  # noqa: E402
 
 POSITIVE_COLOR = (0.25, 0.85, 0.35)
 NEGATIVE_COLOR = (0.95, 0.25, 0.25)
@@ -128,7 +132,7 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSegXSlicer.ui"))
+        uiWidget = slicer.util.loadUI(resource_path("UI/MedSegXSlicer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)

@@ -21,8 +21,10 @@ from typing import Optional
 
 from medsegx_core.errors import MedSegXError
 
+from .resources import resource_path
+
 REQUESTER = "MedSegX"
-REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
+REQUIREMENTS_FILE = Path(resource_path("requirements.txt"))
 TORCH_REQUIREMENT = "torch>=2.1"
 
 # distribution name -> import name, where they differ

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "MedSegXSlicer"
-UI_FILE = MODULE_DIR / "Resources" / "UI" / "MedSegXSlicer.ui"
+RESOURCES_DIR = MODULE_DIR.parent / "Resources"
+UI_FILE = RESOURCES_DIR / "UI" / "MedSegXSlicer.ui"
 WIDGET_FILE = MODULE_DIR / "MedSegXSlicer.py"
 QT_CLASSES = {"QWidget", "QLabel", "QLineEdit", "QPushButton", "QCheckBox", "QComboBox", "QProgressBar"}
 
@@ -74,19 +75,21 @@ def test_custom_widgets_are_declared_and_connections_name_real_widgets(ui):
 
 def test_widget_loads_the_ui_file_it_ships(widget_source):
     calls = [node for node in ast.walk(widget_source) if isinstance(node, ast.Call)
-             and isinstance(node.func, ast.Attribute) and node.func.attr == "resourcePath"]
+             and isinstance(node.func, ast.Name) and node.func.id == "resource_path"]
     assert [ast.literal_eval(call.args[0]) for call in calls] == ["UI/MedSegXSlicer.ui"]
-    assert (MODULE_DIR / "Resources" / "UI" / "MedSegXSlicer.ui").is_file()
+    assert UI_FILE.is_file()
 
 
 def test_cmake_lists_every_script_and_resource():
     cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "MedSegXSlicer")
     listed = set(re.findall(r"^\s+([\w./]+\.(?:py|png|ui|txt))\s*$", cmake, flags=re.M))
-    shipped = {p.relative_to(MODULE_DIR).as_posix() for p in MODULE_DIR.rglob("*")
-               if p.is_file() and "__pycache__" not in p.parts and p.name != "CMakeLists.txt"
-               and not p.name.endswith(".md")}
+    scripts = {p.relative_to(MODULE_DIR).as_posix() for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts}
+    resources = {p.relative_to(RESOURCES_DIR.parent).as_posix() for p in RESOURCES_DIR.rglob("*") if p.is_file()}
+    shipped = scripts | resources
     assert shipped == listed, f"not listed: {sorted(shipped - listed)}; listed but absent: {sorted(listed - shipped)}"
     assert "WITH_GENERIC_TESTS" in cmake and "slicer_add_python_unittest(SCRIPT MedSegXSlicer.py)" in cmake
+    # the resources are installed from the repository root, so they land in <module dir>/Resources/...
+    assert "${MEDSEGX_CORE_RESOURCES};${MODULE_PYTHON_RESOURCES}" in cmake and "SOURCE_DIR ${PROJECT_SOURCE_DIR}" in cmake
 
 
 def test_extension_metadata():
@@ -100,6 +103,6 @@ def test_extension_metadata():
 
 
 def test_icon_is_a_128_pixel_png():
-    header = (MODULE_DIR / "Resources" / "Icons" / "MedSegXSlicer.png").read_bytes()[:24]
+    header = (RESOURCES_DIR / "Icons" / "MedSegXSlicer.png").read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR"
     assert struct.unpack(">II", header[16:24]) == (128, 128)
