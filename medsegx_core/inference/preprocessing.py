@@ -15,8 +15,9 @@ crop to the bounding box of voxels > 0. The official code also zero-pads to at l
 before cropping; the pad is all zeros and the crop removes it again, so we skip it (the crop is the same).
 
 Memory: the official path holds several full-size float copies (2.8 GB peak on a 469x388x269 CT). Here the
-volume is converted to float32 once and normalised in place; the only other full-size buffer is the transient
-copy of the above-threshold voxels that the percentiles need (partitioned in place, freed before returning).
+volume is converted to float32 once and normalised in place; the statistics of the voxels above the mean are
+gathered chunk by chunk (the percentiles exactly, from a histogram and the few voxels of the bins that hold the
+wanted ranks), so no other full-size buffer exists.
 """
 from __future__ import annotations
 
@@ -89,33 +90,79 @@ class PreprocessedVolume:
         return np.ascontiguousarray(self.orientation.array_to_stored(full))
 
 
-def _mean_float32(values: np.ndarray) -> np.float32:
-    # numpy's float32 pairwise mean, as the official numpy code computes it.
-    return np.float32(values.mean(dtype=np.float32))
+_BINS = 1 << 16  # histogram bins used to find the percentiles' order statistics without a full-size copy
 
 
-def _population_std(values: np.ndarray, mean: np.float32) -> np.float32:
-    """Population std without a full-size temporary (numpy's ``std`` allocates one); float64 accumulation."""
-    total = 0.0
-    for start in range(0, values.size, _CHUNK):
-        deviation = values[start:start + _CHUNK].astype(np.float64) - float(mean)
-        total += float(np.dot(deviation, deviation))
-    return np.float32(np.sqrt(total / max(values.size, 1)))
+def _chunks(flat: np.ndarray, threshold: np.float32):
+    """The above-threshold voxels of a flat array, one bounded chunk at a time."""
+    for start in range(0, flat.size, _CHUNK):
+        chunk = flat[start:start + _CHUNK]
+        yield chunk[chunk > threshold]
+
+
+def _order_statistics(flat: np.ndarray, threshold: np.float32, ranks: list, low: float, high: float,
+                      histogram: np.ndarray) -> dict:
+    """The values of the given 0-based ranks among the above-threshold voxels, exactly: the histogram says
+    which bin holds each rank; only the voxels of those bins are collected and sorted."""
+    cumulative = np.cumsum(histogram)
+    wanted = {rank: int(np.searchsorted(cumulative, rank, side="right")) for rank in ranks}
+    collected = {b: [] for b in set(wanted.values())}
+    for values in _chunks(flat, threshold):
+        bins = _bin_of(values, low, high)
+        for b in collected:
+            collected[b].append(values[bins == b])
+    result = {}
+    for rank, b in wanted.items():
+        in_bin = np.sort(np.concatenate(collected[b]))
+        before = int(cumulative[b - 1]) if b > 0 else 0
+        result[rank] = float(in_bin[rank - before])
+    return result
+
+
+def _bin_of(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    scale = _BINS / max(high - low, 1e-30)
+    return np.clip(((values.astype(np.float64) - low) * scale).astype(np.int64), 0, _BINS - 1)
+
+
+def _percentile(order: dict, count: int, q: float) -> float:
+    """numpy's default (linear) percentile from the two order statistics around q, same arithmetic."""
+    position = q / 100.0 * (count - 1)
+    below = int(np.floor(position))
+    fraction = position - below
+    a, b = order[below], order[min(below + 1, count - 1)]
+    return b - (b - a) * (1 - fraction) if fraction >= 0.5 else a + (b - a) * fraction
 
 
 def foreground_normalise(volume: np.ndarray, name: str = "volume") -> NormalisationStats:
-    """SegVol's foreground normalisation, in place on a C-contiguous float32 array."""
+    """SegVol's foreground normalisation, in place on a C-contiguous float32 array.
+
+    Statistics of the voxels above the mean are accumulated chunk by chunk (float64 sums; the percentiles'
+    order statistics exactly, through a histogram), so no copy of those voxels is made.
+    """
     flat = volume.reshape(-1)
-    threshold = _mean_float32(flat)
-    foreground = flat[flat > threshold]
-    if foreground.size == 0:
+    threshold = np.float32(flat.mean(dtype=np.float32))   # numpy's float32 pairwise mean, as the official code
+    low, high = float(threshold), float(flat.max())
+    count, total = 0, 0.0
+    histogram = np.zeros(_BINS, dtype=np.int64)
+    for values in _chunks(flat, threshold):
+        count += values.size
+        total += float(values.sum(dtype=np.float64))
+        histogram += np.bincount(_bin_of(values, low, high), minlength=_BINS)
+    if count == 0:
         raise InputError(f"{name}: all voxels have the same value; there is nothing to segment "
                          f"(check that the file holds an image, not an empty or constant array)")
-    mean = _mean_float32(foreground)
-    std = _population_std(foreground, mean)
-    lower, upper = np.percentile(foreground, [LOWER_PERCENTILE, UPPER_PERCENTILE], overwrite_input=True)
-    count = int(foreground.size)
-    del foreground
+    mean = np.float32(total / count)
+    squares = 0.0
+    for values in _chunks(flat, threshold):
+        deviation = values.astype(np.float64) - float(mean)
+        squares += float(np.dot(deviation, deviation))
+    std = np.float32(np.sqrt(squares / count))
+    ranks = []
+    for q in (LOWER_PERCENTILE, UPPER_PERCENTILE):
+        below = int(np.floor(q / 100.0 * (count - 1)))
+        ranks += [below, min(below + 1, count - 1)]
+    order = _order_statistics(flat, threshold, sorted(set(ranks)), low, high, histogram)
+    lower, upper = (_percentile(order, count, q) for q in (LOWER_PERCENTILE, UPPER_PERCENTILE))
     np.clip(volume, volume.dtype.type(lower), volume.dtype.type(upper), out=volume)
     volume -= mean
     volume /= max(std, np.float32(1e-8))
