@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from ..data.hierarchy import resolve_term
 from ..data.readers import read_labelmap, read_volume
@@ -81,11 +80,16 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 def interior_voxel_ijk(mask_kji: np.ndarray, spacing_ijk: Sequence[float]) -> np.ndarray:
     """(i, j, k) of the voxel farthest (in mm) from the structure's surface: where a user would click."""
+    import SimpleITK as sitk
+
     where = np.argwhere(mask_kji)
     lo, hi = where.min(0), where.max(0) + 1
-    box = mask_kji[tuple(slice(a, b) for a, b in zip(lo, hi))]
-    distance = ndimage.distance_transform_edt(np.pad(box, 1), sampling=tuple(spacing_ijk)[::-1])[1:-1, 1:-1, 1:-1]
-    kji = np.asarray(np.unravel_index(int(np.argmax(distance)), box.shape)) + lo
+    box = np.pad(mask_kji[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(np.uint8), 1)
+    image = sitk.GetImageFromArray(box)
+    image.SetSpacing(tuple(float(s) for s in spacing_ijk))
+    distance = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+        image, insideIsPositive=True, squaredDistance=False, useImageSpacing=True))[1:-1, 1:-1, 1:-1]
+    kji = np.asarray(np.unravel_index(int(np.argmax(distance)), distance.shape)) + lo
     return kji[::-1].astype(np.float64)
 
 
@@ -123,14 +127,16 @@ def evaluate(predictor, data_dir: Path, volumes: Iterable[EvaluationVolume] = EV
     rows: List[DiceRow] = []
     for number, spec in enumerate(volumes):
         check(cancel)
+        wanted = {raw: design for raw, design in spec.structures.items()
+                  if not structures or raw in structures or resolve_term(raw).name in structures}
+        if not wanted:
+            continue
         report(progress, number / len(volumes), f"evaluating {spec.key}")
         volume = read_volume(data_dir / spec.image)
         labels = read_labelmap(data_dir / spec.labels, volume).array
         values = read_names(data_dir, spec.names)
         predictor.set_volume(volume)
-        for raw, design in spec.structures.items():
-            if structures and raw not in structures and resolve_term(raw).name not in structures:
-                continue
+        for raw, design in wanted.items():
             truth = labels == values[raw]
             name = resolve_term(raw).name
             for kind in kinds:
