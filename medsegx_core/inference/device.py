@@ -84,6 +84,11 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
 
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype cached activations are kept in: the autocast dtype (half the memory), else float32."""
+        return _AUTOCAST_DTYPES.get(self.precision, torch.float32)
+
     def cpu_fallback(self) -> "Runtime":
         """The runtime to continue with after CUDA ran out of memory (fp32 stays fp32)."""
         cpu = torch.device("cpu")
