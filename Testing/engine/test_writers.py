@@ -251,3 +251,7 @@ def test_read_label_names_formats(data_dir, tmp_path):
         read_label_names("1=liver,spleen")
     with pytest.raises(InputError, match="no such names file"):
         read_label_names(str(tmp_path / "absent.json"))
+    # the nested map's key after the file name, and inline lists too long to be a file name
+    assert read_label_names(f"{data_dir / 'totalsegmentator_class_map.json'}:total_mr")[0] == mr
+    long_inline = ",".join(f"{value}=structure number {value}" for value in range(1, 200))
+    assert len(read_label_names(long_inline)[0]) == 199

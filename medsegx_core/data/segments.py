@@ -105,10 +105,15 @@ def read_label_names(spec: str, key: Optional[str] = None) -> Tuple[Dict[int, st
     Accepted: a JSON object ``{"1": "liver", ...}``; one nested under a key (TotalSegmentator's class map:
     ``{"total": {...}, "total_mr": {...}}``, pick with ``key``); our NIfTI sidecar (``{"labels": [{"value",
     "name", "color"}]}``); a JSON list of names (labels 1..N); a Slicer colour table (``value name r g b a`` lines,
-    .txt/.ctbl); or inline ``"liver,spleen"`` (labels 1..N) or ``"1=liver,5=spleen"``.
+    .txt/.ctbl); or inline ``"liver,spleen"`` (labels 1..N) or ``"1=liver,5=spleen"``. A nested map's key can
+    also follow the file name: ``class_map.json:total``.
     """
     path = Path(spec)
-    if path.is_file():
+    if not _is_file(path) and ":" in spec:
+        head, _, tail = spec.rpartition(":")
+        if _is_file(Path(head)) and tail:
+            path, key = Path(head), key or tail
+    if _is_file(path):
         text = path.read_text(errors="replace")
         if path.suffix.lower() in (".txt", ".ctbl"):
             return _colour_table(path, text)
@@ -121,6 +126,14 @@ def read_label_names(spec: str, key: Optional[str] = None) -> Tuple[Dict[int, st
     if spec.lower().endswith((".json", ".txt", ".ctbl")):
         raise InputError(f"{spec}: no such names file")
     return _inline_names(spec), {}
+
+
+def _is_file(path: Path) -> bool:
+    """``Path.is_file`` that answers False for strings that cannot be file names (a long inline list)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _names_from_json(path: Path, document, key: Optional[str]) -> Tuple[Dict[int, str], Dict[int, Color]]:
