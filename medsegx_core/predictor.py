@@ -45,7 +45,8 @@ import torch
 from .data.hierarchy import context_indices, resolve_modality, resolve_term
 from .data.volume import Volume
 from .errors import PromptError
-from .inference.device import Runtime, is_out_of_memory, release_cuda_memory, use_fused_attention, warn
+from .inference.device import (Runtime, cast_matmul_weights, is_out_of_memory, release_cuda_memory,
+                               use_fused_attention, warn)
 from .inference.preprocessing import PreprocessedVolume, preprocess
 from .inference.zoom import RegionBlender, WindowPlan, ZoomMaps, foreground, region_of_interest
 from .progress import CancelToken, ProgressCallback, check, report, scaled
@@ -91,10 +92,15 @@ class Predictor:
         """``model``: a SegVol-API model (``encode_image``, ``encode_text``, ``decode_with_details``).
         ``precision``: "auto" (bf16/fp16 where the hardware does it fast), "fp32", "bf16", "fp16".
         ``preprocessing``: "canonical" (reorient to RAS+ first) or "official" (voxel order as stored).
-        ``fused_attention`` switches the encoder's attention to PyTorch SDPA (same result, faster)."""
+        ``fused_attention`` switches the encoder's attention to PyTorch SDPA (same result, faster).
+        Under bf16/fp16 the model's linear/convolution weights are converted to that dtype (the model then
+        belongs to this Predictor; give it a copy if you need the float32 weights elsewhere)."""
         self.runtime = Runtime.resolve(device, precision)
         self.preprocessing = preprocessing
         self.model = model.eval().to(self.runtime.device)
+        # Under reduced precision the matrix weights are stored in it (same results, half the memory); the
+        # model is the Predictor's from now on.
+        cast_matmul_weights(self.model, self.runtime.storage_dtype)
         if fused_attention:
             use_fused_attention(self.model)
         self.window = tuple(int(n) for n in model.config.image_size)
@@ -334,6 +340,7 @@ class Predictor:
         self.runtime = runtime
         release_cuda_memory()
         self.model.to(runtime.device)
+        cast_matmul_weights(self.model, runtime.storage_dtype)
         for cache in (self._zoom_embeddings, self._windows, self._texts):
             for key in list(cache):
                 cache[key] = cache[key].to(runtime.device)

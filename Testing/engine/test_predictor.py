@@ -206,11 +206,14 @@ def test_cancel_between_windows_keeps_the_predictor_usable(predictor):
 def test_bf16_agrees_with_fp32(model, volume):
     masks = {}
     for precision in ("fp32", "bf16"):
-        predictor = Predictor(model, device="cpu", precision=precision)
+        # A copy: under bf16 the Predictor stores the model's matrix weights in bf16.
+        predictor = Predictor(copy.deepcopy(model), device="cpu", precision=precision)
         predictor.set_volume(volume)
         masks[precision] = predictor.segment(Prompts(text="liver", box=BOX_IJK)).mask.astype(bool)
     dice = 2 * np.sum(masks["fp32"] & masks["bf16"]) / (masks["fp32"].sum() + masks["bf16"].sum())
     assert dice >= 0.98
+    assert predictor.model.mask_decoder.output_upscaling[0].weight.dtype == torch.bfloat16
+    assert model.mask_decoder.output_upscaling[0].weight.dtype == torch.float32
 
 
 def test_device_and_precision_selection():

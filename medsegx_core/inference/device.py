@@ -121,6 +121,25 @@ def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
     return switched
 
 
+_MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                   nn.ConvTranspose3d)
+
+
+def cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the weights of linear and convolution layers in ``dtype``; returns how many layers changed.
+
+    Under autocast these layers compute in the autocast dtype anyway, so storing their weights in it gives the
+    same results while halving the model's memory and saving a weight cast per call (autocast cannot cache
+    casts under ``inference_mode``). Normalisation layers, embeddings and buffers keep float32.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, _MATMUL_MODULES) and module.weight.dtype != dtype:
+            module.to(dtype)
+            changed += 1
+    return changed
+
+
 def warn(message: str, progress=None, fraction: float = 0.0) -> None:
     """A warning the user sees: the ``medsegx`` logger and, when there is one, the progress callback."""
     LOG.warning(message)
@@ -129,4 +148,4 @@ def warn(message: str, progress=None, fraction: float = 0.0) -> None:
 
 
 __all__ = ["Runtime", "resolve_device", "resolve_precision", "cpu_has_native_bf16", "is_out_of_memory",
-           "release_cuda_memory", "use_fused_attention", "warn"]
+           "release_cuda_memory", "use_fused_attention", "cast_matmul_weights", "warn"]
