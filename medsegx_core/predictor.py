@@ -88,7 +88,7 @@ class Predictor:
     """Zoom-out-zoom-in segmentation of one volume at a time with cached image embeddings."""
 
     def __init__(self, model, device: str = "auto", precision: str = "auto", preprocessing: str = "canonical",
-                 cache_megabytes: int = 512, fused_attention: bool = True):
+                 cache_megabytes: int = 256, fused_attention: bool = True):
         """``model``: a SegVol-API model (``encode_image``, ``encode_text``, ``decode_with_details``).
         ``precision``: "auto" (bf16/fp16 where the hardware does it fast), "fp32", "bf16", "fp16".
         ``preprocessing``: "canonical" (reorient to RAS+ first) or "official" (voxel order as stored).
