@@ -356,11 +356,11 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateWeightsStatus(self) -> None:
         try:
-            path = self.logic.checkWeights()
+            _path, explanation = self.logic.describeWeights()
         except MedSegXError as exc:
             self.ui.weightsStatusLabel.text = str(exc)
         else:
-            self.ui.weightsStatusLabel.text = _("Using {path}").format(path=path)
+            self.ui.weightsStatusLabel.text = explanation[:1].upper() + explanation[1:]
 
     def onImportCheckpointButton(self) -> None:
         checkpoint = qt.QFileDialog.getOpenFileName(

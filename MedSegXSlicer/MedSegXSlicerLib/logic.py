@@ -19,7 +19,6 @@ How one request runs (the widget uses the two halves, the console the whole):
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -42,19 +41,23 @@ except ImportError:  # pragma: no cover - depends on the environment
 logger = logging.getLogger("MedSegX")
 
 MODULE_NAME = "MedSegXSlicer"
-WEIGHTS_ENV = "MEDSEGX_WEIGHTS"
-HOME_ENV = "MEDSEGX_HOME"
 DEVICES = ("auto", "cuda", "cpu")
 UNDO_DEPTH = 20
 
 
-def default_weights_path() -> Path:
-    """``$MEDSEGX_WEIGHTS``, else ``$MEDSEGX_HOME/weights/segvol`` (``~/.medsegx`` by default): where
-    "Import official checkpoint" and ``medsegx weights import`` put the converted weights."""
-    if os.environ.get(WEIGHTS_ENV):
-        return Path(os.environ[WEIGHTS_ENV]).expanduser()
-    home = Path(os.environ.get(HOME_ENV) or Path.home() / ".medsegx").expanduser()
-    return home / "weights" / "segvol"
+def default_weights():
+    """The engine's choice when the user picked no weights: ``$MEDSEGX_WEIGHTS``, then official weights installed
+    under ``$MEDSEGX_HOME`` (``~/.medsegx``; where "Import official checkpoint" puts them), then the bundled
+    starter model. Returns ``medsegx_core.weights.default.DefaultWeights`` (path, kind, one-line explanation)."""
+    from medsegx_core.weights.default import default_weights as engine_default_weights
+    return engine_default_weights()
+
+
+def import_destination() -> Path:
+    """Where "Import official checkpoint" writes the converted weights (found first by ``default_weights``)."""
+    from medsegx_core.weights.default import OFFICIAL_NAME
+    from medsegx_core.weights.hub import weights_dir
+    return weights_dir() / OFFICIAL_NAME
 
 
 def _load_model(path: str):
@@ -109,7 +112,8 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
     # ---- settings ---------------------------------------------------------------------------------------------
     @property
     def weightsPath(self) -> Path:
-        return self._weightsPath or default_weights_path()
+        """The weights chosen by the user, else the engine's default (see :func:`default_weights`)."""
+        return self._weightsPath or default_weights().path
 
     @weightsPath.setter
     def weightsPath(self, value) -> None:
@@ -127,13 +131,20 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         self._device = value
 
     def checkWeights(self) -> Path:
-        """The weights path if it exists, else a ``WeightsError`` saying how to get weights."""
-        path = self.weightsPath
-        if not path.exists():
+        """The weights in use if they exist, else a ``WeightsError`` saying how to get weights."""
+        return self.describeWeights()[0]
+
+    def describeWeights(self) -> tuple:
+        """``(path, one-line explanation)`` of the weights in use; ``WeightsError`` when there are none."""
+        if self._weightsPath is None:
+            chosen = default_weights()
+            return chosen.path, chosen.explanation
+        if not self._weightsPath.exists():
             raise WeightsError(
-                f"no MedSegX weights at {path}: click 'Import official checkpoint' to convert SegVol's "
-                f"pytorch_model.bin, run 'medsegx weights download segvol', or set {WEIGHTS_ENV} to a weights folder")
-        return path
+                f"no MedSegX weights at {self._weightsPath}: click 'Import official checkpoint' to convert "
+                f"SegVol's pytorch_model.bin, run 'medsegx weights download segvol', or clear the field to use the "
+                f"installed or bundled starter weights")
+        return self._weightsPath, f"using the weights in {self._weightsPath}"
 
     # ---- the whole request (console, batch) -------------------------------------------------------------------
     def segment(self, volumeNode, segmentationNode=None, text: Optional[str] = None, pointsNode=None,
@@ -262,7 +273,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
 
         install.require_engine()
         source = Path(checkpointPath).expanduser()
-        destination = Path(destination).expanduser() if destination else default_weights_path()
+        destination = Path(destination).expanduser() if destination else import_destination()
 
         def run(progress_cb: ProgressCallback, cancel_token: CancelToken):
             progress_cb(0.05, f"reading {source.name}")

@@ -8,6 +8,8 @@ on the geometry (canonical preprocessing reorients to RAS+).
 """
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import slicer
@@ -219,6 +221,34 @@ def test_missing_weights(ct, unchanged, tmp_path):
     try:
         with pytest.raises(WeightsError, match=r"no MedSegX weights at .*not there: click 'Import official"):
             logic.segment(ct, unchanged, text="liver")
+    finally:
+        logic.cleanup()
+
+
+def test_default_weights_follow_the_engine_choice(imported_weights, tmp_path, monkeypatch):
+    """No weights chosen: $MEDSEGX_WEIGHTS first, then official weights under $MEDSEGX_HOME, else the bundled
+    starter model, each with the one-line explanation the module shows."""
+    from medsegx_core.weights.default import starter_weights_dir
+
+    monkeypatch.delenv("MEDSEGX_WEIGHTS", raising=False)
+    monkeypatch.setenv("MEDSEGX_HOME", str(tmp_path / "empty home"))
+    logic = MedSegXSlicerLogic(device="cpu")
+    try:
+        path, explanation = logic.describeWeights()
+        assert path == starter_weights_dir() and "bundled starter model" in explanation
+        assert (path / "model.safetensors").is_file()
+
+        official = tmp_path / "empty home" / "weights" / "segvol"
+        official.parent.mkdir(parents=True)
+        shutil.copytree(imported_weights, official)
+        path, explanation = logic.describeWeights()
+        assert path == official and "official weights" in explanation
+
+        monkeypatch.setenv("MEDSEGX_WEIGHTS", str(imported_weights))
+        assert logic.weightsPath == imported_weights
+        monkeypatch.setenv("MEDSEGX_WEIGHTS", str(tmp_path / "typo"))
+        with pytest.raises(WeightsError, match="MEDSEGX_WEIGHTS=.*typo: no such file or folder"):
+            logic.describeWeights()
     finally:
         logic.cleanup()
 
