@@ -46,7 +46,7 @@ class CaseSpec:
 # The cases of ../shared/data. totalseg_ct_small is the same patient and slices as totalseg_ct, so it is left out.
 CASES: Tuple[CaseSpec, ...] = (
     CaseSpec("ct_abdomen", "ct-patient-1", "ct/totalseg_ct.nii.gz", "ct/totalseg_ct_labels.nii.gz",
-             "class_map:total", "CT", weight=3.0),
+             "class_map:total", "CT", weight=4.0),
     CaseSpec("ct_chest_aorta", "ct-patient-2", "ct/chest_ct_aorta_crop.nii.gz",
              "ct/chest_ct_aorta_crop_labels.nii.gz", "ct/chest_ct_aorta_crop_labels.json", "CT", weight=1.0),
     CaseSpec("ct_chest_heart", "ct-patient-2", "ct/chest_ct_pulmonary_crop.nii.gz",

@@ -29,7 +29,7 @@ KIND_WEIGHTS: Dict[str, float] = {"text": 0.35, "box": 0.2, "points": 0.15, "tex
 # Structures the issue measures (and that users ask for first) are drawn this many times more often.
 KEY_STRUCTURES = ("liver", "spleen", "left kidney", "right kidney", "aorta", "heart", "stomach", "pancreas",
                   "gallbladder", "urinary bladder", "brain whole tumor")
-KEY_STRUCTURE_WEIGHT = 4.0
+KEY_STRUCTURE_WEIGHT = 12.0
 
 
 @dataclass(frozen=True)
