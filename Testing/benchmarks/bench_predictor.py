@@ -83,7 +83,7 @@ def worker(path: str, scale: float, large: bool, mask_out: str) -> dict:
         times = []
         for prompts in (first, second):
             start = time.perf_counter()
-            predictor = Predictor(model, device="cpu", precision="fp32", fused_attention=False)
+            predictor = Predictor(model, device="cpu", precision="fp32", fast_kernels=False)
             predictor.set_volume(volume)
             result = predictor.segment(prompts)
             times.append(time.perf_counter() - start)

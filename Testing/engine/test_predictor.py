@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medsegx_core.data.readers import read_volume
-from medsegx_core.errors import Cancelled, InputError, PromptError, UnknownTermError
+from medsegx_core.errors import Cancelled, InputError, PromptError, UnknownTermError, WeightsError
 from medsegx_core.inference.device import Runtime, cpu_has_native_bf16, resolve_precision
 from medsegx_core.modeling.conmoae import attach_experts_to_model
 from medsegx_core.predictor import Predictor
@@ -73,6 +73,13 @@ def test_a_new_click_does_not_rerun_the_image_encoder(model, volume):
         assert second.windows_encoded == 0 and calls.count == 1 + first.windows
         assert text_calls.count == 1                   # "liver" encoded once
         assert not np.array_equal(first.logits, second.logits)   # the negative click was used
+        assert 1 <= second.windows_decoded <= second.windows
+        decoder_calls = EncoderCalls(model.mask_decoder)
+        third = predictor.segment(Prompts(text="liver", points=(point(LIVER_IJK), point(SPLEEN_IJK, False))),
+                                  return_logits=True)
+        assert third.windows_decoded == 0 and decoder_calls.count == 1    # only the zoom-out view
+        np.testing.assert_array_equal(third.logits, second.logits)
+        decoder_calls.close()
         predictor.set_volume(volume)                   # a new volume clears the caches
         assert calls.count == 2 + first.windows
     finally:
@@ -182,7 +189,14 @@ def test_prompts_outside_the_volume(predictor, volume):
 
 def test_segment_before_set_volume(model):
     with pytest.raises(PromptError, match="set_volume"):
-        Predictor(model, device="cpu").segment(Prompts(text="liver"))
+        Predictor(model, device="cpu", precision="fp32").segment(Prompts(text="liver"))
+
+
+def test_fp32_predictor_refuses_weights_rounded_by_a_bf16_one(model):
+    rounded = copy.deepcopy(model)
+    Predictor(rounded, device="cpu", precision="bf16")
+    with pytest.raises(WeightsError, match="load the model again"):
+        Predictor(rounded, device="cpu", precision="fp32")
 
 
 def test_cancel_between_windows_keeps_the_predictor_usable(predictor):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, WeightsError
 
 LOG = logging.getLogger("medsegx")
 DEVICES = ("auto", "cpu", "cuda")
@@ -121,6 +121,33 @@ def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
     return switched
 
 
+def _patch_expanding_forward(module: nn.ConvTranspose3d, x: torch.Tensor) -> torch.Tensor:
+    """ConvTranspose3d with kernel == stride as one matrix product: each input voxel independently writes its
+    own k*k*k output block, so the layer is ``x @ W`` followed by a rearrangement (no overlap to add up)."""
+    batch, channels, depth, height, width = x.shape
+    out_channels = module.out_channels
+    kd, kh, kw = module.kernel_size
+    weight = module.weight.reshape(channels, out_channels * kd * kh * kw)
+    blocks = x.flatten(2).transpose(1, 2) @ weight.to(x.dtype)
+    blocks = blocks.reshape(batch, depth, height, width, out_channels, kd, kh, kw)
+    out = blocks.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(batch, out_channels, depth * kd, height * kh, width * kw)
+    return out if module.bias is None else out + module.bias.to(out.dtype).view(1, -1, 1, 1, 1)
+
+
+def use_matmul_transposed_convolutions(model: nn.Module) -> int:
+    """Run every non-overlapping ConvTranspose3d (kernel == stride, SegVol's decoder upscaling) as a matrix
+    product: the same result (float32 summation order aside), about twice as fast as PyTorch's CPU kernel in
+    bf16. Parameters and state-dict keys are untouched. Returns how many layers were switched."""
+    switched = 0
+    for module in model.modules():
+        if (isinstance(module, nn.ConvTranspose3d) and tuple(module.kernel_size) == tuple(module.stride)
+                and tuple(module.padding) == (0, 0, 0) and tuple(module.output_padding) == (0, 0, 0)
+                and tuple(module.dilation) == (1, 1, 1) and module.groups == 1):
+            module.forward = _patch_expanding_forward.__get__(module)
+            switched += 1
+    return switched
+
+
 _MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                    nn.ConvTranspose3d)
 
@@ -132,6 +159,11 @@ def cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> int:
     same results while halving the model's memory and saving a weight cast per call (autocast cannot cache
     casts under ``inference_mode``). Normalisation layers, embeddings and buffers keep float32.
     """
+    current = {m.weight.dtype for m in model.modules() if isinstance(m, _MATMUL_MODULES)}
+    if dtype == torch.float32 and current - {torch.float32}:
+        raise WeightsError("this model's weights were converted to reduced precision by a Predictor using "
+                           "bf16/fp16; converting them back would not restore float32 values: load the model "
+                           "again (or give the bf16 Predictor a copy) for fp32 results")
     changed = 0
     for module in model.modules():
         if isinstance(module, _MATMUL_MODULES) and module.weight.dtype != dtype:
@@ -148,4 +180,5 @@ def warn(message: str, progress=None, fraction: float = 0.0) -> None:
 
 
 __all__ = ["Runtime", "resolve_device", "resolve_precision", "cpu_has_native_bf16", "is_out_of_memory",
-           "release_cuda_memory", "use_fused_attention", "cast_matmul_weights", "warn"]
+           "release_cuda_memory", "use_fused_attention", "use_matmul_transposed_convolutions",
+           "cast_matmul_weights", "warn"]
