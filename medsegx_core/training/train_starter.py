@@ -200,6 +200,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
+    parser.add_argument("--image-size", type=int, nargs=3, default=list(StarterSize.image_size),
+                        metavar=("D", "H", "W"), help="model window (D, H, W); D = H keeps the SegVol prompt "
+                                                      "encoder's coordinate normalisation within [0, 1]")
+    parser.add_argument("--patch-size", type=int, nargs=3, default=list(StarterSize.patch_size),
+                        metavar=("PD", "PH", "PW"))
     parser.add_argument("--width", type=int, default=StarterSize.width)
     parser.add_argument("--layers", type=int, default=StarterSize.layers)
     parser.add_argument("--cases", nargs="*", default=None, help="train on these cases only (default: all)")
@@ -221,7 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out.exists() and not args.overwrite:
         print(f"error: output folder {args.out} already exists; choose another --out or pass --overwrite")
         return 1
-    size = StarterSize(width=args.width, layers=args.layers, heads=max(1, args.width // 32))
+    size = StarterSize(image_size=tuple(args.image_size), patch_size=tuple(args.patch_size), width=args.width,
+                       layers=args.layers, heads=max(1, args.width // 32))
 
     def save(run: TrainingRun) -> None:
         save_model(run.model, args.out, source=run_record(run, args, argv), overwrite=True)
