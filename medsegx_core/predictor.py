@@ -166,15 +166,28 @@ class Predictor:
         roi = region_of_interest(coarse_foreground, self.maps, self.window, include_voxels=positive)
         plan = None if roi is None else WindowPlan.official(roi[0], roi[1], self.prepared.cropped_shape,
                                                              self.window)
+        # The coarse result on the crop; the zoom-in result overwrites the region of interest slab by slab.
+        mask_crop = self.maps.back_to_crop(coarse_foreground).astype(np.uint8)
+        logits_crop = None
+        if return_logits or trace is not None:
+            logits_crop = self.maps.back_to_crop(coarse).astype(np.float32)
+            self._record(trace, zoomout_logits_back=logits_crop.copy() if trace is not None else None)
         encoded = decoded = 0
-        blended = None
         if plan is None:
             notes.append("the zoom-out result has no foreground: kept it without zooming in (as SegVol does)")
             warn(notes[-1], progress, 0.1)
         else:
             self._record(trace, roi_dhw=np.concatenate(roi), plan=plan, window_boxes=[],
                          window_points=[], window_logits_lowres=[])
-            blender = RegionBlender(plan)
+
+            def write_final(d_start: int, d_stop: int, logits: np.ndarray) -> None:
+                region = (slice(plan.region_lo[0] + d_start, plan.region_lo[0] + d_stop),) + tuple(
+                    slice(lo, hi) for lo, hi in zip(plan.region_lo[1:], plan.region_hi[1:]))
+                mask_crop[region] = foreground(logits)
+                if logits_crop is not None:
+                    logits_crop[region] = logits
+
+            blender = RegionBlender(plan, write_final)
             for index in range(len(plan)):
                 check(cancel)
                 report(progress, 0.1 + 0.85 * index / len(plan), f"zoom-in window {index + 1}/{len(plan)}")
@@ -188,12 +201,15 @@ class Predictor:
                     trace["window_boxes"].append(box)
                     trace["window_points"].append((points, labels))
                     trace["window_logits_lowres"].append(lowres.numpy())
-            blended = blender.average()
+            blender.finish()
 
         report(progress, 0.95, "assembling the mask")
-        result = self._assemble(coarse, coarse_foreground, plan, blended, return_logits, trace)
+        self._record(trace, final_logits_cropped=logits_crop, final_mask_cropped=mask_crop)
+        mask = self.prepared.cropped_to_stored(mask_crop)
+        logits = (self.prepared.cropped_to_stored(logits_crop, fill=np.float32(OUTSIDE_CROP_LOGIT))
+                  if return_logits else None)
         report(progress, 1.0, "done")
-        return SegmentationResult(mask=result[0], name=mapped.name, logits=result[1],
+        return SegmentationResult(mask=mask, name=mapped.name, logits=logits,
                                   windows=0 if plan is None else len(plan), windows_encoded=encoded,
                                   windows_decoded=decoded,
                                   runtime=self.runtime.describe(), notes=notes)
@@ -321,23 +337,6 @@ class Predictor:
         return None if context is None else tuple(context.rows())
 
     # ---- result -----------------------------------------------------------------------------------------
-    def _assemble(self, coarse, coarse_foreground, plan, blended, return_logits, trace):
-        mask_crop = self.maps.back_to_crop(coarse_foreground).astype(np.uint8)
-        region = None
-        if plan is not None:
-            region = tuple(slice(lo, hi) for lo, hi in zip(plan.region_lo, plan.region_hi))
-            mask_crop[region] = foreground(blended)
-        logits = None
-        if return_logits or trace is not None:
-            logits_crop = self.maps.back_to_crop(coarse).astype(np.float32)
-            self._record(trace, zoomout_logits_back=logits_crop.copy() if trace is not None else None)
-            if region is not None:
-                logits_crop[region] = blended
-            self._record(trace, final_logits_cropped=logits_crop, final_mask_cropped=mask_crop)
-            if return_logits:
-                logits = self.prepared.cropped_to_stored(logits_crop, fill=np.float32(OUTSIDE_CROP_LOGIT))
-        return self.prepared.cropped_to_stored(mask_crop), logits
-
     @staticmethod
     def _record(trace: Optional[Dict], **values) -> None:
         if trace is not None:

@@ -110,3 +110,32 @@ def test_final_logits_and_masks(case):
     padded_logits[:, :97, :] = stored.astype(np.float32)
     assert_masks_equal_away_from_threshold(result.mask, reference["final_mask_original"], padded_logits)
     assert result.name == case[0].split("_")[0]
+
+
+def test_rolling_blend_equals_the_plain_average():
+    """RegionBlender hands over finished slabs row by row; the result equals averaging all windows at once."""
+    from medsegx_core.inference.zoom import RegionBlender, WindowPlan
+
+    window = (4, 6, 6)
+    plan = WindowPlan.official((1, 0, 2), (13, 9, 16), (20, 10, 17), window)   # several rows on every axis
+    assert len({o[0] for o in plan.origins}) >= 3 and len({o[1] for o in plan.origins}) >= 2
+    rng = np.random.default_rng(0)
+    logits = [rng.normal(size=window).astype(np.float32) for _ in plan.origins]
+    shape = tuple(hi - lo for lo, hi in zip(plan.region_lo, plan.region_hi))
+    total, count = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    for index, values in enumerate(logits):
+        crop, local = plan.readable(index)
+        target = tuple(slice(c.start - lo, c.stop - lo) for c, lo in zip(crop, plan.region_lo))
+        total[target] += values[local]
+        count[target] += 1
+    result = np.full(shape, np.nan, np.float32)
+
+    def receive(start, stop, slab):
+        assert np.isnan(result[start:stop]).all()      # each slice handed over exactly once
+        result[start:stop] = slab
+
+    blender = RegionBlender(plan, receive)
+    for index, values in enumerate(logits):
+        blender.add(index, values)
+    blender.finish()
+    np.testing.assert_allclose(result, total / count, rtol=1e-6, atol=1e-6)

@@ -21,7 +21,7 @@ each point goes, deterministically, to every window that contains it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -222,32 +222,55 @@ class WindowPlan:
 
 
 class RegionBlender:
-    """Constant-weight average of window logits over the plan's region (the official blending, float32)."""
+    """Constant-weight average of window logits over the plan's region (the official blending, float32).
 
-    def __init__(self, plan: WindowPlan):
+    Windows arrive D-major, so once a row of windows (one D origin) is done, every region slice before the
+    next row's origin is final: it is averaged and handed to ``on_final(d_start, d_stop, logits)`` (region D
+    indices, the averaged slab). Only one window depth of slices is held, not a region-sized array
+    (300 MB for a 512x512x300 region of interest). Call ``finish()`` after the last window.
+    """
+
+    def __init__(self, plan: WindowPlan, on_final: Callable[[int, int, np.ndarray], None]):
         self.plan = plan
-        shape = tuple(hi - lo for lo, hi in zip(plan.region_lo, plan.region_hi))
-        self.total = np.zeros(shape, dtype=np.float32)
+        self.on_final = on_final
+        self.shape = tuple(hi - lo for lo, hi in zip(plan.region_lo, plan.region_hi))
         # Windows form a grid, so the number covering a voxel is the product of per-axis counts: no
         # region-sized count array is needed.
         self.count_along = []
         for axis in range(3):
-            count = np.zeros(shape[axis], dtype=np.float32)
+            count = np.zeros(self.shape[axis], dtype=np.float32)
             for origin in sorted({o[axis] for o in plan.origins}):
                 first = max(origin - plan.region_lo[axis], 0)
                 count[first:max(origin + plan.window[axis] - plan.region_lo[axis], 0)] += 1
             self.count_along.append(count)
+        self.plane_count = np.outer(self.count_along[1], self.count_along[2]).astype(np.float32)
+        self.buffer = np.zeros((plan.window[0],) + self.shape[1:], dtype=np.float32)
+        self.start = 0          # region D index of buffer[0]; every slice before it has been handed over
 
     def add(self, index: int, logits: np.ndarray) -> None:
         """Add window ``index``'s full-resolution logits (window shape)."""
         crop, local = self.plan.readable(index)
-        target = tuple(slice(c.start - lo, c.stop - lo) for c, lo in zip(crop, self.plan.region_lo))
-        self.total[target] += logits[local]
+        self._release_before(crop[0].start - self.plan.region_lo[0])
+        target = (slice(crop[0].start - self.plan.region_lo[0] - self.start,
+                        crop[0].stop - self.plan.region_lo[0] - self.start),) + tuple(
+            slice(c.start - lo, c.stop - lo) for c, lo in zip(crop[1:], self.plan.region_lo[1:]))
+        self.buffer[target] += logits[local]
 
-    def average(self) -> np.ndarray:
-        """The blended logits of the region (divides in place; call once, after every window was added)."""
-        count_d, count_h, count_w = self.count_along
-        plane = np.outer(count_h, count_w).astype(np.float32)
-        for d in range(self.total.shape[0]):
-            self.total[d] /= count_d[d] * plane
-        return self.total
+    def finish(self) -> None:
+        self._release_before(self.shape[0])
+
+    def _release_before(self, stop: int) -> None:
+        count = min(stop, self.shape[0]) - self.start
+        if count <= 0:
+            return
+        # Rows of windows overlap (or at least touch), so a row never starts a whole window past the last.
+        assert count <= len(self.buffer), "windows must arrive D-major with overlapping rows"
+        slab = self.buffer[:count]
+        for offset in range(count):
+            slab[offset] /= self.count_along[0][self.start + offset] * self.plane_count
+        self.on_final(self.start, self.start + count, slab)
+        kept = len(self.buffer) - count
+        if kept > 0:
+            self.buffer[:kept] = self.buffer[count:].copy()
+        self.buffer[max(kept, 0):] = 0
+        self.start += count
