@@ -57,7 +57,7 @@ from .prompts import Prompts
 # Logit written outside the foreground crop, where the model never looked (only with return_logits).
 OUTSIDE_CROP_LOGIT = -1.0e4
 # Decoded low-resolution window logits kept (0.5 MB each at SegVol's size).
-DECODED_WINDOWS_KEPT = 128
+DECODED_WINDOWS_KEPT = 64
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Predictor:
     """Zoom-out-zoom-in segmentation of one volume at a time with cached image embeddings."""
 
     def __init__(self, model, device: str = "auto", precision: str = "auto", preprocessing: str = "canonical",
-                 cache_megabytes: int = 256, fast_kernels: bool = True):
+                 cache_megabytes: int = 192, fast_kernels: bool = True):
         """``model``: a SegVol-API model (``encode_image``, ``encode_text``, ``decode_with_details``).
         ``precision``: "auto" (bf16/fp16 where the hardware does it fast), "fp32", "bf16", "fp16".
         ``preprocessing``: "canonical" (reorient to RAS+ first) or "official" (voxel order as stored).
@@ -147,6 +147,7 @@ class Predictor:
         if self.volume is None:
             raise PromptError("no volume: call set_volume(volume) before segment(prompts)")
         notes: list = []
+        self._serial += 1
         mapped = self._map_prompts(prompts)
         text_embedding = self._text_embedding(mapped.text)
         check(cancel)
@@ -285,13 +286,24 @@ class Predictor:
         key = (self._context_key(context), plan.cache_key(index))
         if key in self._windows:
             self._windows.move_to_end(key)
+            self._window_used[key] = self._serial
             return self._windows[key], 0
         embedding = self._encode(plan.window_image(self.prepared.cropped, index), context, progress)
-        self._windows[key] = embedding
-        self._windows_bytes += embedding.numel() * embedding.element_size()
-        while self._windows_bytes > self.cache_bytes and len(self._windows) > 1:
-            _, dropped = self._windows.popitem(last=False)
+        size = embedding.numel() * embedding.element_size()
+        # Least recently used first, but never an embedding this call already used: when a region has more
+        # windows than the cache holds, keeping the first ones beats evicting each before the next prompt
+        # needs it again.
+        while self._windows_bytes + size > self.cache_bytes and self._windows:
+            oldest = next(iter(self._windows))
+            if self._window_used[oldest] == self._serial:
+                break
+            dropped = self._windows.pop(oldest)
+            del self._window_used[oldest]
             self._windows_bytes -= dropped.numel() * dropped.element_size()
+        if self._windows_bytes + size <= self.cache_bytes:
+            self._windows[key] = embedding
+            self._window_used[key] = self._serial
+            self._windows_bytes += size
         return embedding, 1
 
     def _encode(self, image: np.ndarray, context, progress) -> torch.Tensor:
@@ -347,6 +359,8 @@ class Predictor:
         self._zoom_embeddings: Dict = {}
         self._windows: "OrderedDict" = OrderedDict()
         self._windows_bytes = 0
+        self._window_used: Dict = {}     # window key -> serial of the last segment() call that used it
+        self._serial = 0
         self._texts: Dict[str, torch.Tensor] = {}
         self._decoded: "OrderedDict" = OrderedDict()
 

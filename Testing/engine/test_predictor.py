@@ -265,3 +265,16 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu(model, volume):
     del hog
     assert predictor.runtime.device.type == "cpu"
     assert any("ran out of memory" in m for m in messages) and result.mask.any()
+
+
+def test_a_region_larger_than_the_cache_keeps_its_first_windows(model, volume):
+    predictor = Predictor(model, device="cpu", precision="fp32", cache_megabytes=0)
+    predictor.cache_bytes = 2 * 64 * 8 * 16 * 16 * 4          # room for two tiny-model window embeddings
+    predictor.set_volume(volume)
+    prompts = Prompts(text="liver", box=BOX_IJK)
+    first = predictor.segment(prompts)
+    assert first.windows > 2 and first.windows_encoded == first.windows
+    predictor._decoded.clear()                                  # force decoding again: embeddings needed
+    again = predictor.segment(prompts)
+    assert again.windows_encoded == first.windows - 2           # the first two stayed cached
+    np.testing.assert_array_equal(again.mask, first.mask)
