@@ -27,7 +27,7 @@ from ..inference.device import DEVICES, PRECISIONS
 from ..inference.preprocessing import PROFILES
 from ..progress import scaled
 from ..prompts import BoxPrompt, PointPrompt, Prompts
-from .weights import _progress_bar
+from ._progress import progress_bar
 
 
 def _prompt_sets(args) -> List[Prompts]:
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         prompts.to_voxel(volume)
     weights = _weights(args)
 
-    bar, update = _progress_bar("segment")
+    bar, update = progress_bar("segment")
     segments, notes = [], []
     try:
         update(0.0, "loading the weights")

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._progress import progress_bar
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("weights", help="import, download and list model weights")
@@ -29,19 +31,6 @@ def register(subparsers) -> None:
     listing.set_defaults(func=run_list)
 
 
-def _progress_bar(description: str):
-    from tqdm import tqdm
-
-    bar = tqdm(total=100, desc=description, file=sys.stderr, leave=False,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}|{postfix}")
-
-    def update(fraction: float, message: str = "") -> None:
-        bar.n = round(100 * fraction)
-        bar.set_postfix_str(message, refresh=True)
-
-    return bar, update
-
-
 def run_import(args: argparse.Namespace) -> int:
     from ..errors import OutputError
     from ..weights.hub import weights_dir
@@ -55,7 +44,7 @@ def run_import(args: argparse.Namespace) -> int:
         print("medsegx: warning: no tokenizer files found beside the weights; text prompts will not work with "
               "the imported weights (pass --tokenizer DIR)", file=sys.stderr)
     output = Path(args.output) if args.output else weights_dir() / (args.name or model.config.name)
-    bar, update = _progress_bar("import")
+    bar, update = progress_bar("import")
     try:
         update(0.0, "sha256 of the source")
         record = {"path": str(source_file.resolve()), "layout": model.weights_layout,
@@ -71,7 +60,7 @@ def run_import(args: argparse.Namespace) -> int:
 def run_download(args: argparse.Namespace) -> int:
     from ..weights.hub import download
 
-    bar, update = _progress_bar(f"download {args.name}")
+    bar, update = progress_bar(f"download {args.name}")
     try:
         folder = download(args.name, revision=args.revision, progress=update)
     finally:
