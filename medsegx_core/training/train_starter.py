@@ -129,7 +129,7 @@ class TrainingRun:
 def train_starter(data_dir: Path, seed: int = 0, steps: int = 1000, batch_size: int = 2, lr: float = 4e-4,
                   warmup: int = 50, size: StarterSize = StarterSize(), cases: Optional[Sequence[str]] = None,
                   exclude_patients: Sequence[str] = (), hold_out_structures: Sequence[str] = (),
-                  max_minutes: Optional[float] = None,
+                  max_minutes: Optional[float] = None, init: Optional[Path] = None,
                   on_checkpoint=None, checkpoint_every: int = 0, progress: Optional[ProgressCallback] = None,
                   cancel: Optional[CancelToken] = None) -> TrainingRun:
     """Train from scratch. ``hold_out_structures``: canonical names never used as targets (held-out structures
@@ -146,6 +146,10 @@ def train_starter(data_dir: Path, seed: int = 0, steps: int = 1000, batch_size: 
         case.labelled.structures = [s for s in case.labelled.structures if s.name not in set(hold_out_structures)]
     loaded = [case for case in loaded if case.structures]
     model = build_model(starter_config(size))
+    if init is not None:   # continue from earlier weights (a second training stage)
+        from ..weights.store import load_model
+
+        model.load_state_dict(load_model(init, verify=True).state_dict())
     vocabulary = structure_vocabulary(loaded)
     texts = SentenceTable(model, vocabulary)
     sampler = StarterSampler(loaded, model.config.image_size, seed)
@@ -184,6 +188,7 @@ def run_record(run: TrainingRun, args: argparse.Namespace, argv: Sequence[str]) 
         "seed": args.seed, "steps_planned": args.steps, "steps_done": run.steps_done,
         "batch_size": args.batch_size, "lr": args.lr, "threads": torch.get_num_threads(),
         "elapsed_s": round(run.elapsed_s, 1), "cases": run.cases, "excluded_patients": list(args.exclude_patient),
+        "init": str(args.init) if args.init else None,
         "held_out_structures": list(args.hold_out_structures),
         "final_loss_mean_last_50": round(float(np.mean(run.losses[-50:])), 4) if run.losses else None,
         "vocabulary": run.vocabulary, "torch": torch.__version__,
@@ -211,6 +216,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--exclude-patient", nargs="*", default=[], help="leave these patients out (held-out)")
     parser.add_argument("--hold-out-structures", nargs="*", default=[],
                         help="canonical structure names never used as training targets (held-out structures)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from these weights (our folder) instead of a random initialisation")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop early after this long")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--overwrite", action="store_true")
@@ -242,7 +249,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = train_starter(args.data, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         size=size, cases=args.cases, exclude_patients=args.exclude_patient,
                         hold_out_structures=args.hold_out_structures,
-                        max_minutes=args.max_minutes, on_checkpoint=save, checkpoint_every=args.checkpoint_every,
+                        max_minutes=args.max_minutes, init=args.init, on_checkpoint=save,
+                        checkpoint_every=args.checkpoint_every,
                         progress=progress)
     save(run)
     print(f"saved {args.out} after {run.steps_done} steps in {run.elapsed_s / 60:.1f} min")
