@@ -52,6 +52,12 @@ class ImageEncoderConfig:
 class PromptEncoderConfig:
     # Channels of the 2D mask-downscaling stack: unused by SegVol, but present in its checkpoints.
     mask_in_chans: int = 16
+    # How point/box coordinates are normalised before the Fourier encoding. "segvol": the official quirk the
+    # published weights were trained with (d / size[1], h / size[0], w / size[2], so a click's encoding does not
+    # line up with the image grid's). "aligned": each axis by its own size, in the dense grid's channel order
+    # (h, d, w), so a prompt token's encoding equals the image grid's at the same place (as in 2D SAM); for models
+    # trained here.
+    coordinates: str = "segvol"
 
 
 @dataclass

@@ -60,13 +60,16 @@ class PositionEmbeddingRandom3D(nn.Module):
         encoding = self._encode(torch.stack([along_h, along_d, along_w], dim=-1))
         return encoding.permute(3, 0, 1, 2)
 
-    def from_voxel_coords(self, coords: torch.Tensor, image_size: Tuple[int, int, int]) -> torch.Tensor:
-        """(B, N, 3) shifted (d, h, w) voxel coordinates -> (B, N, C), with the official size swap."""
-        coords = coords.float().clone()
-        coords[..., 0] = coords[..., 0] / image_size[1]
-        coords[..., 1] = coords[..., 1] / image_size[0]
-        coords[..., 2] = coords[..., 2] / image_size[2]
-        return self._encode(coords)
+    def from_voxel_coords(self, coords: torch.Tensor, image_size: Tuple[int, int, int],
+                          coordinates: str = "segvol") -> torch.Tensor:
+        """(B, N, 3) shifted (d, h, w) voxel coordinates -> (B, N, C); see ``PromptEncoderConfig.coordinates``."""
+        coords = coords.float()
+        d, h, w = coords.unbind(-1)
+        if coordinates == "aligned":   # the dense grid's order and scale
+            normalised = torch.stack([h / image_size[1], d / image_size[0], w / image_size[2]], dim=-1)
+        else:                          # SegVol's: the first two sizes swapped
+            normalised = torch.stack([d / image_size[1], h / image_size[0], w / image_size[2]], dim=-1)
+        return self._encode(normalised)
 
 
 class PromptEncoder3D(nn.Module):
@@ -75,6 +78,9 @@ class PromptEncoder3D(nn.Module):
         dim = config.embed_dim
         self.embed_dim = dim
         self.image_size = config.image_size
+        self.coordinates = config.prompt_encoder.coordinates
+        if self.coordinates not in ("segvol", "aligned"):
+            raise ValueError(f"prompt_encoder.coordinates must be 'segvol' or 'aligned', not {self.coordinates!r}")
         self.image_embedding_size = config.embedding_grid
         self.pe_layer = PositionEmbeddingRandom3D(dim // 2)
         # 0 negative point, 1 positive point, 2 box min corner, 3 box max corner
@@ -102,7 +108,7 @@ class PromptEncoder3D(nn.Module):
         if pad:
             coords = torch.cat([coords, coords.new_zeros((coords.shape[0], 1, 3))], dim=1)
             labels = torch.cat([labels, -labels.new_ones((labels.shape[0], 1))], dim=1)
-        embedding = self.pe_layer.from_voxel_coords(coords, self.image_size)
+        embedding = self.pe_layer.from_voxel_coords(coords, self.image_size, self.coordinates)
         padding = (labels == -1).unsqueeze(-1)
         embedding = torch.where(padding, self.not_a_point_embed.weight.to(embedding.dtype), embedding)
         embedding = embedding + (labels == 0).unsqueeze(-1) * self.point_embeddings[0].weight
@@ -111,7 +117,7 @@ class PromptEncoder3D(nn.Module):
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         corners = (boxes + 0.5).reshape(-1, 2, 3)
-        embedding = self.pe_layer.from_voxel_coords(corners, self.image_size)
+        embedding = self.pe_layer.from_voxel_coords(corners, self.image_size, self.coordinates)
         corner_codes = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight], dim=0)
         return embedding + corner_codes
 
