@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from medsegx_core.errors import InputError, UnknownTermError, WeightsError
@@ -19,6 +20,7 @@ from medsegx_core.training.expert_pack import load_expert_pack, read_pack_metada
 from medsegx_core.training.finetune import (FinetuneSettings, base_sha256, collate, draw_batch, finetune,
                                             trainable_state, write_pack)
 from medsegx_core.training.prompt_simulation import PromptSettings, simulate
+from medsegx_core.weights.store import save_model
 
 REPO = Path(__file__).resolve().parents[2]
 STRUCTURES = ["liver", "spleen", "left kidney"]
@@ -154,6 +156,38 @@ def test_expert_pack_round_trip_and_wrong_base(trained, base_folder, ct_case, tm
         load_expert_pack(fresh, base_folder / "model.safetensors")
     with pytest.raises(Exception, match="already exists"):
         write_pack(pack, model, settings, base_hash, [ct_case], result)   # never silently replaced
+
+
+def test_segment_cli_runs_with_an_expert_pack(trained, base_folder, ct_case, data_dir, tmp_path, capsys):
+    """`medsegx segment --experts PACK` gives what the Predictor gives with the pack loaded; another base is a
+    one-line error and writes nothing."""
+    from medsegx_core.cli import main
+    from medsegx_core.data.readers import read_volume
+    from medsegx_core.predictor import Predictor
+    from medsegx_core.prompts import Prompts
+
+    model, _, base_hash, settings, result = trained
+    pack = write_pack(tmp_path / "liver.safetensors", model, settings, base_hash, [ct_case], result)
+    ct = data_dir / "ct" / "totalseg_ct_small.nii.gz"
+    output = tmp_path / "liver.nii.gz"
+    common = ["segment", str(ct), "--text", "liver", "--weights", str(base_folder), "--experts", str(pack),
+              "--device", "cpu", "--precision", "fp32"]
+    assert main(common + ["-o", str(output)]) == 0
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
+
+    with_pack = load_base(base_folder)
+    load_expert_pack(with_pack, pack)
+    predictor = Predictor(with_pack, device="cpu", precision="fp32")
+    predictor.set_volume(read_volume(ct))
+    expected = predictor.segment(Prompts(text="liver")).mask
+    assert np.array_equal(written > 0, expected > 0)
+
+    other = tmp_path / "other base"
+    save_model(tiny_model(seed=1), other)
+    capsys.readouterr()
+    refused = tmp_path / "refused.nii.gz"
+    assert main(common[:5] + [str(other)] + common[6:] + ["-o", str(refused)]) == 1
+    assert "trained on other base weights" in capsys.readouterr().err and not refused.exists()
 
 
 def test_resume_continues_where_it_stopped(base_folder, ct_case, tmp_path):

@@ -82,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         update(0.0, "loading the weights")
         model = load_model(weights, tokenizer=args.tokenizer)
+        if args.experts:   # adapter experts fine-tuned on this base (medsegx finetune); refused on another base
+            from ..training.expert_pack import load_expert_pack
+
+            update(0.02, "loading the expert pack")
+            load_expert_pack(model, Path(args.experts).expanduser())
         predictor = Predictor(model, device=args.device, precision=args.precision,
                               preprocessing=args.preprocessing)
         predictor.set_volume(volume, modality=args.modality, progress=scaled(update, 0.05, 0.3))
@@ -148,6 +153,8 @@ def register(subparsers) -> None:
                         help="published checkpoint file or folder, or a folder from 'medsegx weights import' "
                              "(default: $MEDSEGX_WEIGHTS, installed official weights, else the bundled starter "
                              "model)")
+    parser.add_argument("--experts", metavar="PACK",
+                        help="expert pack from 'medsegx finetune' (.safetensors) to load on top of the weights")
     parser.add_argument("--tokenizer", help="folder of tokenizer files when they are not beside the weights")
     parser.add_argument("--preprocessing", choices=PROFILES, default="canonical",
                         help="canonical (default): reorient to RAS+ first, so storage order does not matter; "
