@@ -16,18 +16,11 @@ from medsegx_core.data.readers import read_volume
 from medsegx_core.inference.orientation import AxisReorientation
 from medsegx_core.predictor import Predictor
 from medsegx_core.prompts import BoxPrompt, PointPrompt, Prompts
-from medsegx_core.weights.store import load_model
 
 STORAGES = {
     "flip_i": lambda image: sitk.Flip(image, [True, False, False]),
     "permute_kij_flip_j": lambda image: sitk.Flip(sitk.PermuteAxes(image, [2, 0, 1]), [False, True, False]),
 }
-
-
-@pytest.fixture(scope="module")
-def model(fixtures_dir):
-    segvol = fixtures_dir / "segvol_parity"
-    return load_model(segvol / "public" / "model.safetensors", tokenizer=segvol / "tokenizer")
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,10 @@ from medsegx_core.modeling.conmoae import attach_experts_to_model
 from medsegx_core.predictor import Predictor
 from medsegx_core.progress import CancelToken
 from medsegx_core.prompts import BoxPrompt, PointPrompt, Prompts
-from medsegx_core.weights.store import load_model
 
 LIVER_IJK = (70.0, 55.0, 90.0)
 SPLEEN_IJK = (90.0, 60.0, 60.0)
 BOX_IJK = BoxPrompt((37, 25, 69), (104, 86, 111), space="ijk")
-
-
-@pytest.fixture(scope="module")
-def model(fixtures_dir):
-    segvol = fixtures_dir / "segvol_parity"
-    return load_model(segvol / "public" / "model.safetensors", tokenizer=segvol / "tokenizer")
 
 
 @pytest.fixture(scope="module")
