@@ -93,8 +93,8 @@ def test_starter_segments_the_liver_of_the_real_ct_from_text(ct_predictor, ct):
     assert (result.mask.astype(bool) & truth).sum() > 0.5 * result.mask.sum()
 
 
-@pytest.mark.xfail(strict=True, reason="the starter model ignores box prompts (SegVol's swapped coordinate "
-                                       "normalisation; see MODEL_CARD.md, Limitations)")
+@pytest.mark.xfail(strict=True, reason="the starter model ignores box prompts (cause not yet established; "
+                                       "see MODEL_CARD.md, Limitations)")
 def test_starter_segments_the_liver_of_the_real_ct_from_a_box(ct_predictor, ct):
     volume, labels = ct
     truth = labels == LIVER
