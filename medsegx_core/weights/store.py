@@ -6,6 +6,7 @@ Our format is a folder::
     config.json            {"medsegx_weights": 1, "model": <SegVolConfig>, "source": {...}}
     SHA256SUMS             sha256 of every file of the folder (sha256sum format), written last
     tokenizer files        copied from the published weights (tokenizer.json, vocab.json, ...)
+    experts.safetensors    optional: an expert pack (ConMoAE experts trained with this base), attached on loading
 
 ``load_model`` accepts that folder, a published checkpoint file (tokenizer files beside it), or a published
 folder (e.g. a download of ``BAAI/SegVol``: ``pytorch_model.bin`` + tokenizer files + its own config.json).
@@ -18,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -35,6 +36,8 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CHECKSUMS_FILE = "SHA256SUMS"
+EXPERTS_FILE = "experts.safetensors"
+EXPERT_STATE_PREFIX = "conmoae."   # attached experts' state-dict keys: never part of the base weights
 # Published checkpoint names, most preferred first, looked for inside a published folder.
 PUBLISHED_NAMES = ("model.safetensors", "pytorch_model.bin", "SegVol_v1.pth")
 TOKENIZER_SUBFOLDERS = (".", "tokenizer", "clip", "config/clip")
@@ -119,6 +122,10 @@ def load_model(path_or_folder: PathLike, tokenizer: Optional[PathLike] = None,
     model = build_model(model_config, empty=True)  # every tensor is adopted from the checkpoint just below
     load_state(model, checkpoint.state, str(checkpoint.path), skip_prefixes=model.packaged_state_prefixes())
     model.restore_buffers()
+    if layout == "medsegx" and (path / EXPERTS_FILE).is_file():
+        from ..training.expert_pack import load_expert_pack
+
+        load_expert_pack(model, path / EXPERTS_FILE)
     if tokenizer_folder is not None:
         model.set_tokenizer(Path(tokenizer_folder))
     # Where the tensors came from, for records such as 'medsegx weights import'.
@@ -136,9 +143,13 @@ def load_encoder_pretrain(model: SegVol, path: PathLike) -> None:
 
 # ---- saving ---------------------------------------------------------------------------------------------
 def save_model(model: SegVol, folder: PathLike, source: Optional[Dict] = None, overwrite: bool = False,
-               progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> Path:
+               progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+               extra_files: Optional[Callable[[Path], None]] = None) -> Path:
     """Write ``model`` as our folder format. The folder is assembled under a temporary name beside the
-    destination and renamed into place, so an interrupted write leaves nothing half-written."""
+    destination and renamed into place, so an interrupted write leaves nothing half-written.
+
+    Attached experts are not part of the base weights; ``extra_files(staging_folder)`` may write more files
+    (e.g. the expert pack, ``EXPERTS_FILE``) before the checksums are recorded."""
     from safetensors.torch import save_file
 
     folder = Path(folder).expanduser()
@@ -147,11 +158,13 @@ def save_model(model: SegVol, folder: PathLike, source: Optional[Dict] = None, o
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        skip = model.packaged_state_prefixes()
+        skip = tuple(model.packaged_state_prefixes()) + (EXPERT_STATE_PREFIX,)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(skip)}
         report(progress, 0.1, "writing weights")
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         check(cancel)
+        if extra_files is not None:
+            extra_files(staging)
         record = {FORMAT_KEY: FORMAT_VERSION, "model": model.config.to_dict(), "source": source or {}}
         (staging / CONFIG_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
         tokenizer_source = getattr(model.text_encoder, "tokenizer_source", None)
