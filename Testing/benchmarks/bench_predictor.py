@@ -13,6 +13,10 @@ the peak is that path's own, model included), how time grows with the volume siz
 reduced-precision mask and the fp32 mask on the real CT. Usage (takes minutes; use the threads you may)::
 
     OMP_NUM_THREADS=2 python Testing/benchmarks/bench_predictor.py [--threads 2] [--sizes 1 1.5 2] [--no-large]
+    OMP_NUM_THREADS=2 python Testing/benchmarks/bench_predictor.py --only-large   # issue #3's 2 GB target only
+
+``MEDSEGX_BENCH_DEVICE=cuda`` times both paths on a GPU instead; ``MEDSEGX_SHARED`` points at another copy of the
+shared folder (data/ct/totalseg_ct.nii.gz and the parity fixture's tokenizer are all it reads).
 """
 from __future__ import annotations
 
@@ -33,15 +37,25 @@ SHARED = Path(os.environ.get("MEDSEGX_SHARED", ROOT.parent / "shared"))
 CT = SHARED / "data" / "ct" / "totalseg_ct.nii.gz"
 TOKENIZER = SHARED / "fixtures" / "segvol_parity" / "tokenizer"
 LARGE_SHAPE_IJK = (512, 512, 300)
+# MEDSEGX_BENCH_DEVICE=cuda runs both paths on the GPU (naive: fp32 as the official code; ours: its defaults).
+DEVICE = os.environ.get("MEDSEGX_BENCH_DEVICE", "cpu")
 
 
 # ---- the measured work, run in a child process ------------------------------------------------------------------
 def _volume(scale: float, shape_ijk):
     """The real CT, optionally resampled (linear) to ``scale`` times its size or to ``shape_ijk``."""
-    import SimpleITK as sitk
-
     from medsegx_core.data.volume import Volume
 
+    try:
+        import SimpleITK as sitk
+    except ImportError:   # a machine with only torch + nibabel (e.g. a GPU host): the CT as stored
+        if shape_ijk or scale != 1.0:
+            raise SystemExit("resampled sizes need SimpleITK; run with --sizes (none) --no-large")
+        from medsegx_core.data.readers import _read_freesurfer   # nibabel's reader reads NIfTI too
+
+        volume = _read_freesurfer(CT)
+        volume.modality = "CT"
+        return volume
     image = sitk.ReadImage(str(CT))
     if shape_ijk or scale != 1.0:
         size = list(shape_ijk) if shape_ijk else [round(n * scale) for n in image.GetSize()]
@@ -83,7 +97,7 @@ def worker(path: str, scale: float, large: bool, mask_out: str) -> dict:
         times = []
         for prompts in (first, second):
             start = time.perf_counter()
-            predictor = Predictor(model, device="cpu", precision="fp32", fast_kernels=False)
+            predictor = Predictor(model, device=DEVICE, precision="fp32", fast_kernels=False)
             predictor.set_volume(volume)
             result = predictor.segment(prompts)
             times.append(time.perf_counter() - start)
@@ -92,7 +106,7 @@ def worker(path: str, scale: float, large: bool, mask_out: str) -> dict:
         out.update(first_s=times[0], reprompt_s=times[1], windows=result.windows, runtime=result.runtime)
     else:
         start = time.perf_counter()
-        predictor = Predictor(model)
+        predictor = Predictor(model, device=DEVICE)
         predictor.set_volume(volume)
         set_volume_s = time.perf_counter() - start
         result = predictor.segment(first)
@@ -104,6 +118,10 @@ def worker(path: str, scale: float, large: bool, mask_out: str) -> dict:
                    reprompt_windows_encoded=again.windows_encoded, reprompt_windows_decoded=again.windows_decoded,
                    runtime=result.runtime)
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    if DEVICE.startswith("cuda"):
+        import torch
+
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
     if mask_out:
         np.save(mask_out, mask.astype(bool))
     return out
@@ -131,6 +149,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="*", default=[1.5, 2.0],
                         help="extra scales of the real CT for the growth table (ours only)")
     parser.add_argument("--no-large", action="store_true", help="skip the 512x512x300 run")
+    parser.add_argument("--only-large", action="store_true",
+                        help="only ours on the 512x512x300 volume (peak RSS, times, windows; about 30 min on 2 "
+                             "threads)")
     parser.add_argument("--worker", choices=["naive", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--large", action="store_true", help=argparse.SUPPRESS)
@@ -152,6 +173,9 @@ def main() -> None:
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}")
     preset = os.environ.get("MEDSEGX_BENCH_PRESET", "segvol")
     print(f"weights: preset {preset!r} ('segvol' = official widths), random init seed 0; volume: {CT}")
+    if args.only_large:
+        print(json.dumps(measure("ours", large=True)), flush=True)
+        return
     with tempfile.TemporaryDirectory() as scratch:
         naive_mask, ours_mask = Path(scratch) / "naive.npy", Path(scratch) / "ours.npy"
         naive = measure("naive", mask_out=str(naive_mask))
@@ -163,6 +187,8 @@ def main() -> None:
     for key, label in (("first_s", "first prompt [s]"), ("reprompt_s", "re-prompt, +1 point [s]")):
         print(f"{label:26}{naive[key]:>24.2f}{ours[key]:>24.2f}{naive[key] / ours[key]:>9.1f}x")
     print(f"{'peak RSS [GB]':26}{naive['peak_rss_gb']:>24.2f}{ours['peak_rss_gb']:>24.2f}")
+    if "peak_gpu_gb" in ours:
+        print(f"{'peak GPU memory [GB]':26}{naive['peak_gpu_gb']:>24.2f}{ours['peak_gpu_gb']:>24.2f}")
     print(f"ours: set_volume {ours['set_volume_s']:.2f} s; on re-prompt {ours['reprompt_windows_encoded']} "
           f"windows encoded again and {ours['reprompt_windows_decoded']} of {ours['windows']} decoded again")
     print(f"mask Dice, ours ({ours['runtime']}) vs fp32: {agreement:.4f}")
