@@ -58,6 +58,11 @@ class PromptEncoderConfig:
     # (h, d, w), so a prompt token's encoding equals the image grid's at the same place (as in 2D SAM); for models
     # trained here.
     coordinates: str = "segvol"
+    # Also mark boxes and clicks in the dense prompt (added to the image tokens the mask is read from): a learned
+    # vector on every embedding cell the box covers, and one on the cell of each positive / negative click.
+    # Not in SegVol (False keeps its layout); it lets a small model trained from little data localise from a box
+    # or a click, which sparse tokens alone did not teach the starter model (MODEL_CARD.md).
+    dense_prompts: bool = False
 
 
 @dataclass

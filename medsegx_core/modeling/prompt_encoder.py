@@ -98,6 +98,41 @@ class PromptEncoder3D(nn.Module):
             nn.Conv2d(mask_chans, dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, dim)
+        self.dense_prompts = config.prompt_encoder.dense_prompts
+        if self.dense_prompts:
+            # Zero at first: attaching them to a trained model changes nothing until they are trained.
+            self.box_cells_embed = nn.Parameter(torch.zeros(dim))
+            self.click_cells_embed = nn.Parameter(torch.zeros(2, dim))    # 0 negative, 1 positive
+
+    def _cell_size(self) -> torch.Tensor:
+        return torch.tensor([s / g for s, g in zip(self.image_size, self.image_embedding_size)])
+
+    def _dense_prompt_marks(self, points, boxes, batch: int) -> torch.Tensor:
+        """(B, C, d, h, w): the box-cell vector where a box covers an embedding cell (any overlap), plus the
+        click vectors at the cells of the clicks (padding points add nothing)."""
+        grid = self.image_embedding_size
+        device = self.no_mask_embed.weight.device
+        dtype = self.no_mask_embed.weight.dtype
+        marks = torch.zeros((batch, self.embed_dim, *grid), device=device, dtype=dtype)
+        cell = self._cell_size().to(device)
+        if boxes is not None:
+            lo, hi = boxes[:, :3].float(), boxes[:, 3:].float() + 1.0         # voxel extents [lo, hi + 1)
+            covered = []
+            for axis, n in enumerate(grid):
+                starts = torch.arange(n, device=device, dtype=torch.float32) * cell[axis]
+                covered.append((starts[None] < hi[:, axis:axis + 1]) & (starts[None] + cell[axis] > lo[:, axis:axis + 1]))
+            inside = covered[0][:, :, None, None] & covered[1][:, None, :, None] & covered[2][:, None, None, :]
+            marks = marks + inside[:, None].to(dtype) * self.box_cells_embed.to(dtype)[None, :, None, None, None]
+        if points is not None:
+            coords, labels = points
+            cells = torch.floor(coords.float() / cell).long()
+            upper = torch.tensor(grid, device=device) - 1
+            cells = torch.minimum(torch.clamp(cells, min=0), upper)
+            for label in (0, 1):
+                for b, n in zip(*torch.nonzero(labels == label, as_tuple=True)):
+                    d, h, w = cells[b, n].tolist()
+                    marks[b, :, d, h, w] = marks[b, :, d, h, w] + self.click_cells_embed[label].to(dtype)
+        return marks
 
     def get_dense_pe(self) -> torch.Tensor:
         """(1, C, d, h, w) positional encoding of the image-embedding grid."""
@@ -144,6 +179,8 @@ class PromptEncoder3D(nn.Module):
         else:
             sparse = self.no_mask_embed.weight.new_empty((batch, 0, self.embed_dim))
         dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(batch, -1, *self.image_embedding_size)
+        if self.dense_prompts and (points is not None or boxes is not None):
+            dense = dense + self._dense_prompt_marks(points, boxes, batch)
         return sparse, dense
 
 

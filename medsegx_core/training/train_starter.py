@@ -63,6 +63,7 @@ class StarterSize:
     heads: int = 4
     decoder_mlp: int = 256
     coordinates: str = "segvol"     # PromptEncoderConfig.coordinates
+    dense_prompts: bool = False     # PromptEncoderConfig.dense_prompts
 
 
 def starter_config(size: StarterSize = StarterSize()) -> SegVolConfig:
@@ -73,7 +74,7 @@ def starter_config(size: StarterSize = StarterSize()) -> SegVolConfig:
         patch_size=size.patch_size,
         image_encoder=ImageEncoderConfig(hidden_size=size.width, mlp_dim=4 * size.width, num_layers=size.layers,
                                          num_heads=size.heads),
-        prompt_encoder=PromptEncoderConfig(coordinates=size.coordinates),
+        prompt_encoder=PromptEncoderConfig(coordinates=size.coordinates, dense_prompts=size.dense_prompts),
         mask_decoder=MaskDecoderConfig(transformer_heads=max(1, size.heads // 2),
                                        transformer_mlp_dim=size.decoder_mlp, iou_head_hidden_dim=64),
         text_encoder=TextEncoderConfig(kind="minilm", clip={}),
@@ -217,12 +218,10 @@ def train_starter(data_dir: Optional[Path], seed: int = 0, steps: int = 1000, ba
         names, table = precomputed
         pooled = table[[names.index(name) for name in vocabulary]]
     model, texts = build_training_model(starter_config(size), vocabulary, pooled)
-    if init is not None:   # continue from earlier weights (a second training stage)
-        from ..weights.store import load_model
-
-        model.load_state_dict(load_model(init, verify=True).state_dict(), strict=False)
     if experts:
         attach_experts_to_model(model, ConMoAEConfig())
+    if init is not None:   # continue from earlier weights (a later training stage)
+        continue_from(model, init)
     target = torch.device(device)
     model.to(target)
     if workers > 0:
@@ -260,6 +259,27 @@ def train_starter(data_dir: Optional[Path], seed: int = 0, steps: int = 1000, ba
     return run
 
 
+# Parts a later stage may add to an earlier stage's model (they start as identities / zero marks).
+ADDABLE_PREFIXES = ("conmoae.", "prompt_encoder.box_cells_embed", "prompt_encoder.click_cells_embed")
+
+
+def continue_from(model: SegVol, init: Path) -> None:
+    """Load an earlier stage's weights (and its experts, if any) into ``model``; only parts in
+    ``ADDABLE_PREFIXES`` may be new, everything else must match by name and shape."""
+    from ..weights.store import load_model
+
+    earlier = load_model(init, verify=True).state_dict()
+    skip = model.packaged_state_prefixes()
+    own = {k: v for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
+    unexpected = sorted(k for k in earlier if k not in own and not (skip and k.startswith(skip)))
+    missing = sorted(k for k in own if k not in earlier and not k.startswith(ADDABLE_PREFIXES))
+    mismatched = sorted(k for k in earlier if k in own and earlier[k].shape != own[k].shape)
+    if unexpected or missing or mismatched:
+        raise InputError(f"--init {init}: its weights do not fit this model (unexpected {unexpected[:3]}, missing "
+                         f"{missing[:3]}, other shape {mismatched[:3]}); use the same sizes as that stage")
+    model.load_state_dict({k: v for k, v in earlier.items() if k in own}, strict=False)
+
+
 def _as_is(batch):
     """The stream's batches are already collated (a module-level function: workers may need to pickle it)."""
     return batch
@@ -293,7 +313,7 @@ def run_record(run: TrainingRun, args: argparse.Namespace, argv: Sequence[str]) 
         "init": str(args.init) if args.init else None,
         "held_out_structures": list(args.hold_out_structures),
         "device": args.device, "workers": args.workers, "experts": args.experts,
-        "coordinates": args.coordinates, "bundle": str(args.bundle) if args.bundle else None,
+        "coordinates": args.coordinates, "dense_prompts": args.dense_prompts, "bundle": str(args.bundle) if args.bundle else None,
         "final_loss_mean_last_50": round(float(np.mean(run.losses[-50:])), 4) if run.losses else None,
         "vocabulary": run.vocabulary, "torch": torch.__version__,
     }
@@ -314,6 +334,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--experts", action="store_true", help="train ConMoAE adapter experts with the backbone")
     parser.add_argument("--coordinates", choices=("segvol", "aligned"), default=StarterSize.coordinates,
                         help="prompt coordinate normalisation (PromptEncoderConfig.coordinates)")
+    parser.add_argument("--dense-prompts", action="store_true",
+                        help="also mark boxes and clicks in the dense prompt (PromptEncoderConfig.dense_prompts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -365,7 +387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: output folder {args.out} already exists; choose another --out or pass --overwrite")
         return 1
     size = StarterSize(image_size=tuple(args.image_size), patch_size=tuple(args.patch_size), width=args.width,
-                       layers=args.layers, heads=max(1, args.width // 32), coordinates=args.coordinates)
+                       layers=args.layers, heads=max(1, args.width // 32), coordinates=args.coordinates,
+                       dense_prompts=args.dense_prompts)
 
     def save(run: TrainingRun) -> None:
         save_starter(run, args.out, run_record(run, args, argv))
