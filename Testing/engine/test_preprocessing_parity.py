@@ -88,3 +88,38 @@ def test_constant_volume_is_a_clear_error():
 def test_unknown_profile_is_a_clear_error():
     with pytest.raises(InputError, match="canonical, official"):
         preprocess(np.zeros((2, 2, 2)), np.eye(3), "ras")
+
+
+def _normalised_in_place(array_kji, orientation, stats):
+    """The whole volume normalised in one float32 array, as ``preprocess`` does it internally."""
+    from medsegx_core.inference.preprocessing import foreground_normalise, minmax_normalise
+
+    whole = np.array(orientation.array_to_working(array_kji), dtype=np.float32, order="C")
+    foreground_normalise(whole)
+    minmax_normalise(whole)
+    return whole
+
+
+@pytest.mark.parametrize("direction", [np.eye(3), np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)],
+                         ids=["stored RAS", "permuted and flipped"])
+def test_crop_read_in_parts_is_bit_identical_to_the_whole_normalised_volume(data_dir, direction):
+    # The preprocessed volume keeps no float copy: it normalises what is read from the caller's (int16) array.
+    # Any read (windows, the zoom-out gather) must give exactly the bits of the whole normalised volume.
+    raw = read_volume(data_dir / "ct" / "totalseg_ct.nii.gz").array
+    prepared = preprocess(raw, direction, "canonical")
+    assert np.shares_memory(prepared.source, raw) and prepared.source.dtype == raw.dtype
+    whole = _normalised_in_place(raw, prepared.orientation, prepared.stats)
+    assert np.array_equal(prepared.normalised.view(np.uint32), whole.view(np.uint32))
+    crop = whole[prepared.crop_slices]
+    reader = prepared.crop_reader
+    assert reader.shape == crop.shape == prepared.cropped_shape and reader.dtype == np.float32
+    assert np.array_equal(prepared.cropped.view(np.uint32), crop.view(np.uint32))
+    window = (slice(3, 35), slice(10, 70), slice(-50, None))
+    assert np.array_equal(reader[window].view(np.uint32), crop[window].view(np.uint32))
+    maps = ZoomMaps.build(prepared.cropped_shape, MODEL_SHAPE)
+    assert np.array_equal(maps.zoom_out(reader).view(np.uint32), maps.zoom_out(crop).view(np.uint32))
+    assert np.array_equal(np.asarray(reader), crop)
+    # The positive bounding box of the whole normalised volume is the crop.
+    nonzero = np.nonzero(whole > 0)
+    assert prepared.crop_lo == tuple(int(a.min()) for a in nonzero)
+    assert prepared.crop_hi == tuple(int(a.max()) + 1 for a in nonzero)

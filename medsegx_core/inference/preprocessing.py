@@ -17,7 +17,11 @@ before cropping; the pad is all zeros and the crop removes it again, so we skip 
 Memory: the official path holds several full-size float copies (2.8 GB peak on a 469x388x269 CT). Here the
 volume is converted to float32 once and normalised in place; the statistics of the voxels above the mean are
 gathered chunk by chunk (the percentiles exactly, from a histogram and the few voxels of the bins that hold the
-wanted ranks), so no other full-size buffer exists.
+wanted ranks), so no other full-size buffer exists. That float32 copy lives only while the statistics and the
+crop are found: every step is an elementwise float32 operation with fixed scalars (``NormalisationStats.apply``),
+so normalising any part of the stored array again gives the same bits as the part of the whole normalised
+array. ``PreprocessedVolume`` therefore keeps only a view of the caller's array (int16 for CT: a quarter of the
+float32 volume's size, and already in memory) and normalises what is read, a window at a time.
 """
 from __future__ import annotations
 
@@ -49,30 +53,57 @@ class NormalisationStats:
     minmax_min: float
     minmax_range: float
 
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """``values`` of the stored array normalised as ``preprocess`` normalised the whole (a float32 copy).
+
+        The same float32 operations with the same scalars, element by element, so the result is bit-identical
+        to the corresponding part of the whole normalised array."""
+        out = np.array(values, dtype=np.float32, copy=True)
+        _clip_and_standardise(out, self.lower, self.upper, np.float32(self.mean), np.float32(self.std))
+        _rescale(out, np.float32(self.minmax_min), np.float32(self.minmax_range))
+        return out
+
 
 @dataclass
 class PreprocessedVolume:
-    """The normalised volume on the working grid plus what is needed to map prompts in and masks out.
+    """The preprocessed volume on the working grid plus what is needed to map prompts in and masks out.
 
-    ``normalised`` is the whole working-grid array (k, j, i) in [0, 1]; the model only ever sees its foreground
-    crop ``[crop_lo, crop_hi)`` (``cropped``, a view). Working grid = stored grid for ``official``, the RAS+
-    reoriented grid for ``canonical``.
+    ``source`` is a view of the caller's array in working order (k, j, i), not a copy: it must not be changed
+    while this object is used. The model only ever sees the foreground crop ``[crop_lo, crop_hi)`` of its
+    normalisation: ``crop_reader`` reads parts of it (normalised on the fly, float32), ``cropped`` and
+    ``normalised`` build whole arrays. Working grid = stored grid for ``official``, the RAS+ reoriented grid
+    for ``canonical``.
     """
 
     profile: str
     orientation: AxisReorientation
-    normalised: np.ndarray
+    source: np.ndarray
     crop_lo: tuple[int, int, int]
     crop_hi: tuple[int, int, int]
     stats: NormalisationStats
+
+    @property
+    def working_shape(self) -> tuple[int, int, int]:
+        return tuple(self.source.shape)
 
     @property
     def crop_slices(self) -> tuple[slice, slice, slice]:
         return tuple(slice(lo, hi) for lo, hi in zip(self.crop_lo, self.crop_hi))
 
     @property
+    def crop_reader(self) -> "NormalisedCrop":
+        """The normalised foreground crop as an indexable view (nothing computed until indexed)."""
+        return NormalisedCrop(self.source[self.crop_slices], self.stats)
+
+    @property
     def cropped(self) -> np.ndarray:
-        return self.normalised[self.crop_slices]
+        """The normalised foreground crop (a new float32 array, crop-sized)."""
+        return self.stats.apply(self.source[self.crop_slices])
+
+    @property
+    def normalised(self) -> np.ndarray:
+        """The whole normalised working-grid array in [0, 1] (a new float32 array, volume-sized)."""
+        return self.stats.apply(self.source)
 
     @property
     def cropped_shape(self) -> tuple[int, int, int]:
@@ -85,9 +116,35 @@ class PreprocessedVolume:
 
     def cropped_to_stored(self, cropped_values: np.ndarray, fill=0) -> np.ndarray:
         """Paste a crop-shaped array into a full working-grid array and return it in stored (k, j, i) order."""
-        full = np.full(self.normalised.shape, fill, dtype=cropped_values.dtype)
+        full = np.full(self.working_shape, fill, dtype=cropped_values.dtype)
         full[self.crop_slices] = cropped_values
         return np.ascontiguousarray(self.orientation.array_to_stored(full))
+
+
+class NormalisedCrop:
+    """Read-only, array-like normalised crop: ``crop[key]`` normalises only the indexed voxels (any numpy
+    index: slices for windows, ``np.ix_`` maps for the zoom-out view), bit-identical to indexing the whole."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, source_crop: np.ndarray, stats: NormalisationStats):
+        self._source = source_crop
+        self._stats = stats
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._source.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self._source.ndim
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self._stats.apply(self._source[key])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self._stats.apply(self._source)
+        return whole if dtype is None else whole.astype(dtype, copy=False)
 
 
 _BINS = 1 << 16  # histogram bins used to find the percentiles' order statistics without a full-size copy
@@ -163,20 +220,31 @@ def foreground_normalise(volume: np.ndarray, name: str = "volume") -> Normalisat
         ranks += [below, min(below + 1, count - 1)]
     order = _order_statistics(flat, threshold, sorted(set(ranks)), low, high, histogram)
     lower, upper = (_percentile(order, count, q) for q in (LOWER_PERCENTILE, UPPER_PERCENTILE))
-    np.clip(volume, volume.dtype.type(lower), volume.dtype.type(upper), out=volume)
-    volume -= mean
-    volume /= max(std, np.float32(1e-8))
-    return NormalisationStats(float(threshold), count, float(lower), float(upper), float(mean), float(std),
-                              0.0, 0.0)
+    lower, upper = float(np.float32(lower)), float(np.float32(upper))   # the clip bounds as applied
+    _clip_and_standardise(volume, lower, upper, mean, std)
+    return NormalisationStats(float(threshold), count, lower, upper, float(mean), float(std), 0.0, 0.0)
 
 
 def minmax_normalise(volume: np.ndarray) -> tuple[float, float]:
     """Rescale in place to [0, 1]; returns (min, range) before rescaling."""
     low, high = volume.min(), volume.max()
     value_range = high - low
+    _rescale(volume, low, value_range)
+    return float(low), float(value_range)
+
+
+# The two in-place steps, shared by the whole-volume pass and ``NormalisationStats.apply`` (which must repeat
+# them bit for bit): float32 array, float32 scalars, the official order of operations.
+def _clip_and_standardise(volume: np.ndarray, lower: float, upper: float, mean: np.float32,
+                          std: np.float32) -> None:
+    np.clip(volume, np.float32(lower), np.float32(upper), out=volume)
+    volume -= mean
+    volume /= max(std, np.float32(1e-8))
+
+
+def _rescale(volume: np.ndarray, low: np.float32, value_range: np.float32) -> None:
     volume -= low
     volume /= max(value_range, np.float32(1e-8))
-    return float(low), float(value_range)
 
 
 def positive_bounding_box(volume: np.ndarray) -> Optional[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -215,8 +283,10 @@ def preprocess(array_kji: np.ndarray, direction_ras: np.ndarray, profile: str = 
     orientation = (AxisReorientation.to_ras(direction_ras, shape_ijk) if profile == "canonical"
                    else AxisReorientation.identity(shape_ijk))
     report(progress, 0.0, "normalising intensities")
-    # One float32 copy in working order; everything else happens in place on it.
-    working = np.array(orientation.array_to_working(array_kji), dtype=np.float32, order="C", copy=True)
+    # One float32 copy in working order for the statistics and the crop; everything happens in place on it,
+    # and it is dropped on return (the result normalises what it reads from the caller's array again).
+    source = orientation.array_to_working(array_kji)
+    working = np.array(source, dtype=np.float32, order="C", copy=True)
     check(cancel)
     stats = foreground_normalise(working, name)
     check(cancel)
@@ -228,4 +298,4 @@ def preprocess(array_kji: np.ndarray, direction_ras: np.ndarray, profile: str = 
                          f"there is nothing to segment")
     stats = NormalisationStats(**{**stats.__dict__, "minmax_min": low, "minmax_range": value_range})
     report(progress, 1.0, "preprocessed")
-    return PreprocessedVolume(profile, orientation, working, box[0], box[1], stats)
+    return PreprocessedVolume(profile, orientation, source, box[0], box[1], stats)

@@ -1,7 +1,8 @@
 """Zoom-out-zoom-in geometry: resizes, region of interest, sliding windows, per-window prompts, blending.
 
 Everything here is array geometry on the foreground crop (``PreprocessedVolume.cropped``, axes (d, h, w)); the
-model is run by the predictor. The rules follow the published SegVol inference (fixture README 5.2-5.4):
+model is run by the predictor. Functions that read image values take the crop as an array or as anything
+indexable like one (``PreprocessedVolume.crop_reader``, which normalises only the voxels read). The rules follow the published SegVol inference (fixture README 5.2-5.4):
 
 * zoom-out: the crop is resized to the model input size with PyTorch ``nearest-exact``; the coarse logits come
   back to the crop's shape with the legacy ``nearest`` rule (float32 ``floor(j * in/out)``). Both are index
