@@ -48,7 +48,8 @@ from .data.hierarchy import context_indices, resolve_modality, resolve_term
 from .data.volume import Volume
 from .errors import PromptError
 from .inference.device import (Runtime, cast_matmul_weights, is_out_of_memory, release_cuda_memory,
-                               use_fused_attention, use_matmul_transposed_convolutions, warn)
+                               release_freed_memory, use_fused_attention, use_matmul_transposed_convolutions,
+                               warn)
 from .inference.preprocessing import PreprocessedVolume, preprocess
 from .inference.zoom import RegionBlender, WindowPlan, ZoomMaps, foreground, region_of_interest
 from .progress import CancelToken, ProgressCallback, check, report, scaled
@@ -107,6 +108,7 @@ class Predictor:
         # Under reduced precision the matrix weights are stored in it (same results, half the memory); the
         # model is the Predictor's from now on.
         cast_matmul_weights(self.model, self.runtime.storage_dtype)
+        release_freed_memory()   # the float32 weights just replaced
         if fast_kernels:
             use_fused_attention(self.model)
             use_matmul_transposed_convolutions(self.model)
@@ -126,7 +128,7 @@ class Predictor:
         self.prepared = preprocess(volume.array, volume.direction_ras, self.preprocessing, name=name,
                                    progress=scaled(progress, 0.0, 0.4), cancel=cancel)
         self.maps = ZoomMaps.build(self.prepared.cropped_shape, self.window)
-        self._zoom_image = self.maps.zoom_out(self.prepared.cropped)
+        self._zoom_image = self.maps.zoom_out(self.prepared.crop_reader)
         self.modality = resolve_modality(modality or volume.modality)
         self.volume = volume
         if not self.has_experts:   # the zoom-out embedding does not depend on the prompt: do it now
@@ -288,7 +290,7 @@ class Predictor:
             self._windows.move_to_end(key)
             self._window_used[key] = self._serial
             return self._windows[key], 0
-        embedding = self._encode(plan.window_image(self.prepared.cropped, index), context, progress)
+        embedding = self._encode(plan.window_image(self.prepared.crop_reader, index), context, progress)
         size = embedding.numel() * embedding.element_size()
         # Least recently used first, but never an embedding this call already used: when a region has more
         # windows than the cache holds, keeping the first ones beats evicting each before the next prompt
@@ -314,7 +316,9 @@ class Predictor:
             # Kept in the autocast dtype: the decoder's matrix products read it in that precision anyway,
             # and twice as many windows fit the cache.
             return embedding.to(self.runtime.storage_dtype)
-        return self._guarded(compute, progress)
+        embedding = self._guarded(compute, progress)
+        release_freed_memory()   # the forward's activations, so they do not add up with the growing caches
+        return embedding
 
     def _decode(self, embedding, text_embedding, points, labels, box, progress) -> torch.Tensor:
         """Low-resolution logits (1, 1, d, h, w), float32 on the CPU."""
@@ -381,6 +385,7 @@ class Predictor:
         release_cuda_memory()
         self.model.to(runtime.device)
         cast_matmul_weights(self.model, runtime.storage_dtype)
+        release_freed_memory()
         for cache in (self._zoom_embeddings, self._windows, self._texts):
             for key in list(cache):
                 cache[key] = cache[key].to(runtime.device)

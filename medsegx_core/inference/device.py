@@ -13,6 +13,8 @@ same mathematics, no materialised 2048x2048 attention matrix per head, about twi
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +111,26 @@ def release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):   # not glibc (macOS, Windows, musl): nothing to do
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the memory the C allocator holds as free back to the system (glibc only; elsewhere a no-op).
+
+    glibc keeps freed blocks of its heaps mapped for re-use, so resident memory stays at its high-water mark:
+    after the fp32 -> bf16 weight cast about 100 MB of the freed float32 weights, after each encoder forward
+    about 100 MB of activations (measured with SegVol's widths). The peak of a long run is the sum of such
+    left-overs and the next forward's needs; a trim takes milliseconds, an encoder forward seconds."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
     """Switch every MONAI self-attention block in ``model`` to fused SDPA; returns how many were switched."""
     switched = 0
@@ -180,5 +202,5 @@ def warn(message: str, progress=None, fraction: float = 0.0) -> None:
 
 
 __all__ = ["Runtime", "resolve_device", "resolve_precision", "cpu_has_native_bf16", "is_out_of_memory",
-           "release_cuda_memory", "use_fused_attention", "use_matmul_transposed_convolutions",
+           "release_cuda_memory", "release_freed_memory", "use_fused_attention", "use_matmul_transposed_convolutions",
            "cast_matmul_weights", "warn"]
