@@ -121,7 +121,10 @@ class Predictor:
     # ---- volume -----------------------------------------------------------------------------------------
     def set_volume(self, volume: Volume, modality: Optional[str] = None,
                    progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> None:
-        """Preprocess ``volume`` and (for models without experts) encode its zoom-out view."""
+        """Preprocess ``volume`` and (for models without experts) encode its zoom-out view.
+
+        No float copy of the volume is kept: windows are read from ``volume.array`` and normalised as they are
+        encoded, so the array must not be changed in place while it is set (replace it and call again)."""
         self._clear_caches()
         self.volume = None
         name = volume.source or "volume"

@@ -2,7 +2,8 @@
 
 Everything here is array geometry on the foreground crop (``PreprocessedVolume.cropped``, axes (d, h, w)); the
 model is run by the predictor. Functions that read image values take the crop as an array or as anything
-indexable like one (``PreprocessedVolume.crop_reader``, which normalises only the voxels read). The rules follow the published SegVol inference (fixture README 5.2-5.4):
+indexable like one (``PreprocessedVolume.crop_reader``, which normalises only the voxels read). The rules
+follow the published SegVol inference (fixture README 5.2-5.4):
 
 * zoom-out: the crop is resized to the model input size with PyTorch ``nearest-exact``; the coarse logits come
   back to the crop's shape with the legacy ``nearest`` rule (float32 ``floor(j * in/out)``). Both are index
