@@ -65,7 +65,7 @@ def test_dense_marks_cover_the_box_cells_and_the_clicked_cells():
     assert torch.nonzero((marks % 100) >= 10).tolist() == [[7, 15, 15]]   # the negative click's; padding: none
 
 
-def test_untrained_dense_marks_change_nothing_and_official_layout_has_none():
+def test_dense_marks_are_an_addition_to_the_official_layout():
     plain, marked = _tiny("aligned"), _tiny("aligned", dense_prompts=True)
     assert not get_preset("segvol").prompt_encoder.dense_prompts
     assert "prompt_encoder.box_cells_embed" not in plain.state_dict()
@@ -73,5 +73,7 @@ def test_untrained_dense_marks_change_nothing_and_official_layout_has_none():
     assert sorted(missing) == ["prompt_encoder.box_cells_embed", "prompt_encoder.click_cells_embed"]
     embedding = torch.randn(1, plain.config.embed_dim, *plain.config.embedding_grid)
     box = torch.tensor([[2.0, 30.0, 40.0, 20.0, 200.0, 150.0]])
-    with torch.no_grad():
-        torch.testing.assert_close(marked.decode(embedding, boxes=box), plain.decode(embedding, boxes=box))
+    text = torch.randn(1, plain.config.embed_dim)
+    with torch.no_grad():   # text alone adds no mark; a box does
+        torch.testing.assert_close(marked.decode(embedding, text), plain.decode(embedding, text))
+        assert (marked.decode(embedding, boxes=box) - plain.decode(embedding, boxes=box)).abs().max() > 1e-3

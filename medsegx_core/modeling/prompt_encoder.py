@@ -100,9 +100,11 @@ class PromptEncoder3D(nn.Module):
         self.no_mask_embed = nn.Embedding(1, dim)
         self.dense_prompts = config.prompt_encoder.dense_prompts
         if self.dense_prompts:
-            # Zero at first: attaching them to a trained model changes nothing until they are trained.
-            self.box_cells_embed = nn.Parameter(torch.zeros(dim))
-            self.click_cells_embed = nn.Parameter(torch.zeros(2, dim))    # 0 negative, 1 positive
+            # Initialised like the other prompt embeddings (N(0, 1)): a zero start would grow only by Adam's
+            # ~lr per step and per channel, thousands of steps before the marks stood out against the image
+            # tokens (measured: norm 0.26 after 200 steps, against ~10 for the sparse prompt embeddings).
+            self.box_cells_embed = nn.Parameter(torch.randn(dim))
+            self.click_cells_embed = nn.Parameter(torch.randn(2, dim))    # 0 negative, 1 positive
 
     def _cell_size(self) -> torch.Tensor:
         return torch.tensor([s / g for s, g in zip(self.image_size, self.image_embedding_size)])
