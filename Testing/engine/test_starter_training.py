@@ -97,3 +97,9 @@ def test_an_expert_pack_beside_other_base_weights_is_refused(bundle, tmp_path):
     save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     with pytest.raises(WeightsError, match="other base weights"):
         load_model(folder)
+
+
+def test_a_stage_stopped_early_is_reproduced_by_stop_after(bundle):
+    full = _run(bundle[0], steps=3)
+    stopped = _run(bundle[0], steps=3, stop_after=2)
+    assert stopped.steps_done == 2 and stopped.losses == full.losses[:2]

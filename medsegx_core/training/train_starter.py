@@ -199,7 +199,7 @@ def train_starter(data_dir: Optional[Path], seed: int = 0, steps: int = 1000, ba
                   max_minutes: Optional[float] = None, init: Optional[Path] = None,
                   on_checkpoint=None, checkpoint_every: int = 0, progress: Optional[ProgressCallback] = None,
                   cancel: Optional[CancelToken] = None, bundle: Optional[Path] = None, device: str = "cpu",
-                  workers: int = 0, experts: bool = False) -> TrainingRun:
+                  workers: int = 0, experts: bool = False, stop_after: Optional[int] = None) -> TrainingRun:
     """Train from scratch. ``hold_out_structures``: canonical names never used as targets (held-out structures
     for evaluation); ``max_minutes`` stops early (the run's record then says how many steps were done).
     ``on_checkpoint(run)`` is called every ``checkpoint_every`` steps."""
@@ -241,7 +241,7 @@ def train_starter(data_dir: Optional[Path], seed: int = 0, steps: int = 1000, ba
     run = TrainingRun(model, losses, 0, 0.0, vocabulary, [s.key for s in specs])
     for step in range(steps):
         check(cancel)
-        if max_minutes is not None and time.monotonic() - start > 60 * max_minutes:
+        if (max_minutes is not None and time.monotonic() - start > 60 * max_minutes) or step == stop_after:
             break
         for group in optimiser.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
@@ -307,7 +307,7 @@ def run_record(run: TrainingRun, args: argparse.Namespace, argv: Sequence[str]) 
     return {
         "trained_by": "medsegx_core.training.train_starter",
         "command": "python -m medsegx_core.training.train_starter " + " ".join(shlex.quote(a) for a in argv),
-        "seed": args.seed, "steps_planned": args.steps, "steps_done": run.steps_done,
+        "seed": args.seed, "steps_planned": args.steps, "stop_after": args.stop_after, "steps_done": run.steps_done,
         "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "threads": torch.get_num_threads(),
         "elapsed_s": round(run.elapsed_s, 1), "cases": run.cases, "excluded_patients": list(args.exclude_patient),
         "init": str(args.init) if args.init else None,
@@ -356,6 +356,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--init", type=Path, default=None,
                         help="start from these weights (our folder) instead of a random initialisation")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop early after this long")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+                        help="stop after N steps (the learning-rate schedule still spans --steps): reproduces a "
+                             "stage that was stopped early")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--overwrite", action="store_true")
     return parser.parse_args(argv)
@@ -408,7 +411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         max_minutes=args.max_minutes, init=args.init, on_checkpoint=save,
                         checkpoint_every=args.checkpoint_every,
                         progress=progress, bundle=args.bundle, device=args.device, workers=args.workers,
-                        experts=args.experts)
+                        experts=args.experts, stop_after=args.stop_after)
     save(run)
     print(f"saved {args.out} after {run.steps_done} steps in {run.elapsed_s / 60:.1f} min")
     return 0
