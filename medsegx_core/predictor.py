@@ -172,11 +172,14 @@ class Predictor:
         roi = region_of_interest(coarse_foreground, self.maps, self.window, include_voxels=positive)
         plan = None if roi is None else WindowPlan.official(roi[0], roi[1], self.prepared.cropped_shape,
                                                              self.window)
-        # The coarse result on the crop; the zoom-in result overwrites the region of interest slab by slab.
-        mask_crop = self.maps.back_to_crop(coarse_foreground).astype(np.uint8)
-        logits_crop = None
+        # The coarse result on the crop; the zoom-in result overwrites the region of interest slab by slab. The
+        # crop arrays are views of the full-size outputs, so the result needs no second full-size copy.
+        mask_full, mask_crop = self.prepared.working_canvas(np.uint8)
+        self.maps.back_to_crop_into(coarse_foreground, mask_crop)
+        logits_full = logits_crop = None
         if return_logits or trace is not None:
-            logits_crop = self.maps.back_to_crop(coarse).astype(np.float32)
+            logits_full, logits_crop = self.prepared.working_canvas(np.float32, fill=OUTSIDE_CROP_LOGIT)
+            self.maps.back_to_crop_into(coarse, logits_crop)
             self._record(trace, zoomout_logits_back=logits_crop.copy() if trace is not None else None)
         encoded = decoded = 0
         if plan is None:
@@ -211,9 +214,8 @@ class Predictor:
 
         report(progress, 0.95, "assembling the mask")
         self._record(trace, final_logits_cropped=logits_crop, final_mask_cropped=mask_crop)
-        mask = self.prepared.cropped_to_stored(mask_crop)
-        logits = (self.prepared.cropped_to_stored(logits_crop, fill=np.float32(OUTSIDE_CROP_LOGIT))
-                  if return_logits else None)
+        mask = self.prepared.to_stored(mask_full)
+        logits = self.prepared.to_stored(logits_full) if return_logits else None
         report(progress, 1.0, "done")
         return SegmentationResult(mask=mask, name=mapped.name, logits=logits,
                                   windows=0 if plan is None else len(plan), windows_encoded=encoded,

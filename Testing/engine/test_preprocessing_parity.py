@@ -123,3 +123,17 @@ def test_crop_read_in_parts_is_bit_identical_to_the_whole_normalised_volume(data
     nonzero = np.nonzero(whole > 0)
     assert prepared.crop_lo == tuple(int(a.min()) for a in nonzero)
     assert prepared.crop_hi == tuple(int(a.max()) + 1 for a in nonzero)
+
+
+def test_back_to_crop_written_slab_by_slab_equals_the_whole_gather(official):
+    # The predictor writes the coarse result straight into its uint8/float32 outputs (no crop-sized temporary);
+    # the crop's 112 D slices in slabs of 16, and of 10 (ending in a partial slab).
+    maps = ZoomMaps.build(official.cropped_shape, MODEL_SHAPE)
+    zoomed = np.random.default_rng(0).normal(size=MODEL_SHAPE).astype(np.float32)
+    for values, dtype, slab in ((zoomed, np.float32, 16), (zoomed > 0.5, np.uint8, 10)):
+        full, view = official.working_canvas(dtype, fill=7)
+        maps.back_to_crop_into(values, view, slab=slab)
+        np.testing.assert_array_equal(view, maps.back_to_crop(values).astype(dtype))
+        outside = np.ones(full.shape, bool)
+        outside[official.crop_slices] = False
+        assert np.all(full[outside] == 7) and official.to_stored(full).flags.c_contiguous

@@ -114,11 +114,15 @@ class PreprocessedVolume:
         working_ijk = self.orientation.points_to_working(points_ijk)
         return working_ijk[:, ::-1] - np.asarray(self.crop_lo, dtype=np.float64)
 
-    def cropped_to_stored(self, cropped_values: np.ndarray, fill=0) -> np.ndarray:
-        """Paste a crop-shaped array into a full working-grid array and return it in stored (k, j, i) order."""
-        full = np.full(self.working_shape, fill, dtype=cropped_values.dtype)
-        full[self.crop_slices] = cropped_values
-        return np.ascontiguousarray(self.orientation.array_to_stored(full))
+    def working_canvas(self, dtype, fill=0) -> tuple[np.ndarray, np.ndarray]:
+        """A working-grid array filled with ``fill`` and its crop view: a result written into the view is
+        already the full-size output (``to_stored``), with no crop-sized array to paste."""
+        full = np.full(self.working_shape, fill, dtype=dtype)
+        return full, full[self.crop_slices]
+
+    def to_stored(self, working: np.ndarray) -> np.ndarray:
+        """A working-grid array in stored (k, j, i) order (no copy when the working grid is the stored one)."""
+        return np.ascontiguousarray(self.orientation.array_to_stored(working))
 
 
 class NormalisedCrop:

@@ -72,6 +72,13 @@ class ZoomMaps:
         index = [b[s] for b, s in zip(self.back, region)]
         return zoomed[np.ix_(*index)]
 
+    def back_to_crop_into(self, zoomed: np.ndarray, out: np.ndarray, slab: int = 16) -> None:
+        """``back_to_crop`` written into ``out`` (crop-shaped, any dtype) slab by slab, so no crop-sized
+        temporary is built (75 MB of bool for a 512x512x300 crop, and as much again converting it)."""
+        whole = (slice(None), slice(None))
+        for start in range(0, self.cropped_shape[0], slab):
+            out[start:start + slab] = self.back_to_crop(zoomed, (slice(start, start + slab),) + whole)
+
     def points_to_model(self, points_dhw: np.ndarray) -> np.ndarray:
         """Continuous crop coordinates -> model coordinates (the inverse of the resize's sample positions)."""
         scale = np.asarray(self.model_shape, np.float64) / np.asarray(self.cropped_shape, np.float64)
