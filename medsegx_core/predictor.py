@@ -94,14 +94,16 @@ class Predictor:
     """Zoom-out-zoom-in segmentation of one volume at a time with cached image embeddings."""
 
     def __init__(self, model, device: str = "auto", precision: str = "auto", preprocessing: str = "canonical",
-                 cache_megabytes: int = 192, fast_kernels: bool = True):
+                 cache_megabytes: int = 192, fast_kernels: bool = True, zoom_in: Optional[bool] = None):
         """``model``: a SegVol-API model (``encode_image``, ``encode_text``, ``decode_with_details``).
         ``precision``: "auto" (bf16/fp16 where the hardware does it fast), "fp32", "bf16", "fp16".
         ``preprocessing``: "canonical" (reorient to RAS+ first) or "official" (voxel order as stored).
         ``fast_kernels``: fused SDPA attention in the encoder and the decoder's non-overlapping transposed
         convolutions as matrix products (same mathematics within the parity tolerance, about 2x faster on CPU).
         Under bf16/fp16 the model's linear/convolution weights are converted to that dtype (the model then
-        belongs to this Predictor; give it a copy if you need the float32 weights elsewhere)."""
+        belongs to this Predictor; give it a copy if you need the float32 weights elsewhere).
+        ``zoom_in``: refine the coarse pass with zoom-in windows; None = what the model's config says
+        (``SegVolConfig.zoom_in``: True for SegVol, False for the bundled starter model)."""
         self.runtime = Runtime.resolve(device, precision)
         self.preprocessing = preprocessing
         self.model = model.eval().to(self.runtime.device)
@@ -113,6 +115,7 @@ class Predictor:
             use_fused_attention(self.model)
             use_matmul_transposed_convolutions(self.model)
         self.window = tuple(int(n) for n in model.config.image_size)
+        self.zoom_in = bool(getattr(model.config, "zoom_in", True) if zoom_in is None else zoom_in)
         self.cache_bytes = int(cache_megabytes) << 20
         self.volume: Optional[Volume] = None
         self.prepared: Optional[PreprocessedVolume] = None
@@ -169,7 +172,8 @@ class Predictor:
                      zoomout_logits=coarse)
 
         positive = np.floor(mapped.points[mapped.labels == 1] + 0.5).astype(int)
-        roi = region_of_interest(coarse_foreground, self.maps, self.window, include_voxels=positive)
+        roi = (region_of_interest(coarse_foreground, self.maps, self.window, include_voxels=positive)
+               if self.zoom_in else None)
         plan = None if roi is None else WindowPlan.official(roi[0], roi[1], self.prepared.cropped_shape,
                                                              self.window)
         # The coarse result on the crop; the zoom-in result overwrites the region of interest slab by slab. The
@@ -182,7 +186,9 @@ class Predictor:
             self.maps.back_to_crop_into(coarse, logits_crop)
             self._record(trace, zoomout_logits_back=logits_crop.copy() if trace is not None else None)
         encoded = decoded = 0
-        if plan is None:
+        if plan is None and not self.zoom_in:
+            notes.append("coarse pass only: this model's configuration turns the zoom-in refinement off")
+        elif plan is None:
             notes.append("the zoom-out result has no foreground: kept it without zooming in (as SegVol does)")
             warn(notes[-1], progress, 0.1)
         else:

@@ -296,3 +296,23 @@ def test_a_region_larger_than_the_cache_keeps_its_first_windows(model, volume):
     again = predictor.segment(prompts)
     assert again.windows_encoded == first.windows - 2           # the first two stayed cached
     np.testing.assert_array_equal(again.mask, first.mask)
+
+
+def test_zoom_in_can_be_turned_off_by_the_model_config_or_the_caller(model, volume):
+    prompts = Prompts(text="liver", box=BOX_IJK)
+    refined = Predictor(model, device="cpu", precision="fp32")
+    refined.set_volume(volume)
+    full = refined.segment(prompts)
+    coarse_only = Predictor(model, device="cpu", precision="fp32", zoom_in=False)
+    coarse_only.set_volume(volume)
+    trace = {}
+    coarse = coarse_only.segment(prompts, trace=trace)
+    assert full.windows > 0 and coarse.windows == 0 and any("coarse pass only" in n for n in coarse.notes)
+    # the result is the zoom-out pass mapped back, which the refinement then changes
+    np.testing.assert_array_equal(trace["final_mask_cropped"], trace["zoomout_logits_back"] > 0)
+    assert not np.array_equal(coarse.mask, full.mask)
+    model.config.zoom_in = False
+    try:
+        assert Predictor(model, device="cpu", precision="fp32").zoom_in is False
+    finally:
+        model.config.zoom_in = True

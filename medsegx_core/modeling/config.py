@@ -100,6 +100,9 @@ class SegVolConfig:
     prompt_encoder: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
     mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    # Whether inference refines the coarse (zoom-out) pass with native-resolution zoom-in windows. SegVol does;
+    # the bundled starter model's windows are weaker than its coarse pass (MODEL_CARD.md), so it says False.
+    zoom_in: bool = True
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(v) for v in self.image_size)
