@@ -40,7 +40,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}; auto picks {Runtime.resolve('auto').describe()}")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}; "
+          f"auto picks {Runtime.resolve('auto').describe()}")
     torch.manual_seed(0)
     model = build_model(args.preset, tokenizer=TOKENIZER)
     volume = _volume(1.0, None)

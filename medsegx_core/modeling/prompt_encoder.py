@@ -122,7 +122,8 @@ class PromptEncoder3D(nn.Module):
             covered = []
             for axis, n in enumerate(grid):
                 starts = torch.arange(n, device=device, dtype=torch.float32) * cell[axis]
-                covered.append((starts[None] < hi[:, axis:axis + 1]) & (starts[None] + cell[axis] > lo[:, axis:axis + 1]))
+                ends = starts + cell[axis]
+                covered.append((starts[None] < hi[:, axis:axis + 1]) & (ends[None] > lo[:, axis:axis + 1]))
             inside = covered[0][:, :, None, None] & covered[1][:, None, :, None] & covered[2][:, None, None, :]
             marks = marks + inside[:, None].to(dtype) * self.box_cells_embed.to(dtype)[None, :, None, None, None]
         if points is not None:

@@ -20,10 +20,11 @@ from ..data.atomic import atomic_output
 from ..data.hierarchy import load_hierarchy
 from ..errors import WeightsError
 from ..modeling.conmoae import ConMoAE, ConMoAEConfig, attach_experts_to_model
+from ..weights.store import EXPERT_STATE_PREFIX
 
 PACK_FORMAT = "medsegx-expert-pack"
 PACK_VERSION = "1"
-EXPERT_PREFIX = "conmoae."
+EXPERT_PREFIX = EXPERT_STATE_PREFIX   # model.conmoae's state-dict keys
 
 
 def base_state(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -286,7 +286,7 @@ def _as_is(batch):
 
 def save_starter(run: TrainingRun, folder: Path, source: Dict) -> Path:
     """Our weights folder: the base model, plus its expert pack when experts were trained (one SHA256SUMS)."""
-    from ..weights.store import EXPERTS_FILE, save_model
+    from ..weights.store import EXPERT_STATE_PREFIX, EXPERTS_FILE, save_model
     from .expert_pack import base_state, save_expert_pack, weights_sha256
 
     model = run.model.to("cpu")
@@ -294,7 +294,7 @@ def save_starter(run: TrainingRun, folder: Path, source: Dict) -> Path:
 
     def write_experts(staging: Path) -> None:
         structures = [{"name": name} for name in run.vocabulary]
-        save_expert_pack(staging / EXPERTS_FILE, model, ("conmoae.",), weights_sha256(base_state(model)),
+        save_expert_pack(staging / EXPERTS_FILE, model, (EXPERT_STATE_PREFIX,), weights_sha256(base_state(model)),
                          structures=structures, extra={"trained_with": "medsegx_core.training.train_starter"})
 
     return save_model(model, folder, source=source, overwrite=True,
@@ -312,7 +312,8 @@ def run_record(run: TrainingRun, args: argparse.Namespace, argv: Sequence[str]) 
         "init": str(args.init) if args.init else None,
         "held_out_structures": list(args.hold_out_structures),
         "device": args.device, "workers": args.workers, "experts": args.experts,
-        "coordinates": args.coordinates, "dense_prompts": args.dense_prompts, "bundle": str(args.bundle) if args.bundle else None,
+        "coordinates": args.coordinates, "dense_prompts": args.dense_prompts,
+        "bundle": str(args.bundle) if args.bundle else None,
         "final_loss_mean_last_50": round(float(np.mean(run.losses[-50:])), 4) if run.losses else None,
         "vocabulary": run.vocabulary, "torch": torch.__version__,
     }
