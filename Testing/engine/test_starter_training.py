@@ -103,3 +103,13 @@ def test_a_stage_stopped_early_is_reproduced_by_stop_after(bundle):
     full = _run(bundle[0], steps=3)
     stopped = _run(bundle[0], steps=3, stop_after=2)
     assert stopped.steps_done == 2 and stopped.losses == full.losses[:2]
+
+
+def test_a_later_stage_refuses_weights_of_other_sizes(bundle, tmp_path):
+    earlier = save_starter(_run(bundle[0], steps=1), tmp_path / "earlier", {})
+    wider = StarterSize(**{**TINY.__dict__, "width": 64})
+    with pytest.raises(InputError, match="do not fit this model"):
+        _run(bundle[0], steps=1, size=wider, init=earlier)
+    # the same sizes plus experts and dense marks may continue it
+    marked = StarterSize(**{**TINY.__dict__, "dense_prompts": True})
+    assert _run(bundle[0], steps=1, size=marked, init=earlier, experts=True).steps_done == 1

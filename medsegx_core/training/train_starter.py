@@ -267,10 +267,13 @@ def continue_from(model: SegVol, init: Path) -> None:
     ``ADDABLE_PREFIXES`` may be new, everything else must match by name and shape."""
     from ..weights.store import load_model
 
-    earlier = load_model(init, verify=True).state_dict()
-    skip = model.packaged_state_prefixes()
+    earlier_model = load_model(init, verify=True)
+    # Package-provided weights (the MiniLM tower) are neither stored nor trained; the training model may not even
+    # have them (built from a prepared set), so they are compared on neither side.
+    skip = tuple(earlier_model.packaged_state_prefixes()) + tuple(model.packaged_state_prefixes())
+    earlier = {k: v for k, v in earlier_model.state_dict().items() if not (skip and k.startswith(skip))}
     own = {k: v for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
-    unexpected = sorted(k for k in earlier if k not in own and not (skip and k.startswith(skip)))
+    unexpected = sorted(k for k in earlier if k not in own)
     missing = sorted(k for k in own if k not in earlier and not k.startswith(ADDABLE_PREFIXES))
     mismatched = sorted(k for k in earlier if k in own and earlier[k].shape != own[k].shape)
     if unexpected or missing or mismatched:
