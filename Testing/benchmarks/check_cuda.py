@@ -19,8 +19,10 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+HERE = __import__("pathlib").Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 from bench_predictor import TOKENIZER, _volume  # noqa: E402  (the benchmark's real CT and tokenizer)
+from cuda_memory import fill_cuda_memory  # noqa: E402  (Testing/cuda_memory.py)
 
 from medsegx_core.inference.device import Runtime  # noqa: E402
 from medsegx_core.modeling.build import build_model  # noqa: E402
@@ -74,14 +76,7 @@ def main() -> int:
 
     gpu = Predictor(copy.deepcopy(model), device="cuda", precision="fp32")
     gpu.set_volume(volume)
-    free, _ = torch.cuda.mem_get_info()
-    hog = []
-    try:   # fill the GPU so that the window encodings cannot allocate
-        while True:
-            hog.append(torch.empty(max(free // 4, 1 << 20), dtype=torch.uint8, device="cuda"))
-            free, _ = torch.cuda.mem_get_info()
-    except torch.cuda.OutOfMemoryError:
-        pass
+    hog = fill_cuda_memory()   # so that the window encodings cannot allocate
     messages = []
     result = gpu.segment(cases["text+box+click"], progress=lambda f, m: messages.append(m))
     del hog

@@ -19,6 +19,8 @@ from medsegx_core.predictor import Predictor
 from medsegx_core.progress import CancelToken
 from medsegx_core.prompts import BoxPrompt, PointPrompt, Prompts
 
+from cuda_memory import fill_cuda_memory  # Testing/cuda_memory.py (Testing/ is on sys.path: conftest)
+
 LIVER_IJK = (70.0, 55.0, 90.0)
 SPLEEN_IJK = (90.0, 60.0, 60.0)
 BOX_IJK = BoxPrompt((37, 25, 69), (104, 86, 111), space="ijk")
@@ -270,14 +272,7 @@ def test_release_freed_memory_returns_heap_holes_to_the_system():
 def test_cuda_out_of_memory_falls_back_to_the_cpu(model, volume):
     predictor = Predictor(copy.deepcopy(model), device="cuda", precision="fp32")
     predictor.set_volume(volume)
-    free, _ = torch.cuda.mem_get_info()
-    hog = []
-    try:   # fill the GPU so that the next window encodings cannot allocate
-        while True:
-            hog.append(torch.empty(max(free // 4, 1 << 20), dtype=torch.uint8, device="cuda"))
-            free, _ = torch.cuda.mem_get_info()
-    except torch.cuda.OutOfMemoryError:
-        pass
+    hog = fill_cuda_memory()   # so that the next window encodings cannot allocate
     messages = []
     result = predictor.segment(Prompts(text="liver"), progress=lambda f, m: messages.append(m))
     del hog
