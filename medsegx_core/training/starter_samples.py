@@ -10,18 +10,24 @@ many-case training needs on top:
 * a varying number of clicks (1-3 positive, 0-1 negative), since a user's first click is a single point;
 * zoom-out field-of-view augmentation: a random sub-box of the crop is what gets resized, as when a user's scan
   covers more or less of the body;
-* intensity augmentation (gamma, contrast, brightness, noise) on the model input, staying in [0, 1].
+* intensity augmentation (gamma, contrast, brightness, noise) on the model input, staying in [0, 1];
+* optionally (``AugmentSettings.domain_randomised()``, ``--domain-randomisation``) the ``domain_randomisation``
+  transforms: per-structure intensity shifts, random intensity curves, bias fields and thin slabs, so that one
+  CT patient teaches anatomy rather than CT greys.
 No flips: left and right structures are different prompts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import replace
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..data.hierarchy import context_indices
+from .domain_randomisation import (bias_field, label_intensity_shift, random_intensity_curve, random_sub_box,
+                                   slab_region)
 from .prompt_simulation import PromptedSample, PromptSettings, bounding_box, simulate
 from .starter_data import TrainingCase
 
@@ -45,6 +51,17 @@ class AugmentSettings:
     brightness: float = 0.05
     noise_std: float = 0.02
     box_jitter: int = 4
+    # Domain randomisation (training/domain_randomisation.py); all off in the default recipe.
+    label_shift_probability: float = 0.0    # per-structure intensity offsets, on the native crop
+    curve_probability: float = 0.0          # a random (non-monotonic) intensity curve, on the model input
+    bias_probability: float = 0.0           # a smooth multiplicative field, on the model input
+    slab_probability: float = 0.0           # zoom-out views: a thin slab of slices instead of a sub-box
+
+    @classmethod
+    def domain_randomised(cls) -> "AugmentSettings":
+        """The recipe of ``--domain-randomisation``: about half the samples no longer look like CT."""
+        return replace(cls(), label_shift_probability=0.35, curve_probability=0.4, bias_probability=0.3,
+                       slab_probability=0.3)
 
 
 class StarterSampler:
@@ -85,12 +102,25 @@ class StarterSampler:
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.kind_p))]
         view = "zoom-in" if rng.random() < settings.zoom_in_probability else "zoom-out"
         image, mask = case.labelled.image, case.labelled.mask(structure)
-        if view == "zoom-out" and rng.random() < settings.subcrop_probability:
+        if view == "zoom-out" and settings.slab_probability and rng.random() < settings.slab_probability:
+            lo, hi = bounding_box(mask)
+            region = slab_region(mask.shape, (lo + hi) // 2, rng)
+            image, mask = image[region], mask[region]
+        elif view == "zoom-out" and rng.random() < settings.subcrop_probability:
             region = self._subcrop(mask)
             image, mask = image[region], mask[region]
+        else:
+            region = None
+        if settings.label_shift_probability and rng.random() < settings.label_shift_probability:
+            labels = case.labelled.labels if region is None else case.labelled.labels[region]
+            image = label_intensity_shift(image, labels, rng)
         clicks = PromptSettings(box_jitter=settings.box_jitter, positive_points=int(rng.integers(1, 4)),
                                 negative_points=int(rng.integers(0, 2)))
         sample = simulate(image, mask, structure.name, kind, view, self.model_shape, rng, clicks)
+        if sample is not None and settings.curve_probability and rng.random() < settings.curve_probability:
+            sample.image = random_intensity_curve(sample.image, rng)
+        if sample is not None and settings.bias_probability and rng.random() < settings.bias_probability:
+            sample.image = bias_field(sample.image, rng)
         if sample is not None and rng.random() < settings.intensity_probability:
             sample.image = self._augment_intensity(sample.image)
         if sample is not None:
@@ -103,13 +133,8 @@ class StarterSampler:
     def _subcrop(self, mask: np.ndarray) -> Tuple[slice, slice, slice]:
         """A random sub-box of the crop (each side >= subcrop_min_fraction) holding the structure's centre."""
         lo, hi = bounding_box(mask)
-        centre = (lo + hi) // 2
-        region = []
-        for axis, n in enumerate(mask.shape):
-            size = max(1, int(round(n * self.rng.uniform(self.settings.subcrop_min_fraction, 1.0))))
-            first = int(self.rng.integers(max(0, centre[axis] - size + 1), min(centre[axis], n - size) + 1))
-            region.append(slice(first, first + size))
-        return tuple(region)
+        fraction = (self.settings.subcrop_min_fraction, 1.0)
+        return random_sub_box(mask.shape, (lo + hi) // 2, self.rng, (fraction,) * mask.ndim, (1,) * mask.ndim)
 
     def _augment_intensity(self, image: np.ndarray) -> np.ndarray:
         rng, s = self.rng, self.settings
@@ -125,14 +150,17 @@ class SampleStream(torch.utils.data.IterableDataset):
     ``StarterSampler`` seeded (seed, w), so a run is reproducible for a given number of workers (the loader
     takes batches from the workers in turn)."""
 
-    def __init__(self, cases: Sequence[TrainingCase], model_shape: Sequence[int], seed: int, batch_size: int):
+    def __init__(self, cases: Sequence[TrainingCase], model_shape: Sequence[int], seed: int, batch_size: int,
+                 settings: AugmentSettings = AugmentSettings()):
         super().__init__()
         self.cases, self.model_shape, self.seed, self.batch_size = list(cases), model_shape, seed, batch_size
+        self.settings = settings
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = 0 if info is None else info.id
-        sampler = StarterSampler(self.cases, self.model_shape, np.random.SeedSequence([self.seed, worker]))
+        sampler = StarterSampler(self.cases, self.model_shape, np.random.SeedSequence([self.seed, worker]),
+                                 self.settings)
         while True:
             yield collate(sampler.batch(self.batch_size))
 

@@ -49,7 +49,7 @@ from .losses import dice_bce_loss
 from .prompt_simulation import PromptedSample
 from .starter_bundle import load_bundle, save_bundle
 from .starter_data import case_specs, load_cases, structure_vocabulary
-from .starter_samples import SampleStream, StarterSampler, collate
+from .starter_samples import AugmentSettings, SampleStream, StarterSampler, collate
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,8 @@ def train_starter(data_dir: Optional[Path], seed: int = 0, steps: int = 1000, ba
                   max_minutes: Optional[float] = None, init: Optional[Path] = None,
                   on_checkpoint=None, checkpoint_every: int = 0, progress: Optional[ProgressCallback] = None,
                   cancel: Optional[CancelToken] = None, bundle: Optional[Path] = None, device: str = "cpu",
-                  workers: int = 0, experts: bool = False, stop_after: Optional[int] = None) -> TrainingRun:
+                  workers: int = 0, experts: bool = False, stop_after: Optional[int] = None,
+                  augment: AugmentSettings = AugmentSettings()) -> TrainingRun:
     """Train from scratch. ``hold_out_structures``: canonical names never used as targets (held-out structures
     for evaluation); ``max_minutes`` stops early (the run's record then says how many steps were done).
     ``on_checkpoint(run)`` is called every ``checkpoint_every`` steps."""
@@ -224,12 +225,12 @@ def train_starter(data_dir: Optional[Path], seed: int = 0, steps: int = 1000, ba
     target = torch.device(device)
     model.to(target)
     if workers > 0:
-        stream = SampleStream(loaded, model.config.image_size, seed, batch_size)
+        stream = SampleStream(loaded, model.config.image_size, seed, batch_size, augment)
         batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                                    collate_fn=_as_is, prefetch_factor=8,
                                                    persistent_workers=True, pin_memory=target.type == "cuda"))
     else:
-        sampler = StarterSampler(loaded, model.config.image_size, seed)
+        sampler = StarterSampler(loaded, model.config.image_size, seed, augment)
         batches = iter(lambda: collate(sampler.batch(batch_size)), None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
@@ -339,6 +340,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="prompt coordinate normalisation (PromptEncoderConfig.coordinates)")
     parser.add_argument("--dense-prompts", action="store_true",
                         help="also mark boxes and clicks in the dense prompt (PromptEncoderConfig.dense_prompts)")
+    parser.add_argument("--domain-randomisation", action="store_true",
+                        help="add per-structure intensity shifts, random intensity curves, bias fields and thin "
+                             "slabs to the augmentation (AugmentSettings.domain_randomised)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -414,7 +418,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         max_minutes=args.max_minutes, init=args.init, on_checkpoint=save,
                         checkpoint_every=args.checkpoint_every,
                         progress=progress, bundle=args.bundle, device=args.device, workers=args.workers,
-                        experts=args.experts, stop_after=args.stop_after)
+                        experts=args.experts, stop_after=args.stop_after,
+                        augment=AugmentSettings.domain_randomised() if args.domain_randomisation
+                        else AugmentSettings())
     save(run)
     print(f"saved {args.out} after {run.steps_done} steps in {run.elapsed_s / 60:.1f} min")
     return 0

@@ -1,0 +1,82 @@
+"""Domain randomisation of the starter training (training/domain_randomisation.py): each transform does what it
+promises on the real abdominal CT, and the sampler draws with it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medsegx_core.training.domain_randomisation import (bias_field, label_intensity_shift, random_intensity_curve,
+                                                        slab_region)
+from medsegx_core.training.starter_data import case_specs, load_cases
+from medsegx_core.training.starter_samples import AugmentSettings, StarterSampler
+
+
+@pytest.fixture(scope="module")
+def ct_case(data_dir):
+    return load_cases(data_dir, case_specs(["ct_abdomen"]))[0]
+
+
+def test_each_structure_moves_by_its_own_offset_and_the_background_stays(ct_case):
+    image, labels = ct_case.labelled.image, ct_case.labelled.labels
+    shifted = label_intensity_shift(image, labels, np.random.default_rng(0))
+    assert shifted.dtype == np.float32 and shifted.min() >= 0.0 and shifted.max() <= 1.0
+    np.testing.assert_array_equal(shifted[labels == 0], image[labels == 0])
+    offsets = {}
+    for structure in ct_case.structures[:16]:
+        inside = labels == structure.label
+        unclipped = (shifted[inside] > 0.0) & (shifted[inside] < 1.0)
+        if not unclipped.any():
+            continue    # a large negative offset on a dark structure: all of it clipped to 0
+        moved = shifted[inside][unclipped] - image[inside][unclipped]
+        assert np.ptp(moved) < 1e-5, f"{structure.name}: one offset for the whole structure"
+        offsets[structure.name] = float(np.median(moved))
+    assert len(offsets) >= 8
+    assert len({round(v, 4) for v in offsets.values()}) == len(offsets), "every structure gets its own offset"
+
+
+def test_intensity_curves_are_functions_of_intensity_that_can_reverse_tissue_order(ct_case):
+    image, labels = ct_case.labelled.image, ct_case.labelled.labels
+    liver = next(s for s in ct_case.structures if s.name == "liver").label
+    fat_like = image[(labels == 0) & (image > 0.05)]
+    darker_tissue, liver_grey = np.percentile(fat_like, 20), np.median(image[labels == liver])
+    assert darker_tissue < liver_grey
+    reversed_order = 0
+    for seed in range(20):
+        curve_rng = np.random.default_rng(seed)
+        out = random_intensity_curve(image, curve_rng)
+        assert out.min() >= 0.0 and out.max() <= 1.0
+        same = random_intensity_curve(np.array([darker_tissue, liver_grey], dtype=np.float32),
+                                      np.random.default_rng(seed))
+        reversed_order += bool(same[0] > same[1])
+    # About half of random curves put the darker tissue above the liver, as MR sequences do.
+    assert 3 <= reversed_order <= 17
+
+
+def test_bias_fields_are_smooth_and_not_constant(ct_case):
+    flat = np.full((32, 64, 64), 0.5, dtype=np.float32)
+    out = bias_field(flat, np.random.default_rng(1))
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    spread = out.max() - out.min()
+    assert spread > 0.05, "a field that changes the image"
+    for axis in range(3):
+        assert np.abs(np.diff(out, axis=axis)).max() < spread / 8, "smooth from voxel to voxel"
+
+
+def test_slabs_keep_the_centre_and_only_a_thin_stack_of_slices():
+    rng = np.random.default_rng(0)
+    shape, centre = (112, 97, 122), (80, 40, 60)
+    for _ in range(200):
+        region = slab_region(shape, centre, rng)
+        lengths = [r.stop - r.start for r in region]
+        assert all(r.start <= c < r.stop and 0 <= r.start and r.stop <= n
+                   for r, c, n in zip(region, centre, shape))
+        assert 4 <= lengths[0] <= round(0.5 * shape[0]) and lengths[1] >= round(0.7 * shape[1])
+
+
+def test_the_domain_randomised_sampler_draws_valid_samples_unlike_the_default_ones(ct_case):
+    randomised = StarterSampler([ct_case], (32, 128, 128), 3, AugmentSettings.domain_randomised())
+    samples = randomised.batch(24)
+    assert all(s.image.shape == (32, 128, 128) and 0.0 <= s.image.min() and s.image.max() <= 1.0 and s.mask.any()
+               for s in samples)
+    plain = StarterSampler([ct_case], (32, 128, 128), 3).batch(24)
+    assert any(not np.array_equal(a.image, b.image) for a, b in zip(samples, plain))
