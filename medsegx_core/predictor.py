@@ -44,7 +44,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from .data.hierarchy import context_indices, resolve_modality, resolve_term
+from .data.hierarchy import context_indices, guess_modality, resolve_modality, resolve_term
 from .data.volume import Volume
 from .errors import PromptError
 from .inference.device import (Runtime, cast_matmul_weights, is_out_of_memory, release_cuda_memory,
@@ -135,7 +135,10 @@ class Predictor:
                                    progress=scaled(progress, 0.0, 0.4), cancel=cancel)
         self.maps = ZoomMaps.build(self.prepared.cropped_shape, self.window)
         self._zoom_image = self.maps.zoom_out(self.prepared.crop_reader)
-        self.modality = resolve_modality(modality or volume.modality)
+        # The experts' routing modality: the caller's, else the file's, else guessed from the intensities, the
+        # same rule that labelled the training cases (an "unknown" routing would be one no expert learned).
+        given = modality or volume.modality
+        self.modality = resolve_modality(given) if given else guess_modality(volume.array)
         self.volume = volume
         if not self.has_experts:   # the zoom-out embedding does not depend on the prompt: do it now
             report(progress, 0.4, "encoding the zoom-out view")

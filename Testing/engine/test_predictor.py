@@ -112,6 +112,22 @@ def test_experts_key_the_cache_by_the_anatomy(model, volume):
     calls.close()
 
 
+def test_the_routing_modality_is_the_callers_else_the_files_else_guessed(model, volume, data_dir):
+    """Training labels cases by the same rule; an "unknown" routing would be one no expert learned."""
+    predictor = Predictor(model, device="cpu", precision="fp32")
+    assert volume.modality is None                     # NIfTI stores no modality
+    predictor.set_volume(volume)
+    assert predictor.modality.name == "CT"             # Hounsfield units
+    predictor.set_volume(read_volume(data_dir / "mri" / "totalseg_mr.nii.gz"))
+    assert predictor.modality.name == "MRI"
+    predictor.set_volume(volume, modality="MRI")
+    assert predictor.modality.name == "MRI"
+    tagged = copy.copy(volume)
+    tagged.modality = "MR"
+    predictor.set_volume(tagged)
+    assert predictor.modality.name == "MRI"
+
+
 @pytest.mark.parametrize("prompts", [
     Prompts(text="liver"),
     Prompts(points=(point(LIVER_IJK),)),

@@ -162,7 +162,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when present, else CPU")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto: bf16/fp16 where the hardware is fast at it; fp32 for exact results")
-    parser.add_argument("--modality", help="CT, MRI, ... (default: from the file); used by adapter experts")
+    parser.add_argument("--modality", help="CT, MRI, ... (default: from the file, else guessed from the "
+                                           "intensities); routes the adapter experts")
     parser.add_argument("--name", help="segment name (default: the structure's name)")
     parser.add_argument("-o", "--output", required=True,
                         help="output file: .seg.nrrd (Slicer), .nii.gz (labelmap + .json names), .dcm (DICOM SEG)")
