@@ -317,6 +317,7 @@ def run_record(run: TrainingRun, args: argparse.Namespace, argv: Sequence[str]) 
         "held_out_structures": list(args.hold_out_structures),
         "device": args.device, "workers": args.workers, "experts": args.experts,
         "coordinates": args.coordinates, "dense_prompts": args.dense_prompts,
+        "domain_randomisation": args.domain_randomisation,
         "bundle": str(args.bundle) if args.bundle else None,
         "final_loss_mean_last_50": round(float(np.mean(run.losses[-50:])), 4) if run.losses else None,
         "vocabulary": run.vocabulary, "torch": torch.__version__,
