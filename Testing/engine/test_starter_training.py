@@ -115,7 +115,7 @@ def test_a_later_stage_refuses_weights_of_other_sizes(bundle, tmp_path):
     assert _run(bundle[0], steps=1, size=marked, init=earlier, experts=True).steps_done == 1
 
 
-def test_the_command_line_trains_with_domain_randomisation_and_records_it(bundle, tmp_path):
+def test_the_command_line_trains_with_domain_randomisation_or_slabs_and_records_it(bundle, tmp_path, capsys):
     import json
 
     from medsegx_core.training.train_starter import main
@@ -125,9 +125,13 @@ def test_the_command_line_trains_with_domain_randomisation_and_records_it(bundle
               "--coordinates", "aligned"]
     assert main(common + ["--out", str(tmp_path / "plain")]) == 0
     assert main(common + ["--out", str(tmp_path / "randomised"), "--domain-randomisation"]) == 0
-    plain, randomised = (json.loads((tmp_path / name / "config.json").read_text())["source"]
-                         for name in ("plain", "randomised"))
+    assert main(common + ["--out", str(tmp_path / "slabs"), "--slabs"]) == 0
+    plain, randomised, slabs = (json.loads((tmp_path / name / "config.json").read_text())["source"]
+                                for name in ("plain", "randomised", "slabs"))
     assert randomised["domain_randomisation"] is True and plain["domain_randomisation"] is False
-    assert "--domain-randomisation" in randomised["command"]
-    # same seed, other samples: the flag reaches the sampler
-    assert randomised["final_loss_mean_last_50"] != plain["final_loss_mean_last_50"]
+    assert slabs["slabs"] is True and not plain["slabs"] and "--domain-randomisation" in randomised["command"]
+    # same seed, other samples: the flags reach the sampler
+    assert len({run["final_loss_mean_last_50"] for run in (plain, randomised, slabs)}) == 3
+    assert main(common + ["--out", str(tmp_path / "both"), "--slabs", "--domain-randomisation"]) == 2
+    assert "error: give one of --domain-randomisation" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists()

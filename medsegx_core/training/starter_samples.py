@@ -63,6 +63,12 @@ class AugmentSettings:
         return replace(cls(), label_shift_probability=0.35, curve_probability=0.4, bias_probability=0.3,
                        slab_probability=0.3)
 
+    @classmethod
+    def with_slabs(cls) -> "AugmentSettings":
+        """The recipe of ``--slabs``: the default plus thin-slab zoom-out views (partial scan coverage), no
+        intensity randomisation."""
+        return replace(cls(), slab_probability=0.3)
+
 
 class StarterSampler:
     """Draws prompted samples (``prompt_simulation.PromptedSample``) from the cases with one seeded generator."""

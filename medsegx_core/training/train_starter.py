@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..errors import InputError
+from ..errors import InputError, MedSegXError
 from ..modeling.build import build_model
 from ..modeling.config import (ImageEncoderConfig, MaskDecoderConfig, PromptEncoderConfig, SegVolConfig,
                                TextEncoderConfig)
@@ -317,7 +317,7 @@ def run_record(run: TrainingRun, args: argparse.Namespace, argv: Sequence[str]) 
         "held_out_structures": list(args.hold_out_structures),
         "device": args.device, "workers": args.workers, "experts": args.experts,
         "coordinates": args.coordinates, "dense_prompts": args.dense_prompts,
-        "domain_randomisation": args.domain_randomisation,
+        "domain_randomisation": args.domain_randomisation, "slabs": args.slabs,
         "bundle": str(args.bundle) if args.bundle else None,
         "final_loss_mean_last_50": round(float(np.mean(run.losses[-50:])), 4) if run.losses else None,
         "vocabulary": run.vocabulary, "torch": torch.__version__,
@@ -344,6 +344,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--domain-randomisation", action="store_true",
                         help="add per-structure intensity shifts, random intensity curves, bias fields and thin "
                              "slabs to the augmentation (AugmentSettings.domain_randomised)")
+    parser.add_argument("--slabs", action="store_true",
+                        help="add thin-slab zoom-out views only (scans covering part of the body; "
+                             "AugmentSettings.with_slabs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -372,6 +375,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def augment_settings(args: argparse.Namespace) -> AugmentSettings:
+    if args.domain_randomisation and args.slabs:
+        raise InputError("give one of --domain-randomisation (which includes slabs) and --slabs")
+    if args.domain_randomisation:
+        return AugmentSettings.domain_randomised()
+    return AugmentSettings.with_slabs() if args.slabs else AugmentSettings()
+
+
 def prepare(data_dir: Optional[Path], path: Path) -> int:
     """Write every case of ``data_dir`` and the sentence embeddings of their structures to ``path``."""
     if data_dir is None:
@@ -388,6 +399,14 @@ def prepare(data_dir: Optional[Path], path: Path) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    try:
+        return _train(args, argv)
+    except MedSegXError as exc:    # bad data, options or --init weights: say what, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     torch.set_num_threads(args.threads)
     if args.prepare is not None:
         return prepare(args.data, args.prepare)
@@ -420,8 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         checkpoint_every=args.checkpoint_every,
                         progress=progress, bundle=args.bundle, device=args.device, workers=args.workers,
                         experts=args.experts, stop_after=args.stop_after,
-                        augment=AugmentSettings.domain_randomised() if args.domain_randomisation
-                        else AugmentSettings())
+                        augment=augment_settings(args))
     save(run)
     print(f"saved {args.out} after {run.steps_done} steps in {run.elapsed_s / 60:.1f} min")
     return 0
