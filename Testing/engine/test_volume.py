@@ -95,6 +95,24 @@ def test_same_grid_and_with_array():
     assert "directions" in volume.grid_difference(Volume(volume.array, (1, 1, 2), [0, 0, 0], np.diag([-1, 1, 1])))
 
 
+@settings(max_examples=60, deadline=None)
+@given(volumes(), st.data())
+def test_a_slab_keeps_every_voxel_at_its_place_in_space(volume, data):
+    depth = volume.array.shape[0]
+    volume = volume.with_array(np.arange(volume.array.size).reshape(volume.array.shape))
+    first = data.draw(st.integers(0, depth - 1))
+    stop = data.draw(st.integers(first + 1, depth))
+    slab = volume.slab(first, stop)
+    assert slab.array.shape[0] == stop - first
+    np.testing.assert_array_equal(slab.array, volume.array[first:stop])
+    # voxel (i, j, k) of the slab is voxel (i, j, k + first) of the volume: same RAS point
+    corners = np.array([[0, 0, 0], [slab.array.shape[2] - 1, slab.array.shape[1] - 1, stop - first - 1]], float)
+    np.testing.assert_allclose(slab.ijk_to_ras_points(corners), volume.ijk_to_ras_points(corners + [0, 0, first]),
+                               atol=1e-6)
+    with pytest.raises(GeometryError, match="not within"):
+        volume.slab(first, depth + 1)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(array=np.zeros((3, 3))), "3D"),
     (dict(spacing=(1, 0, 1)), "spacing"),

@@ -144,6 +144,13 @@ class Volume:
                                 f"{self.array.shape}")
         return replace(self, array=array)
 
+    def slab(self, first: int, stop: int) -> "Volume":
+        """The slices ``first <= k < stop`` as a volume of their own, at their place in space (a view: no copy)."""
+        if not 0 <= first < stop <= self.array.shape[0]:
+            raise GeometryError(f"slices {first}..{stop - 1} are not within the volume's 0..{self.array.shape[0] - 1}")
+        origin = apply_affine(self.ijk_to_ras, [(0.0, 0.0, float(first))])[0]
+        return replace(self, array=self.array[first:stop], origin_ras=origin)
+
     def grid_difference(self, other: "Volume", tol: float = 1e-4) -> Optional[str]:
         """``None`` when both volumes share a voxel grid, else a short description of the first difference.
 
