@@ -10,7 +10,7 @@ volume: box = the structure's tight voxel box, point = one click at its most int
 Usage (a few minutes on 2 CPU threads)::
 
     OMP_NUM_THREADS=2 python Testing/benchmarks/eval_starter.py [--weights DIR] [--kinds box point text]
-                                                                 [--json out.json]
+                                                                 [--zoom-in model|on|off] [--json out.json]
 """
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     parser.add_argument("--structures", nargs="*", default=None, help="only these (raw or canonical names)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--zoom-in", choices=("model", "on", "off"), default="model",
+                        help="zoom-in refinement: as the weights' config says (the shipped starter: off), or "
+                             "forced (a training checkpoint's config keeps SegVol's default, on)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
@@ -48,7 +51,8 @@ def main(argv=None) -> int:
         return 1
     torch.set_num_threads(args.threads)
     model = load_model(args.weights, verify=True)
-    predictor = Predictor(model, device="cpu", precision=args.precision)
+    zoom_in = {"model": None, "on": True, "off": False}[args.zoom_in]
+    predictor = Predictor(model, device="cpu", precision=args.precision, zoom_in=zoom_in)
     start = time.perf_counter()
     rows = evaluate(predictor, args.data, kinds=args.kinds, structures=args.structures)
     print(f"weights: {args.weights} | runtime: {predictor.runtime.describe()} | "

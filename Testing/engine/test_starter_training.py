@@ -125,9 +125,12 @@ def test_the_command_line_trains_with_domain_randomisation_or_slabs_and_records_
               "--coordinates", "aligned"]
     assert main(common + ["--out", str(tmp_path / "plain")]) == 0
     assert main(common + ["--out", str(tmp_path / "randomised"), "--domain-randomisation"]) == 0
-    assert main(common + ["--out", str(tmp_path / "slabs"), "--slabs"]) == 0
-    plain, randomised, slabs = (json.loads((tmp_path / name / "config.json").read_text())["source"]
-                                for name in ("plain", "randomised", "slabs"))
+    assert main(common + ["--out", str(tmp_path / "slabs"), "--slabs", "--coarse-only"]) == 0
+    configs = {name: json.loads((tmp_path / name / "config.json").read_text())
+               for name in ("plain", "randomised", "slabs")}
+    plain, randomised, slabs = (configs[name]["source"] for name in ("plain", "randomised", "slabs"))
+    assert configs["slabs"]["model"]["zoom_in"] is False and configs["plain"]["model"]["zoom_in"] is True
+    assert load_model(tmp_path / "slabs").config.zoom_in is False
     assert randomised["domain_randomisation"] is True and plain["domain_randomisation"] is False
     assert slabs["slabs"] is True and not plain["slabs"] and "--domain-randomisation" in randomised["command"]
     # same seed, other samples: the flags reach the sampler

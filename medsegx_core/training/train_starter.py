@@ -64,6 +64,7 @@ class StarterSize:
     decoder_mlp: int = 256
     coordinates: str = "segvol"     # PromptEncoderConfig.coordinates
     dense_prompts: bool = False     # PromptEncoderConfig.dense_prompts
+    zoom_in: bool = True            # SegVolConfig.zoom_in: False = the coarse pass is the result
 
 
 def starter_config(size: StarterSize = StarterSize()) -> SegVolConfig:
@@ -78,6 +79,7 @@ def starter_config(size: StarterSize = StarterSize()) -> SegVolConfig:
         mask_decoder=MaskDecoderConfig(transformer_heads=max(1, size.heads // 2),
                                        transformer_mlp_dim=size.decoder_mlp, iou_head_hidden_dim=64),
         text_encoder=TextEncoderConfig(kind="minilm", clip={}),
+        zoom_in=size.zoom_in,
     )
 
 
@@ -341,6 +343,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="prompt coordinate normalisation (PromptEncoderConfig.coordinates)")
     parser.add_argument("--dense-prompts", action="store_true",
                         help="also mark boxes and clicks in the dense prompt (PromptEncoderConfig.dense_prompts)")
+    parser.add_argument("--coarse-only", action="store_true",
+                        help="record zoom_in = false in the saved config: inference uses the coarse (zoom-out) "
+                             "pass only (SegVolConfig.zoom_in)")
     parser.add_argument("--domain-randomisation", action="store_true",
                         help="add per-structure intensity shifts, random intensity curves, bias fields and thin "
                              "slabs to the augmentation (AugmentSettings.domain_randomised)")
@@ -418,7 +423,7 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 1
     size = StarterSize(image_size=tuple(args.image_size), patch_size=tuple(args.patch_size), width=args.width,
                        layers=args.layers, heads=max(1, args.width // 32), coordinates=args.coordinates,
-                       dense_prompts=args.dense_prompts)
+                       dense_prompts=args.dense_prompts, zoom_in=not args.coarse_only)
 
     def save(run: TrainingRun) -> None:
         save_starter(run, args.out, run_record(run, args, argv))
