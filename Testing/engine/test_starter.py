@@ -13,18 +13,23 @@ from medsegx_core.data.readers import read_labelmap, read_volume
 from medsegx_core.data.segments import Segment
 from medsegx_core.errors import InputError, OutputError, WeightsError
 from medsegx_core.predictor import Predictor
-from medsegx_core.training.starter_eval import dice, evaluation_prompts, interior_voxel_ijk
+from medsegx_core.training.starter_eval import (EVALUATION_VOLUMES, dice, evaluate, evaluation_prompts,
+                                                interior_voxel_ijk)
 from medsegx_core.training.train_starter import StarterSize, train_starter
 from medsegx_core.weights.default import default_weights, starter_weights_dir
 from medsegx_core.weights.store import load_model, save_model, sha256_of, verify_folder
 
 LIVER = 5                       # TotalSegmentator "total" id
 MAX_SHIPPED_BYTES = 40 * 2**20
-# Measured with the shipped weights on ct/totalseg_ct (the training patient; MODEL_CARD.md has the held-out
-# figures, far lower): liver from text 0.73, from its box 0.80 (bf16 on CPU). The thresholds sit a little below,
-# so a regression shows; the issue's targets (0.70 text, 0.85 box on unseen data) are reported, not asserted.
-LIVER_TEXT_DICE = 0.65
-LIVER_BOX_DICE = 0.72
+# Measured with the shipped weights (bf16 on CPU, Testing/benchmarks/eval_starter.py, MODEL_CARD.md): on
+# ct/totalseg_ct (the training patient) the liver from text 0.77 and from its box 0.81; on the held-out abdominal
+# MR patient the liver from its box 0.42; on 20 slices of the training CT given as a volume of their own the liver
+# from its box 0.53. The thresholds sit a little below, so a regression shows; the issue's targets (0.70 text,
+# 0.85 box on unseen data) are reported, not asserted.
+LIVER_TEXT_DICE = 0.70
+LIVER_BOX_DICE = 0.75
+MR_LIVER_BOX_DICE = 0.35
+SLAB_LIVER_BOX_DICE = 0.45
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +67,9 @@ def test_shipped_weights_load_as_the_starter_architecture(starter_model):
     assert starter_model.config.text_encoder.kind == "minilm"
     assert tuple(starter_model.config.image_size) == (32, 128, 128)
     assert record["source"]["trained_by"] == "medsegx_core.training.train_starter"
-    assert "--seed 3" in record["source"]["command"] and record["source"]["init"]   # stage 4 of MODEL_CARD.md
+    source = record["source"]                                   # stage 6 of MODEL_CARD.md
+    assert "--seed 6" in source["command"] and source["init"] and source["domain_randomisation"]
+    assert source["excluded_patients"] == ["ct-patient-2", "mr-patient-1"]
     assert starter_model.config.prompt_encoder.coordinates == "aligned"
     assert starter_model.config.prompt_encoder.dense_prompts and not starter_model.config.zoom_in
     assert starter_model.conmoae.attached                       # its expert pack, hash-checked with the rest
@@ -101,6 +108,26 @@ def test_starter_segments_the_liver_of_the_real_ct_from_a_box(ct_predictor, ct):
     result = ct_predictor.segment(evaluation_prompts(volume, truth, "liver", "box"))
     assert dice(result.mask, truth) >= LIVER_BOX_DICE
     assert result.windows == 0          # the starter's configuration: coarse pass only
+
+
+def _evaluation_row(starter_model, data_dir, volume_key):
+    spec = next(spec for spec in EVALUATION_VOLUMES if spec.key == volume_key)
+    rows = evaluate(Predictor(starter_model, device="cpu"), data_dir, volumes=[spec], kinds=["box"],
+                    structures=["liver"])
+    assert len(rows) == 1 and rows[0].structure == "liver"
+    return rows[0]
+
+
+def test_starter_finds_the_liver_of_the_unseen_abdominal_mr_from_a_box(starter_model, data_dir):
+    """A patient and a modality of abdomen it never trained on (domain randomisation made this non-zero)."""
+    row = _evaluation_row(starter_model, data_dir, "mr-patient-1 abdomen")
+    assert row.design == "held-out patient" and row.dice >= MR_LIVER_BOX_DICE
+
+
+def test_starter_finds_the_liver_of_a_slab_of_slices_given_as_a_volume_of_its_own(starter_model, data_dir):
+    """Partial scan coverage: the slab is cut from the volume with its own geometry (labels cut alike)."""
+    row = _evaluation_row(starter_model, data_dir, "ct-patient-1 20-slice slab")
+    assert row.design == "trained, partial coverage" and row.dice >= SLAB_LIVER_BOX_DICE
 
 
 # ---- training ---------------------------------------------------------------------------------------------------
