@@ -319,7 +319,7 @@ def run_record(run: TrainingRun, args: argparse.Namespace, argv: Sequence[str]) 
         "held_out_structures": list(args.hold_out_structures),
         "device": args.device, "workers": args.workers, "experts": args.experts,
         "coordinates": args.coordinates, "dense_prompts": args.dense_prompts,
-        "domain_randomisation": args.domain_randomisation, "slabs": args.slabs,
+        "domain_randomisation": args.domain_randomisation,
         "bundle": str(args.bundle) if args.bundle else None,
         "final_loss_mean_last_50": round(float(np.mean(run.losses[-50:])), 4) if run.losses else None,
         "vocabulary": run.vocabulary, "torch": torch.__version__,
@@ -349,9 +349,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--domain-randomisation", action="store_true",
                         help="add per-structure intensity shifts, random intensity curves, bias fields and thin "
                              "slabs to the augmentation (AugmentSettings.domain_randomised)")
-    parser.add_argument("--slabs", action="store_true",
-                        help="add thin-slab zoom-out views only (scans covering part of the body; "
-                             "AugmentSettings.with_slabs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -378,14 +375,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--overwrite", action="store_true")
     return parser.parse_args(argv)
-
-
-def augment_settings(args: argparse.Namespace) -> AugmentSettings:
-    if args.domain_randomisation and args.slabs:
-        raise InputError("give one of --domain-randomisation (which includes slabs) and --slabs")
-    if args.domain_randomisation:
-        return AugmentSettings.domain_randomised()
-    return AugmentSettings.with_slabs() if args.slabs else AugmentSettings()
 
 
 def prepare(data_dir: Optional[Path], path: Path) -> int:
@@ -444,7 +433,8 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         checkpoint_every=args.checkpoint_every,
                         progress=progress, bundle=args.bundle, device=args.device, workers=args.workers,
                         experts=args.experts, stop_after=args.stop_after,
-                        augment=augment_settings(args))
+                        augment=AugmentSettings.domain_randomised() if args.domain_randomisation
+                        else AugmentSettings())
     save(run)
     print(f"saved {args.out} after {run.steps_done} steps in {run.elapsed_s / 60:.1f} min")
     return 0
