@@ -124,11 +124,13 @@ def test_the_command_line_trains_with_domain_randomisation_and_records_it(bundle
               "--image-size", "16", "64", "64", "--width", "32", "--layers", "1", "--threads", "1",
               "--coordinates", "aligned"]
     assert main(common + ["--out", str(tmp_path / "plain")]) == 0
-    assert main(common + ["--out", str(tmp_path / "randomised"), "--domain-randomisation", "--coarse-only"]) == 0
+    assert main(common + ["--out", str(tmp_path / "randomised"), "--domain-randomisation", "--coarse-only",
+                          "--zoom-in-share", "0.25"]) == 0
     configs = {name: json.loads((tmp_path / name / "config.json").read_text()) for name in ("plain", "randomised")}
     plain, randomised = configs["plain"]["source"], configs["randomised"]["source"]
     assert randomised["domain_randomisation"] is True and plain["domain_randomisation"] is False
     assert "--domain-randomisation" in randomised["command"]
+    assert randomised["zoom_in_share"] == 0.25 and plain["zoom_in_share"] == 0.5
     assert configs["randomised"]["model"]["zoom_in"] is False and configs["plain"]["model"]["zoom_in"] is True
     assert load_model(tmp_path / "randomised").config.zoom_in is False
     # same seed, other samples: the flag reaches the sampler

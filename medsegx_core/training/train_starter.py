@@ -319,7 +319,7 @@ def run_record(run: TrainingRun, args: argparse.Namespace, argv: Sequence[str]) 
         "held_out_structures": list(args.hold_out_structures),
         "device": args.device, "workers": args.workers, "experts": args.experts,
         "coordinates": args.coordinates, "dense_prompts": args.dense_prompts,
-        "domain_randomisation": args.domain_randomisation,
+        "domain_randomisation": args.domain_randomisation, "zoom_in_share": args.zoom_in_share,
         "bundle": str(args.bundle) if args.bundle else None,
         "final_loss_mean_last_50": round(float(np.mean(run.losses[-50:])), 4) if run.losses else None,
         "vocabulary": run.vocabulary, "torch": torch.__version__,
@@ -349,6 +349,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--domain-randomisation", action="store_true",
                         help="add per-structure intensity shifts, random intensity curves, bias fields and thin "
                              "slabs to the augmentation (AugmentSettings.domain_randomised)")
+    parser.add_argument("--zoom-in-share", type=float, default=AugmentSettings.zoom_in_probability,
+                        help="share of samples drawn as native-resolution zoom-in windows (the rest are zoom-out "
+                             "views; a --coarse-only model uses only the zoom-out pass)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -433,8 +436,8 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         checkpoint_every=args.checkpoint_every,
                         progress=progress, bundle=args.bundle, device=args.device, workers=args.workers,
                         experts=args.experts, stop_after=args.stop_after,
-                        augment=AugmentSettings.domain_randomised() if args.domain_randomisation
-                        else AugmentSettings())
+                        augment=replace(AugmentSettings.domain_randomised() if args.domain_randomisation
+                                        else AugmentSettings(), zoom_in_probability=args.zoom_in_share))
     save(run)
     print(f"saved {args.out} after {run.steps_done} steps in {run.elapsed_s / 60:.1f} min")
     return 0
