@@ -22,7 +22,10 @@ ITK_FILES = [
     "mri/brain_tumor_t1.nrrd", "mri/brain_tumor_t1_label.nrrd",
     "dicom/ct_3slice/liver_seg.nrrd", "dicom/ct_3slice/spine_seg.nrrd", "dicom/ct_3slice/heart_seg.nrrd",
     "dicom/ct_3slice/liver_spine_seg.nrrd",
-]
+    "ct/thorax_abdomen_ct.nii.gz", "ct/thorax_abdomen_ct_labels.nii.gz",
+    "ct/msd_spleen_8_ct.nii.gz", "ct/msd_spleen_8_ct_labels.nii.gz",
+] + [f"mri/chaos_t2spir/chaos_t2_{nn}_{kind}.nii.gz" for kind in ("mr", "label")
+       for nn in ("01", "02", "03", "05", "08", "10", "13", "15", "19", "20")]
 FREESURFER_FILES = ["mri/brain_t1.mgz", "mri/brain_t1_aparc_aseg.mgz"]
 DICOM_SERIES = {"dicom/ct_3slice": "CT", "dicom/mr_3slice": "MR"}
 NOT_VOLUMES = {".json", ".md"}  # sidecars; liver_SEG.dcm is checked by the writer tests

@@ -51,6 +51,12 @@ CASES: Tuple[CaseSpec, ...] = (
              "ct/chest_ct_aorta_crop_labels.nii.gz", "ct/chest_ct_aorta_crop_labels.json", "CT", weight=1.0),
     CaseSpec("ct_chest_heart", "ct-patient-2", "ct/chest_ct_pulmonary_crop.nii.gz",
              "ct/chest_ct_pulmonary_crop_labels.nii.gz", "ct/chest_ct_pulmonary_crop_labels.json", "CT", weight=0.7),
+    # A clinical contrast CT at 0.7 mm in-plane (chest and upper abdomen) and a portal-venous abdominal CT at
+    # 7.5 mm slices: other scanners, phases, fields of view and slice thicknesses than patient 1's.
+    CaseSpec("ct_thorax_abdomen", "ct-patient-3", "ct/thorax_abdomen_ct.nii.gz",
+             "ct/thorax_abdomen_ct_labels.nii.gz", "ct/thorax_abdomen_ct_labels.json", "CT", weight=4.0),
+    CaseSpec("ct_spleen_msd", "ct-patient-4", "ct/msd_spleen_8_ct.nii.gz", "ct/msd_spleen_8_ct_labels.nii.gz",
+             "ct/msd_spleen_8_ct_labels.json", "CT", weight=1.0),
     CaseSpec("mr_abdomen", "mr-patient-1", "mri/totalseg_mr.nii.gz", "mri/totalseg_mr_labels.nii.gz",
              "class_map:total_mr", "MR", weight=2.0),
     CaseSpec("mr_brain", "mr-patient-2", "mri/brain_t1.mgz", "mri/brain_t1_aparc_aseg.mgz",
@@ -59,6 +65,15 @@ CASES: Tuple[CaseSpec, ...] = (
              "inline:brain tumor", "MR", weight=0.7),
 )
 CLASS_MAP_FILE = "totalsegmentator_class_map.json"
+
+# CHAOS abdominal T2-SPIR MR patients: the new domain for ConMoAE few-shot adaptation, never in the base model.
+# Experts are fine-tuned on k of CHAOS_ADAPTATION_PATIENTS and evaluated on CHAOS_EVALUATION_PATIENTS.
+CHAOS_ADAPTATION_PATIENTS = ("01", "02", "03", "05", "08")
+CHAOS_EVALUATION_PATIENTS = ("10", "13", "15", "19", "20")
+CHAOS_CASES: Tuple[CaseSpec, ...] = tuple(
+    CaseSpec(f"mr_chaos_{nn}", f"chaos-{nn}", f"mri/chaos_t2spir/chaos_t2_{nn}_mr.nii.gz",
+             f"mri/chaos_t2spir/chaos_t2_{nn}_label.nii.gz", "mri/chaos_t2spir/labels.json", "MR")
+    for nn in CHAOS_ADAPTATION_PATIENTS + CHAOS_EVALUATION_PATIENTS)
 
 
 @dataclass
