@@ -48,28 +48,39 @@ class SessionStore:
         self.model_loads = 0                          # how often weights were read (tests check reuse)
         self.volume_encodings = 0                     # how often set_volume ran
 
-    def session_for(self, key: tuple, volume, weights: str, device: str, modality: Optional[str],
+    def session_for(self, key: tuple, volume, weights, device: str, modality: Optional[str],
                     progress: Optional[ProgressCallback] = None,
                     cancel: Optional[CancelToken] = None) -> EngineSession:
-        """The session for this volume, loading the model and encoding the volume only when needed."""
-        model_key = (str(weights), device)
+        """The session for this volume, loading the model and encoding the volume only when needed.
+
+        ``weights``: what the model loader takes (a path, or a hashable spec such as (weights, expert pack))."""
+        model_key = (weights if isinstance(weights, tuple) else str(weights), device)
         with self._lock:
             current = self.current
             if current is not None and current.key == key and current.model_key == model_key:
                 return current
-            if self._model is None or self._model[0] != model_key:
-                report(progress, 0.0, "loading the model weights")
-                self._model = None  # free the old model before loading another
-                self.current = None
-                self._model = (model_key, self._load_model(str(weights)))
-                self.model_loads += 1
+            model = self._model_locked(model_key, progress)
             check(cancel)
-            predictor = self._make_predictor(self._model[1], device=device)
+            predictor = self._make_predictor(model, device=device)
             report(progress, 0.3, "encoding the volume")
             predictor.set_volume(volume, modality=modality, progress=scaled(progress, 0.3, 1.0), cancel=cancel)
             self.volume_encodings += 1
             self.current = EngineSession(key, volume, predictor, model_key)
             return self.current
+
+    def model_for(self, weights, device: str, progress: Optional[ProgressCallback] = None):
+        """The loaded model for ``weights`` (loaded now if another one is held); worker thread only."""
+        with self._lock:
+            return self._model_locked((weights if isinstance(weights, tuple) else str(weights), device), progress)
+
+    def _model_locked(self, model_key: tuple, progress: Optional[ProgressCallback]):
+        if self._model is None or self._model[0] != model_key:
+            report(progress, 0.0, "loading the model weights")
+            self._model = None  # free the old model (and the session using it) before loading another
+            self.current = None
+            self._model = (model_key, self._load_model(model_key[0]))
+            self.model_loads += 1
+        return self._model[1]
 
     def forget(self) -> None:
         """Drop the session and the model (frees memory; the next request loads and encodes again)."""

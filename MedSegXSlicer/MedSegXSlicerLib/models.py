@@ -1,0 +1,193 @@
+"""The Models panel: which weights and expert packs exist, where they come from, and getting the official ones.
+
+Everything lives in the engine's cache, ``$MEDSEGX_HOME`` (default ``~/.medsegx``), shared with the ``medsegx``
+command line:
+- ``weights/segvol``: the official SegVol weights (downloaded here, or imported from a file), found first by
+  the engine's default choice; ``weights/<other>``: other imported checkpoints;
+- ``hub/``: huggingface_hub's download cache (``medsegx weights download`` and the module's Download);
+- ``experts/*.safetensors``: expert packs trained from the module ("Train experts") or copied there.
+The bundled starter model and its expert pack ship with the engine (``medsegx_core/resources/starter``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+#: Expert-pack choice meaning "no experts at all" (the weights' own bundled pack is the default, ``None``).
+NO_EXPERTS = "none"
+EXPERTS_FILE = "experts.safetensors"
+SETTINGS_PREFIX = "MedSegX/"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One line of the Models panel."""
+
+    kind: str                 # "starter", "official", "imported", "expert pack"
+    name: str
+    path: Optional[Path]      # None: not installed (the official weights before their download)
+    installed: bool
+    source: str               # where it came from
+    size_bytes: int
+    licence: str
+    devices: Tuple[str, ...]  # where it can run here
+
+    def describe(self) -> str:
+        size = f"{self.size_bytes / 1e6:.1f} MB" if self.size_bytes else "size unknown"
+        state = "" if self.installed else " (not installed)"
+        return (f"{self.kind}: {self.name}{state} - {self.source}; {size}; licence {self.licence or 'unknown'}; "
+                f"runs on {', '.join(self.devices)}")
+
+
+def medsegx_home() -> Path:
+    from medsegx_core.weights.hub import medsegx_home as engine_home
+    return engine_home()
+
+
+def experts_dir() -> Path:
+    return medsegx_home() / "experts"
+
+
+def available_devices() -> Tuple[str, ...]:
+    """"cpu", plus "cuda" when torch sees a GPU (nothing is imported when torch is absent)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return ("cpu",)
+    import torch
+    return ("cuda", "cpu") if torch.cuda.is_available() else ("cpu",)
+
+
+def size_of(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _record_source(folder: Path) -> str:
+    from medsegx_core.weights.store import is_medsegx_folder, read_config_record
+
+    if not is_medsegx_folder(folder):
+        return f"published checkpoint files in {folder}"
+    source = read_config_record(folder).get("source") or {}
+    origin = source.get("imported_from") or source.get("path") or source.get("downloaded_from")
+    return f"imported from {origin}" if origin else f"folder {folder}"
+
+
+def published_entry(name: str = "segvol"):
+    from medsegx_core.weights.hub import PUBLISHED
+    return PUBLISHED[name]
+
+
+def available_models() -> List[ModelEntry]:
+    """The bundled starter, the official SegVol weights (installed or downloadable), other imported weights, and
+    expert packs (the starter's bundled pack and those in ``experts/``)."""
+    from medsegx_core.weights.default import OFFICIAL_NAME, starter_weights_dir
+    from medsegx_core.weights.hub import weights_dir
+    from medsegx_core.weights.store import is_medsegx_folder
+
+    devices = available_devices()
+    entries = []
+    starter = starter_weights_dir()
+    entries.append(ModelEntry("starter", "bundled starter model", starter, is_medsegx_folder(starter),
+                              "trained for this project on a few public volumes (see its MODEL_CARD.md)",
+                              size_of(starter), "Apache-2.0 (with the project)", devices))
+    official = weights_dir() / OFFICIAL_NAME
+    published = published_entry(OFFICIAL_NAME)
+    installed = official.is_dir() and any(official.iterdir())
+    entries.append(ModelEntry("official", "SegVol (official)", official if installed else None, installed,
+                              _record_source(official) if installed else
+                              f"{published.repo_id} on the Hugging Face Hub (Download official SegVol)",
+                              size_of(official) if installed else 0, published.licence, devices))
+    if weights_dir().is_dir():
+        for folder in sorted(p for p in weights_dir().iterdir() if p.is_dir() and p.name != OFFICIAL_NAME
+                             and not p.name.startswith(".") and is_medsegx_folder(p)):
+            entries.append(ModelEntry("imported", folder.name, folder, True, _record_source(folder),
+                                      size_of(folder), "as its source's", devices))
+    packs = [starter / EXPERTS_FILE] if (starter / EXPERTS_FILE).is_file() else []
+    packs += sorted(experts_dir().glob("*.safetensors")) if experts_dir().is_dir() else []
+    for pack in packs:
+        entries.append(ModelEntry("expert pack", pack_label(pack), pack, True, pack_source(pack), size_of(pack),
+                                  "as its base model's", devices))
+    return entries
+
+
+def pack_label(path: Path) -> str:
+    return "starter experts (bundled)" if path.parent.name == "starter" else Path(path).stem
+
+
+def pack_source(path: Path) -> str:
+    """"trained on liver, spleen (validation Dice 0.81)" from the pack's metadata."""
+    try:
+        metadata = read_pack_metadata(path)
+    except Exception as exc:  # noqa: BLE001 - a broken file is listed with its problem, not hidden
+        return f"unreadable ({exc})"
+    names = [s.get("name", "?") for s in metadata.get("structures", [])]
+    dice = (metadata.get("extra") or {}).get("best_val_dice")
+    return f"experts trained on {', '.join(names) or 'unknown structures'}" + \
+        (f" (validation Dice {dice:.2f})" if isinstance(dice, (int, float)) else "")
+
+
+def read_pack_metadata(path):
+    try:
+        from medsegx_core.weights.expert_pack import read_pack_metadata as read
+    except ImportError:  # the engine before expert packs moved to weights/
+        from medsegx_core.training.expert_pack import read_pack_metadata as read
+    return read(path)
+
+
+def expert_pack_module():
+    try:
+        from medsegx_core.weights import expert_pack
+    except ImportError:
+        from medsegx_core.training import expert_pack
+    return expert_pack
+
+
+def download_offer(name: str = "segvol") -> str:
+    """What the user agrees to before a download starts: what, licence, size, where it goes."""
+    from medsegx_core.weights.default import OFFICIAL_NAME
+    from medsegx_core.weights.hub import hub_cache_dir, weights_dir
+
+    entry = published_entry(name)
+    return (f"Download {entry.description} from {entry.repo_id} ({entry.home_page}).\n"
+            f"Licence: {entry.licence} - read it on the model's page before use.\n"
+            f"The files go to {hub_cache_dir()} and are converted into {weights_dir() / OFFICIAL_NAME} "
+            f"(about twice the download size on disk).")
+
+
+def offline_instructions(name: str = "segvol") -> str:
+    """For sites without internet access: what to copy where."""
+    from medsegx_core.weights.default import OFFICIAL_NAME
+    from medsegx_core.weights.hub import weights_dir
+
+    entry = published_entry(name)
+    files = ", ".join(entry.required + tuple(f for f in entry.optional if f != "config.json"))
+    return (f"No internet here? On a connected machine download {files} from {entry.home_page} (Files tab), copy "
+            f"them into one folder on this machine, and press 'Import checkpoint' with its "
+            f"{entry.required[0]}; or copy a folder made by 'medsegx weights import' to "
+            f"{weights_dir() / OFFICIAL_NAME}. Set HF_ENDPOINT to use a mirror of the Hugging Face Hub.")
+
+
+def save_choice(settings, weights: Optional[Path], expert_pack: Optional[str], device: str) -> None:
+    """Remember the choice in Slicer's settings (a QSettings: ``setValue``)."""
+    settings.setValue(SETTINGS_PREFIX + "weights", str(weights) if weights else "")
+    settings.setValue(SETTINGS_PREFIX + "expertPack", expert_pack or "")
+    settings.setValue(SETTINGS_PREFIX + "device", device)
+
+
+def load_choice(settings) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    """(weights, expert pack, device) remembered, each None when unset or no longer on disk."""
+    def value(key):
+        stored = settings.value(SETTINGS_PREFIX + key)
+        return str(stored) if stored not in (None, "") else None
+
+    weights, pack = value("weights"), value("expertPack")
+    if weights and not os.path.exists(weights):
+        weights = None
+    if pack and pack != NO_EXPERTS and not os.path.exists(pack):
+        pack = None
+    return weights, pack, value("device")
