@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
-from ..errors import WeightsError
+from ..errors import MedSegXError, WeightsError
 from ..progress import CancelToken, ProgressCallback, check, report
 from .checkpoints import one_line
 
@@ -116,7 +116,7 @@ def _download(entry: PublishedWeights, revision: str, progress: Optional[Progres
                 raise WeightsError(f"{entry.repo_id}@{revision} has no {filename}; the repository layout changed, "
                                    f"download it by hand and use 'medsegx weights import FILE'") from None
             continue
-        except WeightsError:
+        except MedSegXError:   # Cancelled (from the byte meter) or our own errors: as they are
             raise
         except Exception as exc:  # HTTP and file-system errors from the hub client
             raise WeightsError(f"{entry.repo_id}: downloading {filename} failed ({type(exc).__name__}: "
