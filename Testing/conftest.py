@@ -6,10 +6,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MEDSEGX_SHARED", REPO_ROOT.parent / "shared")).resolve()
-DATA = SHARED / "data"
-FIXTURES = SHARED / "fixtures"
+from fixture_paths import DATA, FIXTURES, MEDSEGX_FIXTURE, REFERENCE_CT, SEGVOL_FIXTURE
 
 
 def _require(path: Path) -> Path:
@@ -27,6 +24,24 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return _require(FIXTURES)
+
+
+@pytest.fixture(scope="session")
+def reference_ct() -> Path:
+    """The real abdominal CT most engine tests run on (the SegVol fixture's volume; stored RAS+)."""
+    return _require(REFERENCE_CT)
+
+
+@pytest.fixture(scope="session")
+def segvol_fixture() -> Path:
+    """The SegVol parity fixture folder (``$MEDSEGX_SEGVOL_FIXTURE`` swaps in another made the same way)."""
+    return _require(SEGVOL_FIXTURE)
+
+
+@pytest.fixture(scope="session")
+def medsegx_fixture() -> Path:
+    """The MedSegX parity fixture folder (``$MEDSEGX_MEDSEGX_FIXTURE`` swaps in another made the same way)."""
+    return _require(MEDSEGX_FIXTURE)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -10,8 +10,8 @@ from torch import nn
 
 from medsegx_core.data.hierarchy import context_indices, load_hierarchy, resolve_task_folder
 from medsegx_core.errors import WeightsError
-from medsegx_core.modeling.conmoae import (ConMoAE, ConMoAEConfig, attach_experts, attach_experts_to_model,
-                                           medsegx_state_to_conmoae)
+from medsegx_core.modeling.conmoae import ConMoAE, ConMoAEConfig, attach_experts, attach_experts_to_model
+from medsegx_core.weights.medsegx2d import medsegx_state_to_conmoae
 
 CASES = ("liver", "kidney", "spleen")
 

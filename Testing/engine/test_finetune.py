@@ -16,7 +16,7 @@ import torch
 
 from medsegx_core.errors import InputError, UnknownTermError, WeightsError
 from medsegx_core.training.dataset import load_case
-from medsegx_core.training.expert_pack import load_expert_pack, read_pack_metadata
+from medsegx_core.weights.expert_pack import load_expert_pack, read_pack_metadata
 from medsegx_core.training.finetune import (FinetuneSettings, base_sha256, collate, draw_batch, finetune,
                                             trainable_state, write_pack)
 from medsegx_core.training.prompt_simulation import PromptSettings, simulate

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from medsegx_core.errors import InputError, WeightsError
-from medsegx_core.modeling.medsegx2d import (box_from_label, context_from_task_folder, evaluate_slice,
-                                             infer_config, load_medsegx, medsegdb_slice, read_medsegx_state)
-from medsegx_core.modeling.medsegx2d.checkpoints import fit_to_config
+from medsegx_core.modeling.medsegx2d import box_from_label, context_from_task_folder, evaluate_slice, medsegdb_slice
+from medsegx_core.weights.medsegx2d import fit_to_config, infer_config, load_medsegx, read_medsegx_state
 
 LAYOUTS = {"split": ("sam_base.pth", "medsegx_trained.pth"), "full_model.pth": ("full_model.pth", None),
            "safetensors": ("model.safetensors", None)}

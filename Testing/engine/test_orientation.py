@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from medsegx_core.data.readers import read_volume
-from medsegx_core.inference.orientation import AxisReorientation
+from medsegx_core.data.orientation import AxisReorientation
 from medsegx_core.predictor import Predictor
 from medsegx_core.prompts import BoxPrompt, PointPrompt, Prompts
 

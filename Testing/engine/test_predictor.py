@@ -56,6 +56,18 @@ def point(ijk, positive=True):
     return PointPrompt(ijk, positive=positive, space="ijk")
 
 
+def segment_steps(predictor, prompts):
+    """segment() and the products of its public steps for the same prompts (answered from the caches that
+    segment() filled, so they are the intermediates of that call)."""
+    result = predictor.segment(prompts)
+    crop = predictor.map_prompts(prompts)
+    coarse = predictor.zoom_out(crop)
+    plan = predictor.plan_zoom_in(coarse, crop)
+    windows = [predictor.decode_window(plan, index, crop, coarse) for index in range(len(plan))] if plan else []
+    assert all(not window.decoded for window in windows)       # nothing recomputed: segment()'s own windows
+    return result, coarse, plan, windows
+
+
 def test_a_new_click_does_not_rerun_the_image_encoder(model, volume):
     calls = EncoderCalls(model.image_encoder)
     text_calls = EncoderCalls(model.text_encoder)
@@ -138,45 +150,40 @@ def test_the_routing_modality_is_the_callers_else_the_files_else_guessed(model, 
     Prompts(text="liver", points=(point(LIVER_IJK),), box=BOX_IJK),
 ], ids=["text", "point", "box", "text+points", "text+box", "point+box", "all"])
 def test_prompt_combinations(predictor, volume, prompts):
-    trace = {}
-    result = predictor.segment(prompts, trace=trace)
+    result, coarse, _, windows = segment_steps(predictor, prompts)
     assert result.mask.shape == volume.array.shape and result.mask.dtype == np.uint8
     assert set(np.unique(result.mask)) <= {0, 1} and result.mask.any()
     assert result.name == ("liver" if prompts.text else None)
     spatial = bool(prompts.points or prompts.box)
     # Windows get a box exactly when the user gave a spatial prompt.
-    assert all((box is not None) == spatial for box in trace["window_boxes"])
+    assert windows and all((window.prompts.box is not None) == spatial for window in windows)
     if prompts.box is not None:
-        np.testing.assert_array_equal(trace["zoomout_box"], predictor.maps.box_to_model((69, 25, 37),
-                                                                                      (111, 86, 104)))
+        np.testing.assert_array_equal(coarse.model_box, predictor.maps.box_to_model((69, 25, 37), (111, 86, 104)))
 
 
 def test_points_go_to_every_window_that_contains_them(predictor):
-    trace = {}
     click = point(LIVER_IJK)
-    predictor.segment(Prompts(text="liver", points=(click,)), trace=trace)
-    plan = trace["plan"]
+    _, _, plan, windows = segment_steps(predictor, Prompts(text="liver", points=(click,)))
     crop_dhw = np.array(LIVER_IJK[::-1]) - np.array(predictor.prepared.crop_lo)
-    for index, (points, labels) in enumerate(trace["window_points"]):
+    for index, window in enumerate(windows):
+        points, labels = window.prompts.points, window.prompts.labels
         crop, _ = plan.readable(index)
         inside = all(s.start <= c < s.stop for s, c in zip(crop, crop_dhw))
         assert len(points) == int(inside)
         if inside:
             np.testing.assert_allclose(points[0] + plan.origins[index], crop_dhw)
             assert labels.tolist() == [1]
-    assert sum(len(p) for p, _ in trace["window_points"]) >= 1
+    assert sum(len(window.prompts.points) for window in windows) >= 1
 
 
 def test_positive_clicks_are_inside_the_region_of_interest(predictor):
     # This click lies outside the coarse result's region (d 28..83 for "liver" with these weights).
     far = (70.0, 55.0, 100.0)
-    trace = {}
-    predictor.segment(Prompts(text="liver"), trace=trace)
-    assert not trace["roi_dhw"][0] <= far[2] <= trace["roi_dhw"][3]
-    trace = {}
-    predictor.segment(Prompts(text="liver", points=(point(far),)), trace=trace)
-    assert trace["roi_dhw"][0] <= far[2] <= trace["roi_dhw"][3]
-    assert sum(len(p) for p, _ in trace["window_points"]) >= 1
+    _, _, plan, _ = segment_steps(predictor, Prompts(text="liver"))
+    assert not plan.roi_dhw[0] <= far[2] <= plan.roi_dhw[3]
+    _, _, plan, windows = segment_steps(predictor, Prompts(text="liver", points=(point(far),)))
+    assert plan.roi_dhw[0] <= far[2] <= plan.roi_dhw[3]
+    assert sum(len(window.prompts.points) for window in windows) >= 1
 
 
 def test_no_prompt_is_a_clear_error(predictor):
@@ -297,13 +304,13 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu(model, volume):
 
 
 def test_a_region_larger_than_the_cache_keeps_its_first_windows(model, volume):
-    predictor = Predictor(model, device="cpu", precision="fp32", cache_megabytes=0)
-    predictor.cache_bytes = 2 * 64 * 8 * 16 * 16 * 4          # room for two tiny-model window embeddings
+    # 1 MB: room for two tiny-model window embeddings (64 x 8 x 16 x 16 float32 each)
+    predictor = Predictor(model, device="cpu", precision="fp32", cache_megabytes=2 * 64 * 8 * 16 * 16 * 4 / 2**20)
     predictor.set_volume(volume)
     prompts = Prompts(text="liver", box=BOX_IJK)
     first = predictor.segment(prompts)
     assert first.windows > 2 and first.windows_encoded == first.windows
-    predictor._decoded.clear()                                  # force decoding again: embeddings needed
+    predictor.cache.forget_decoded()                            # force decoding again: embeddings needed
     again = predictor.segment(prompts)
     assert again.windows_encoded == first.windows - 2           # the first two stayed cached
     np.testing.assert_array_equal(again.mask, first.mask)
@@ -316,11 +323,14 @@ def test_zoom_in_can_be_turned_off_by_the_model_config_or_the_caller(model, volu
     full = refined.segment(prompts)
     coarse_only = Predictor(model, device="cpu", precision="fp32", zoom_in=False)
     coarse_only.set_volume(volume)
-    trace = {}
-    coarse = coarse_only.segment(prompts, trace=trace)
+    coarse = coarse_only.segment(prompts)
     assert full.windows > 0 and coarse.windows == 0 and any("coarse pass only" in n for n in coarse.notes)
     # the result is the zoom-out pass mapped back, which the refinement then changes
-    np.testing.assert_array_equal(trace["final_mask_cropped"], trace["zoomout_logits_back"] > 0)
+    zoomed_out = coarse_only.zoom_out(coarse_only.map_prompts(prompts))
+    assert coarse_only.plan_zoom_in(zoomed_out, coarse_only.map_prompts(prompts)) is None
+    expected, on_crop = coarse_only.prepared.working_canvas(np.uint8)
+    on_crop[...] = coarse_only.maps.back_to_crop(zoomed_out.logits) > 0
+    np.testing.assert_array_equal(coarse.mask, coarse_only.prepared.to_stored(expected))
     assert not np.array_equal(coarse.mask, full.mask)
     model.config.zoom_in = False
     try:

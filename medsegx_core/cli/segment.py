@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         update(0.0, "loading the weights")
         model = load_model(weights, tokenizer=args.tokenizer)
         if args.experts:   # adapter experts fine-tuned on this base (medsegx finetune); refused on another base
-            from ..training.expert_pack import load_expert_pack
+            from ..weights.expert_pack import load_expert_pack
 
             update(0.02, "loading the expert pack")
             load_expert_pack(model, Path(args.experts).expanduser())

@@ -1,7 +1,7 @@
 """A PNG of segments over their image: axial, coronal and sagittal planes through the segmentation's centre.
 
 The volume is shown in patient orientation whatever its storage order (axes permuted and flipped to RAS+ with
-``inference.orientation.AxisReorientation``, no resampling), in radiological convention (the patient's right
+``orientation.AxisReorientation``, no resampling), in radiological convention (the patient's right
 on the left of axial and coronal views, superior up), with each plane's pixel extent in millimetres so that
 anisotropic voxels keep their true proportions. Segments use the colours the segmentation writers give them
 (``segments.complete``), with a legend. Written through ``atomic.atomic_output`` (temporary name, then rename).
@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import InputError
-from ..inference.orientation import AxisReorientation
+from .orientation import AxisReorientation
 from .atomic import atomic_output
 from .segments import Segment, complete
 from .volume import Volume

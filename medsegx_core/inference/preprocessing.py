@@ -5,7 +5,7 @@ Two profiles share one implementation:
 * ``official``: exactly the published steps (fixture README 5.1), on the voxel order as stored. The official
   loader drops the image metadata before its "reorient to RAS" step, so that step changes nothing; we do the
   same, which is what the parity tests check.
-* ``canonical`` (default): first permutes/flips the voxel axes to RAS+ (``orientation.py``), then runs the same
+* ``canonical`` (default): first permutes/flips the voxel axes to RAS+ (``data/orientation.py``), then runs the same
   steps; results are mapped back exactly. On a volume stored RAS+ the permutation is the identity and the two
   profiles give identical arrays.
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, check, report
-from .orientation import AxisReorientation
+from ..data.orientation import AxisReorientation
 
 PROFILES = ("canonical", "official")
 LOWER_PERCENTILE = 0.05

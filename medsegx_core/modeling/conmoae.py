@@ -255,27 +255,3 @@ def attach_experts_to_model(model: nn.Module, config: Optional[ConMoAEConfig] = 
     experts.train(model.training)     # a new module is in training mode: follow the model (no dropout in eval)
     model.conmoae = experts
     return experts
-
-
-def medsegx_state_to_conmoae(state: Mapping[str, torch.Tensor], experts: ConMoAE,
-                             prefix: str = "image_encoder.") -> Dict[str, torch.Tensor]:
-    """MedSegX's trained keys (``{prefix}blocks.{i}.mlp.adapter_*``, ``modal_embed``, ``organ_embed.{0..4}``) ->
-    this module's state dict. Context tables are copied into their first rows (MedSegDB keeps its indices in our
-    hierarchy); our extra rows and the unknown rows stay as they are."""
-    out = {k: v.clone() for k, v in experts.state_dict().items()}
-    for position, index in enumerate(experts.block_indices):
-        source = f"{prefix}blocks.{index}.mlp."
-        for key in experts.experts[position].state_dict():
-            if source + key not in state:
-                raise WeightsError(f"MedSegX weights lack {source + key}: they are not a ConMoAE checkpoint for "
-                                   f"this backbone (blocks {experts.block_indices})")
-            out[f"experts.{position}.{key}"] = state[source + key]
-    official = {"modality": f"{prefix}modal_embed.weight"}
-    official.update({name: f"{prefix}organ_embed.{i}.weight" for i, name in enumerate(CONTEXT_TABLES[:5])})
-    for name, key in official.items():
-        table = out[f"context_tables.tables.{name}.weight"]
-        rows = state[key]
-        if rows.shape[0] > table.shape[0] or rows.shape[1] != table.shape[1]:
-            raise WeightsError(f"{key} has shape {tuple(rows.shape)}; our {name} table is {tuple(table.shape)}")
-        table[: rows.shape[0]] = rows
-    return out

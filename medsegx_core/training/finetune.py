@@ -30,7 +30,7 @@ from ..errors import InputError, WeightsError
 from ..modeling.conmoae import ConMoAE, ConMoAEConfig, attach_experts_to_model
 from ..progress import CancelToken, ProgressCallback, check, report
 from .dataset import LabelledCase, Structure
-from .expert_pack import base_state, save_expert_pack, weights_sha256
+from ..weights.expert_pack import base_state, save_expert_pack, weights_sha256
 from .losses import dice_bce_loss, dice_score
 from .prompt_simulation import PROMPT_KINDS, PromptedSample, PromptSettings, simulate
 

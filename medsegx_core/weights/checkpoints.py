@@ -155,15 +155,6 @@ def load_state(model: nn.Module, state: StateDict, source: str, prefix: str = ""
     model.load_state_dict(ready, strict=False, assign=True)
 
 
-def load_checkpoint_into(model: nn.Module, path: Union[str, Path]) -> Checkpoint:
-    """Load a published or plain checkpoint into a built model; an encoder-only checkpoint fills the encoder."""
-    checkpoint = read_checkpoint(path)
-    skip = model.packaged_state_prefixes() if hasattr(model, "packaged_state_prefixes") else ()
-    prefix = "image_encoder." if checkpoint.layout == "encoder_pretrain" else ""
-    load_state(model, checkpoint.state, str(path), prefix=prefix, skip_prefixes=skip)
-    return checkpoint
-
-
 # ---- configuration from tensor shapes ---------------------------------------------------------------------
 def _count(state: StateDict, pattern: str) -> int:
     found = {int(m.group(1)) for k in state for m in [re.match(pattern, k)] if m}

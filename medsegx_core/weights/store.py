@@ -30,6 +30,7 @@ from ..modeling.segvol import SegVol
 from ..modeling.text_encoder import TOKENIZER_FILES, has_tokenizer_files
 from ..progress import CancelToken, ProgressCallback, check, report
 from .checkpoints import CHECKPOINT_SUFFIXES, infer_config, load_state, read_checkpoint
+from .expert_pack import EXPERT_STATE_PREFIX, base_state, load_expert_pack  # noqa: F401 - the prefix is API
 
 FORMAT_KEY = "medsegx_weights"
 FORMAT_VERSION = 1
@@ -37,7 +38,6 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CHECKSUMS_FILE = "SHA256SUMS"
 EXPERTS_FILE = "experts.safetensors"
-EXPERT_STATE_PREFIX = "conmoae."   # attached experts' state-dict keys: never part of the base weights
 # Published checkpoint names, most preferred first, looked for inside a published folder.
 PUBLISHED_NAMES = ("model.safetensors", "pytorch_model.bin", "SegVol_v1.pth")
 TOKENIZER_SUBFOLDERS = (".", "tokenizer", "clip", "config/clip")
@@ -123,8 +123,6 @@ def load_model(path_or_folder: PathLike, tokenizer: Optional[PathLike] = None,
     load_state(model, checkpoint.state, str(checkpoint.path), skip_prefixes=model.packaged_state_prefixes())
     model.restore_buffers()
     if layout == "medsegx" and (path / EXPERTS_FILE).is_file():
-        from ..training.expert_pack import load_expert_pack
-
         load_expert_pack(model, path / EXPERTS_FILE)
     if tokenizer_folder is not None:
         model.set_tokenizer(Path(tokenizer_folder))
@@ -132,13 +130,6 @@ def load_model(path_or_folder: PathLike, tokenizer: Optional[PathLike] = None,
     model.weights_source = str(checkpoint.path)
     model.weights_layout = layout
     return model.to(device).eval()
-
-
-def load_encoder_pretrain(model: SegVol, path: PathLike) -> None:
-    """Fill only the image encoder from an encoder-only ``vit_pretrain.ckpt`` (e.g. before fine-tuning)."""
-    checkpoint = read_checkpoint(path)
-    state = {k: v for k, v in checkpoint.state.items() if k.startswith("image_encoder.")}
-    load_state(model, state, str(path), prefix="image_encoder.")
 
 
 # ---- saving ---------------------------------------------------------------------------------------------
@@ -158,8 +149,7 @@ def save_model(model: SegVol, folder: PathLike, source: Optional[Dict] = None, o
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        skip = tuple(model.packaged_state_prefixes()) + (EXPERT_STATE_PREFIX,)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(skip)}
+        state = {k: v.detach().contiguous() for k, v in base_state(model).items()}
         report(progress, 0.1, "writing weights")
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         check(cancel)

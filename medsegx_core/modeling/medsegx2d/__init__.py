@@ -2,13 +2,13 @@
 decoder), rebuilt from its description to reproduce the official forward pass and evaluation number for number.
 
 It proves that our model-agnostic ConMoAE (``modeling/conmoae.py``) expresses MedSegX's arithmetic exactly, and
-it can run MedSegX's released 2D weights. See ``Testing/engine/test_medsegx_parity.py``.
+it can run MedSegX's released 2D weights (loaded by ``weights/medsegx2d.py``). See
+``Testing/engine/test_medsegx_parity.py``.
 """
-from .checkpoints import infer_config, load_medsegx, read_medsegx_state
 from .config import MedSegX2DConfig
 from .evaluation import SliceEvaluation, box_from_label, context_from_task_folder, dice_score, evaluate_slice, \
     medsegdb_slice
 from .model import MedSegX2D
 
 __all__ = ["MedSegX2D", "MedSegX2DConfig", "SliceEvaluation", "box_from_label", "context_from_task_folder",
-           "dice_score", "evaluate_slice", "infer_config", "load_medsegx", "medsegdb_slice", "read_medsegx_state"]
+           "dice_score", "evaluate_slice", "medsegdb_slice"]

@@ -48,10 +48,6 @@ class AxisReorientation:
     def is_identity(self) -> bool:
         return self.source_axis == (0, 1, 2) and not any(self.flipped)
 
-    @property
-    def working_shape_ijk(self) -> tuple[int, int, int]:
-        return tuple(self.stored_shape_ijk[a] for a in self.source_axis)
-
     # Arrays are (k, j, i): ijk axis a is array axis 2 - a.
     def _array_permutation(self) -> tuple[int, int, int]:
         return tuple(2 - self.source_axis[2 - array_axis] for array_axis in range(3))

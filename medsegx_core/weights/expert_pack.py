@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -20,11 +20,10 @@ from ..data.atomic import atomic_output
 from ..data.hierarchy import load_hierarchy
 from ..errors import WeightsError
 from ..modeling.conmoae import ConMoAE, ConMoAEConfig, attach_experts_to_model
-from ..weights.store import EXPERT_STATE_PREFIX
 
 PACK_FORMAT = "medsegx-expert-pack"
 PACK_VERSION = "1"
-EXPERT_PREFIX = EXPERT_STATE_PREFIX   # model.conmoae's state-dict keys
+EXPERT_STATE_PREFIX = "conmoae."   # attached experts' state-dict keys (model.conmoae): never base weights
 
 
 def base_state(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -32,7 +31,7 @@ def base_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     package (``packaged_state_prefixes``, e.g. the MiniLM tower), i.e. what the weights file stores."""
     packaged = tuple(model.packaged_state_prefixes()) if hasattr(model, "packaged_state_prefixes") else ()
     return {k: v for k, v in model.state_dict().items()
-            if not k.startswith(EXPERT_PREFIX) and not (packaged and k.startswith(packaged))}
+            if not k.startswith(EXPERT_STATE_PREFIX) and not (packaged and k.startswith(packaged))}
 
 
 def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
@@ -116,14 +115,10 @@ def load_expert_pack(model: nn.Module, path: Union[str, Path], base_sha256: Opti
     own = model.state_dict()
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
-    missing = [k for k in own if k.startswith(EXPERT_PREFIX) and k not in state]
+    missing = [k for k in own if k.startswith(EXPERT_STATE_PREFIX) and k not in state]
     if unexpected or mismatched or missing:
         problems = unexpected[:3] + mismatched[:3] + missing[:3]
         raise WeightsError(f"expert pack {path} does not fit this model ({', '.join(problems)}): it was made for "
                            f"another architecture")
     model.load_state_dict(state, strict=False)
     return metadata
-
-
-def trained_structures(metadata: Mapping) -> List[str]:
-    return [s["name"] for s in metadata.get("structures", [])]

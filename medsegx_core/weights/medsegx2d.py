@@ -1,4 +1,4 @@
-"""MedSegX checkpoints: the official split pair and merged files, mapped onto ``MedSegX2D``.
+"""MedSegX's 2D checkpoints: the official split pair and merged files, mapped onto ``MedSegX2D``.
 
 Layouts:
 * ``split``: the original SAM checkpoint (flat dict, SAM names, 1024-input shapes) + MedSegX's trained file
@@ -10,7 +10,7 @@ Layouts:
 MedSegX wraps each block's MLP, so its merged names are ``blocks.{i}.mlp.mlp.lin*`` where SAM (and our model)
 have ``blocks.{i}.mlp.lin*``, and its adapters are ``blocks.{i}.mlp.adapter_*`` with the context tables
 ``modal_embed`` / ``organ_embed.{0..4}``; those go to our ConMoAE (``image_encoder.conmoae.*``) through
-``conmoae.medsegx_state_to_conmoae``. Files are read with safetensors or ``torch.load(weights_only=True)`` only.
+``medsegx_state_to_conmoae``. Files are read with safetensors or ``torch.load(weights_only=True)`` only.
 """
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch.nn import functional as F
 
-from ...errors import WeightsError
-from ...weights.checkpoints import load_state, read_tensors
-from ..conmoae import ConMoAEConfig, medsegx_state_to_conmoae
-from .config import MedSegX2DConfig
-from .model import MedSegX2D
+from ..errors import WeightsError
+from ..modeling.conmoae import CONTEXT_TABLES, ConMoAE, ConMoAEConfig
+from ..modeling.medsegx2d.config import MedSegX2DConfig
+from ..modeling.medsegx2d.model import MedSegX2D
+from .checkpoints import load_state, read_tensors
 
 StateDict = Dict[str, torch.Tensor]
 PathLike = Union[str, Path]
@@ -76,6 +76,30 @@ def fit_to_config(state: StateDict, config: MedSegX2DConfig) -> StateDict:
             if table.shape[0] != 2 * side - 1:
                 fitted[key] = resize_rel_pos(table, 2 * side - 1)
     return fitted
+
+
+def medsegx_state_to_conmoae(state: Mapping[str, torch.Tensor], experts: ConMoAE,
+                             prefix: str = "image_encoder.") -> Dict[str, torch.Tensor]:
+    """MedSegX's trained keys (``{prefix}blocks.{i}.mlp.adapter_*``, ``modal_embed``, ``organ_embed.{0..4}``) ->
+    this module's state dict. Context tables are copied into their first rows (MedSegDB keeps its indices in our
+    hierarchy); our extra rows and the unknown rows stay as they are."""
+    out = {k: v.clone() for k, v in experts.state_dict().items()}
+    for position, index in enumerate(experts.block_indices):
+        source = f"{prefix}blocks.{index}.mlp."
+        for key in experts.experts[position].state_dict():
+            if source + key not in state:
+                raise WeightsError(f"MedSegX weights lack {source + key}: they are not a ConMoAE checkpoint for "
+                                   f"this backbone (blocks {experts.block_indices})")
+            out[f"experts.{position}.{key}"] = state[source + key]
+    official = {"modality": f"{prefix}modal_embed.weight"}
+    official.update({name: f"{prefix}organ_embed.{i}.weight" for i, name in enumerate(CONTEXT_TABLES[:5])})
+    for name, key in official.items():
+        table = out[f"context_tables.tables.{name}.weight"]
+        rows = state[key]
+        if rows.shape[0] > table.shape[0] or rows.shape[1] != table.shape[1]:
+            raise WeightsError(f"{key} has shape {tuple(rows.shape)}; our {name} table is {tuple(table.shape)}")
+        table[: rows.shape[0]] = rows
+    return out
 
 
 def to_model_state(merged: StateDict, model: MedSegX2D) -> StateDict:
