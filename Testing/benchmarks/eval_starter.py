@@ -1,16 +1,17 @@
 """Benchmark (not a test): Dice of the bundled starter model per structure with box, point and text prompts.
 
-Held-out design (``medsegx_core.training.starter_eval``): the shipped model was trained with CT patient 2 (the
-chest crops) and MR patient 1 (the abdominal MR) left out entirely, and with the gallbladder, urinary bladder and
-duodenum never used as targets. Rows say how each structure was held out; "trained" rows (CT patient 1's liver,
-spleen and kidneys) are on the training patient and are NOT held-out figures.
+Held-out design (``medsegx_core.training.starter_eval``): each row says whether its patient and structure were in
+the weights' training data, read from the weights' own training record (config.json "source"); "trained" rows are
+NOT held-out figures. Every structure also gets the "filled box" row, the trivial baseline a box prompt must
+beat. Groups: "base" (the CT and MR volumes of the base model's design), "chaos" (the five CHAOS T2-SPIR
+evaluation patients of the few-shot design, never trained on by the base model).
 
 Each prompt goes through the real ``Predictor`` (zoom-out-zoom-in, default device and precision) on the whole
 volume: box = the structure's tight voxel box, point = one click at its most interior voxel, text = its name.
 Usage (a few minutes on 2 CPU threads)::
 
     OMP_NUM_THREADS=2 python Testing/benchmarks/eval_starter.py [--weights DIR] [--kinds box point text]
-                                                                 [--zoom-in model|on|off] [--json out.json]
+        [--groups base chaos] [--volumes KEY ...] [--experts PACK] [--zoom-in model|on|off] [--json out.json]
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def main(argv=None) -> int:
     import torch
 
     from medsegx_core.predictor import Predictor
-    from medsegx_core.training.starter_eval import PROMPT_KINDS, dice_table, evaluate
+    from medsegx_core.training.starter_eval import (EVALUATION_GROUPS, PROMPT_KINDS, dice_table, evaluate,
+                                                    select_volumes, summary_table)
     from medsegx_core.weights.default import starter_weights_dir
     from medsegx_core.weights.store import load_model
 
@@ -39,6 +41,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=SHARED / "data")
     parser.add_argument("--kinds", nargs="*", default=list(PROMPT_KINDS), choices=PROMPT_KINDS)
     parser.add_argument("--structures", nargs="*", default=None, help="only these (raw or canonical names)")
+    parser.add_argument("--groups", nargs="*", default=None, choices=EVALUATION_GROUPS,
+                        help="evaluation volume groups (default: all)")
+    parser.add_argument("--volumes", nargs="*", default=None, help="only volumes whose key contains one of these")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--zoom-in", choices=("model", "on", "off"), default="model",
@@ -51,14 +56,18 @@ def main(argv=None) -> int:
         return 1
     torch.set_num_threads(args.threads)
     model = load_model(args.weights, verify=True)
+    record = json.loads((args.weights / "config.json").read_text(encoding="utf-8")) if args.weights.is_dir() else {}
     zoom_in = {"model": None, "on": True, "off": False}[args.zoom_in]
     predictor = Predictor(model, device="cpu", precision=args.precision, zoom_in=zoom_in)
     start = time.perf_counter()
-    rows = evaluate(predictor, args.data, kinds=args.kinds, structures=args.structures)
+    rows = evaluate(predictor, args.data, volumes=select_volumes(args.groups, args.volumes), kinds=args.kinds,
+                    structures=args.structures, source=record.get("source"))
     print(f"weights: {args.weights} | runtime: {predictor.runtime.describe()} | "
           f"{len(rows)} segmentations in {time.perf_counter() - start:.0f} s "
           f"(mean {sum(r.seconds for r in rows) / max(len(rows), 1):.2f} s each)")
     print(dice_table(rows))
+    print()
+    print(summary_table(rows))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2), encoding="utf-8")
     return 0

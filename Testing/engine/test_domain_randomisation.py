@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medsegx_core.training.domain_randomisation import (bias_field, label_intensity_shift, random_intensity_curve,
-                                                        slab_region)
+from medsegx_core.training.domain_randomisation import (absent_slab, bias_field, label_intensity_shift,
+                                                        random_intensity_curve, slab_region)
 from medsegx_core.training.starter_data import case_specs, load_cases
 from medsegx_core.training.starter_samples import AugmentSettings, StarterSampler
 
@@ -80,3 +80,28 @@ def test_the_domain_randomised_sampler_draws_valid_samples_unlike_the_default_on
                for s in samples)
     plain = StarterSampler([ct_case], (32, 128, 128), 3).batch(24)
     assert any(not np.array_equal(a.image, b.image) for a, b in zip(samples, plain))
+
+
+def test_absent_slabs_hold_none_of_the_structure(ct_case):
+    rng = np.random.default_rng(0)
+    for structure in ct_case.structures[:12]:
+        mask = ct_case.labelled.mask(structure)
+        for _ in range(20):
+            region = absent_slab(mask, 6, rng)
+            if region is None:      # the structure leaves fewer than 6 free slices on both sides
+                occupied = np.flatnonzero(mask.any(axis=(1, 2)))
+                assert occupied[0] < 6 and mask.shape[0] - 1 - occupied[-1] < 6
+                break
+            assert region.stop - region.start >= 6 and 0 <= region.start and region.stop <= mask.shape[0]
+            assert not mask[region].any()
+
+
+def test_absent_structure_samples_name_a_structure_outside_the_view_with_an_empty_target(ct_case):
+    from dataclasses import replace
+
+    settings = replace(AugmentSettings.domain_randomised(), absent_probability=1.0)
+    samples = StarterSampler([ct_case], (32, 128, 128), 5, settings).batch(12)
+    assert all(s.kind == "text" and s.view == "zoom-out" and not s.mask.any() and s.image.std() > 0.01
+               and s.context_rows for s in samples)
+    # Off by default: the default and domain-randomised recipes draw exactly as before.
+    assert AugmentSettings().absent_probability == AugmentSettings.domain_randomised().absent_probability == 0.0

@@ -13,8 +13,8 @@ from medsegx_core.data.readers import read_labelmap, read_volume
 from medsegx_core.data.segments import Segment
 from medsegx_core.errors import InputError, OutputError, WeightsError
 from medsegx_core.predictor import Predictor
-from medsegx_core.training.starter_eval import (EVALUATION_VOLUMES, dice, evaluate, evaluation_prompts,
-                                                interior_voxel_ijk)
+from medsegx_core.training.starter_eval import (EVALUATION_VOLUMES, FILLED_BOX, design, dice, evaluate,
+                                                evaluation_prompts, filled_box, interior_voxel_ijk)
 from medsegx_core.training.train_starter import StarterSize, train_starter
 from medsegx_core.weights.default import default_weights, starter_weights_dir
 from medsegx_core.weights.store import load_model, save_model, sha256_of, verify_folder
@@ -112,10 +112,11 @@ def test_starter_segments_the_liver_of_the_real_ct_from_a_box(ct_predictor, ct):
 
 def _evaluation_row(starter_model, data_dir, volume_key):
     spec = next(spec for spec in EVALUATION_VOLUMES if spec.key == volume_key)
+    source = json.loads((starter_weights_dir() / "config.json").read_text())["source"]
     rows = evaluate(Predictor(starter_model, device="cpu"), data_dir, volumes=[spec], kinds=["box"],
-                    structures=["liver"])
-    assert len(rows) == 1 and rows[0].structure == "liver"
-    return rows[0]
+                    structures=["liver"], source=source)
+    assert [row.kind for row in rows] == [FILLED_BOX, "box"] and rows[1].structure == "liver"
+    return rows[1]
 
 
 def test_starter_finds_the_liver_of_the_unseen_abdominal_mr_from_a_box(starter_model, data_dir):
@@ -225,3 +226,24 @@ def test_evaluation_prompts_are_what_a_user_would_give(ct):
     where = np.argwhere(truth)[:, ::-1]
     np.testing.assert_array_equal(box, np.stack([where.min(0), where.max(0)]))
     assert evaluation_prompts(volume, truth, "liver", "text").text == "liver"
+
+
+def test_filled_box_baseline_is_the_prompt_box_filled_in(ct):
+    volume, labels = ct
+    truth = labels == LIVER
+    box = evaluation_prompts(volume, truth, "liver", "box").to_voxel(volume).box_ijk.astype(int)
+    filled = filled_box(truth)
+    assert filled.sum() == np.prod(box[1] - box[0] + 1)
+    assert filled[tuple(slice(lo, hi + 1) for lo, hi in zip(box[0][::-1], box[1][::-1]))].all()
+    assert (filled & truth).sum() == truth.sum()      # the tight box holds the whole structure
+
+
+def test_design_is_read_from_the_weights_training_record():
+    source = {"cases": ["ct_abdomen", "mr_brain"], "held_out_structures": ["gallbladder"]}
+    by_key = {spec.key: spec for spec in EVALUATION_VOLUMES}
+    assert design(by_key["ct-patient-1 abdomen"], "liver", source) == "trained"
+    assert design(by_key["ct-patient-1 abdomen"], "gallbladder", source) == "held-out structure"
+    assert design(by_key["ct-patient-1 20-slice slab"], "liver", source) == "trained, partial coverage"
+    assert design(by_key["ct-patient-3 thorax-abdomen"], "liver", source) == "held-out patient"
+    assert design(by_key["chaos-10 T2-SPIR"], "liver", source) == "held-out patient"
+    assert design(by_key["chaos-10 T2-SPIR"], "liver", None).startswith("unknown")

@@ -18,7 +18,7 @@ All take and return images in [0, 1] (the normalised model input) and draw from 
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -68,3 +68,17 @@ def slab_region(shape: Sequence[int], centre: Sequence[int], rng: np.random.Gene
     """A thin slab of an array of ``shape`` (d, h, w) holding ``centre``: a random ``slice_fraction`` of the
     slices (axis 0, at least 4) and a random ``inplane_fraction`` of each in-plane axis."""
     return random_sub_box(shape, centre, rng, (slice_fraction, inplane_fraction, inplane_fraction), (4, 1, 1))
+
+
+def absent_slab(mask: np.ndarray, min_slices: int, rng: np.random.Generator) -> Optional[slice]:
+    """A random run of at least ``min_slices`` slices (axis 0) of ``mask`` that holds none of its voxels: above or
+    below the structure, as a scan that stops short of it. None when neither side is that thick."""
+    occupied = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    sides = [(start, stop) for start, stop in ((0, int(occupied[0])), (int(occupied[-1]) + 1, mask.shape[0]))
+             if stop - start >= min_slices]
+    if not sides:
+        return None
+    start, stop = sides[int(rng.integers(len(sides)))]
+    thickness = int(rng.integers(min_slices, stop - start + 1))
+    first = int(rng.integers(start, stop - thickness + 1))
+    return slice(first, first + thickness)

@@ -46,6 +46,10 @@ class FinetuneSettings:
     lr: float = 5e-4
     weight_decay: float = 0.01
     train_decoder: bool = False
+    # Which weights train (TRAINABLE_SETS); None: the experts, plus the mask decoder with ``train_decoder``.
+    # The other sets ("decoder", "all") are the comparison arms of the few-shot benchmark: their result is the
+    # adapted model itself, not an expert pack.
+    trainable: Optional[str] = None
     val_fraction: float = 0.25          # of the (volume, structure) pairs, when no validation cases are given
     val_every: int = 25
     seed: int = 0
@@ -197,8 +201,30 @@ class PromptedSegmentation(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- trainer
-def trainable_prefixes(train_decoder: bool) -> Tuple[str, ...]:
-    return ("conmoae.", "mask_decoder.") if train_decoder else ("conmoae.",)
+# Parameter-name prefixes of each trainable set. The frozen text tower never trains (FROZEN_ALWAYS).
+TRAINABLE_SETS: Dict[str, Tuple[str, ...]] = {
+    "experts": ("conmoae.",),                        # MedSegX's ConMoAE: experts, gates, context tables
+    "experts+decoder": ("conmoae.", "mask_decoder."),
+    "decoder": ("mask_decoder.",),
+    "all": ("",),
+}
+FROZEN_ALWAYS = ("text_encoder.sentence_model.", "text_encoder.clip.")
+
+
+def trainable_set(settings: "FinetuneSettings") -> str:
+    if settings.trainable is None:
+        return "experts+decoder" if settings.train_decoder else "experts"
+    if settings.trainable not in TRAINABLE_SETS:
+        raise InputError(f"unknown trainable set {settings.trainable!r}; choose from {', '.join(TRAINABLE_SETS)}")
+    return settings.trainable
+
+
+def trainable_prefixes(settings: "FinetuneSettings") -> Tuple[str, ...]:
+    return TRAINABLE_SETS[trainable_set(settings)]
+
+
+def is_trainable(name: str, prefixes: Sequence[str]) -> bool:
+    return name.startswith(tuple(prefixes)) and not name.startswith(FROZEN_ALWAYS)
 
 
 def prepare_model(model: nn.Module, settings: FinetuneSettings) -> ConMoAE:
@@ -208,14 +234,14 @@ def prepare_model(model: nn.Module, settings: FinetuneSettings) -> ConMoAE:
         with torch.random.fork_rng(devices=[]):     # the experts' initialisation is part of what --seed fixes
             torch.manual_seed(settings.seed)
             experts = attach_experts_to_model(model, settings.conmoae_config())
-    prefixes = trainable_prefixes(settings.train_decoder)
+    prefixes = trainable_prefixes(settings)
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.startswith(prefixes))
+        parameter.requires_grad_(is_trainable(name, prefixes))
     return experts
 
 
 def trainable_state(model: nn.Module, prefixes: Sequence[str]) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(tuple(prefixes))}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if is_trainable(k, prefixes)}
 
 
 def evaluate(model: nn.Module, experts: ConMoAE, batches: Sequence[Sequence[PromptedSample]],
@@ -248,7 +274,7 @@ def finetune(model: nn.Module, cases: Sequence[LabelledCase], settings: Finetune
                          f"{distributed.world_size} processes")
     model.to(device)
     experts = prepare_model(model, settings)
-    prefixes = trainable_prefixes(settings.train_decoder)
+    prefixes = trainable_prefixes(settings)
     model_shape = tuple(model.config.image_size)
 
     all_cases = list(cases) + list(validation_cases)
@@ -265,13 +291,13 @@ def finetune(model: nn.Module, cases: Sequence[LabelledCase], settings: Finetune
         text_embeddings = {name: emb for name, emb in zip(names, model.encode_text(names).detach().cpu())}
     val_batches = validation_batches(all_cases, val_items, model_shape, settings.prompts, settings.seed)
 
-    parameters = [p for n, p in model.named_parameters() if n.startswith(prefixes)]
+    parameters = [p for n, p in model.named_parameters() if is_trainable(n, prefixes)]
     optimiser = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     step_module: nn.Module = PromptedSegmentation(model)
     if distributed.world_size > 1:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=settings.train_decoder)   # a box-only step leaves text layers unused
+            find_unused_parameters=prefixes != TRAINABLE_SETS["experts"])   # a box-only step leaves text layers unused
     loss_function = dice_bce_loss()
 
     start = 0
@@ -330,7 +356,10 @@ def write_pack(path: Path, model: nn.Module, settings: FinetuneSettings, base_sh
     extra = {"settings": _settings_record(settings), "best_val_dice": result.best_val_dice,
              "initial_val_dice": result.initial_val_dice, "best_step": result.best_step,
              "model_config": model.config.to_dict() if hasattr(model.config, "to_dict") else None}
-    return save_expert_pack(path, model, trainable_prefixes(settings.train_decoder), base_sha256,
+    if trainable_set(settings) not in ("experts", "experts+decoder"):
+        raise InputError(f"an expert pack holds experts (and optionally the decoder); a '{settings.trainable}' "
+                         f"fine-tune changes the base model itself and is not saved as a pack")
+    return save_expert_pack(path, model, trainable_prefixes(settings), base_sha256,
                             structures_record(cases), extra, overwrite=overwrite)
 
 

@@ -6,8 +6,10 @@ Prompts a user would give for a structure (``evaluation_prompts``):
 * point: one positive click at the structure's most interior voxel (largest distance to its surface, in mm);
 * text: the structure's name.
 
-The held-out design of the shipped model (``HELD_OUT``) is defined here once, so the training command, the
-benchmark and the model card cannot disagree about it. One row is no held-out data but a probe of scan coverage:
+Whether a scored structure was seen in training is read from the weights' own training record (config.json
+"source": its cases and held-out structures), so the benchmark and the model card cannot disagree with the
+training command. Every structure is also scored with the trivial baseline a box prompt must beat: the box
+itself, filled in. One row is no held-out data but a probe of scan coverage:
 20 slices of the training CT (as many as the held-out abdominal MR has), given to the model as a volume of their
 own, so the model sees the same organs with the field of view of a scan that covers only part of the abdomen.
 """
@@ -25,49 +27,83 @@ from ..data.readers import read_labelmap, read_volume
 from ..data.volume import Volume
 from ..progress import CancelToken, ProgressCallback, check, report
 from ..prompts import BoxPrompt, PointPrompt, Prompts
-from .starter_data import CLASS_MAP_FILE
+from .starter_data import CASES, CHAOS_CASES, CHAOS_EVALUATION_PATIENTS, CLASS_MAP_FILE
 
 PROMPT_KINDS = ("box", "point", "text")
+# The trivial baseline a box prompt must beat: the user's box itself, filled in (scored like a prompt kind).
+FILLED_BOX = "filled box"
 
-# The patients and structures the shipped starter model never saw in training (train_starter.py arguments).
-HELD_OUT_PATIENTS = ("ct-patient-2", "mr-patient-1")
-HELD_OUT_STRUCTURES = ("gallbladder", "urinary bladder", "duodenum")
+# Designs (how a scored structure relates to the model's training data).
+TRAINED = "trained"
+HELD_OUT_PATIENT = "held-out patient"
+HELD_OUT_STRUCTURE = "held-out structure"
+UNKNOWN_DESIGN = "unknown (no training record)"
+
+ABDOMINAL_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right")
 
 
 @dataclass(frozen=True)
 class EvaluationVolume:
-    """A labelled volume to evaluate on and which of its structures to score, with how each was held out."""
+    """A labelled volume to evaluate on and which of its structures to score. Whether a structure was seen in
+    training is not written here but read from the weights' own record (``design``)."""
 
     key: str
+    patient: str                # the patient key of starter_data's case specs
     image: str                  # relative to the data folder
     labels: str
     names: str                  # JSON beside the labels, or "class_map:<key>"
-    structures: Dict[str, str]  # raw label name -> design ("held-out patient", "held-out structure", "trained")
+    structures: Tuple[str, ...]  # raw label names to score
     slices: Optional[Tuple[int, int]] = None    # only slices first <= k < stop, as a volume of their own
+    group: str = "base"         # "base": the base model's evaluation; "chaos": the few-shot MR domain
+    modality: str = "CT"        # routes the experts (as the file or the user would say)
 
 
 EVALUATION_VOLUMES = (
-    EvaluationVolume("ct-patient-1 abdomen", "ct/totalseg_ct.nii.gz", "ct/totalseg_ct_labels.nii.gz",
-                     "class_map:total",
-                     {"liver": "trained", "spleen": "trained", "kidney_left": "trained", "kidney_right": "trained",
-                      "gallbladder": "held-out structure", "urinary_bladder": "held-out structure",
-                      "duodenum": "held-out structure"}),
-    EvaluationVolume("ct-patient-1 20-slice slab", "ct/totalseg_ct.nii.gz", "ct/totalseg_ct_labels.nii.gz",
-                     "class_map:total",
-                     {"liver": "trained, partial coverage", "spleen": "trained, partial coverage",
-                      "kidney_left": "trained, partial coverage", "kidney_right": "trained, partial coverage"},
-                     slices=(77, 97)),
-    EvaluationVolume("ct-patient-2 chest", "ct/chest_ct_aorta_crop.nii.gz", "ct/chest_ct_aorta_crop_labels.nii.gz",
-                     "ct/chest_ct_aorta_crop_labels.json",
-                     {"aorta": "held-out patient", "vertebrae_T12": "held-out patient"}),
-    EvaluationVolume("ct-patient-2 heart", "ct/chest_ct_pulmonary_crop.nii.gz",
+    EvaluationVolume("ct-patient-1 abdomen", "ct-patient-1", "ct/totalseg_ct.nii.gz", "ct/totalseg_ct_labels.nii.gz",
+                     "class_map:total", ABDOMINAL_ORGANS + ("stomach", "gallbladder", "urinary_bladder",
+                                                             "duodenum")),
+    EvaluationVolume("ct-patient-1 20-slice slab", "ct-patient-1", "ct/totalseg_ct.nii.gz",
+                     "ct/totalseg_ct_labels.nii.gz", "class_map:total", ABDOMINAL_ORGANS, slices=(77, 97)),
+    EvaluationVolume("ct-patient-2 chest", "ct-patient-2", "ct/chest_ct_aorta_crop.nii.gz",
+                     "ct/chest_ct_aorta_crop_labels.nii.gz", "ct/chest_ct_aorta_crop_labels.json",
+                     ("aorta", "vertebrae_T12")),
+    EvaluationVolume("ct-patient-2 heart", "ct-patient-2", "ct/chest_ct_pulmonary_crop.nii.gz",
                      "ct/chest_ct_pulmonary_crop_labels.nii.gz", "ct/chest_ct_pulmonary_crop_labels.json",
-                     {"heart": "held-out patient"}),
-    EvaluationVolume("mr-patient-1 abdomen", "mri/totalseg_mr.nii.gz", "mri/totalseg_mr_labels.nii.gz",
-                     "class_map:total_mr",
-                     {"liver": "held-out patient", "spleen": "held-out patient", "kidney_left": "held-out patient",
-                      "kidney_right": "held-out patient"}),
-)
+                     ("heart",)),
+    EvaluationVolume("ct-patient-3 thorax-abdomen", "ct-patient-3", "ct/thorax_abdomen_ct.nii.gz",
+                     "ct/thorax_abdomen_ct_labels.nii.gz", "ct/thorax_abdomen_ct_labels.json",
+                     ABDOMINAL_ORGANS + ("stomach", "aorta")),
+    EvaluationVolume("ct-patient-4 spleen", "ct-patient-4", "ct/msd_spleen_8_ct.nii.gz",
+                     "ct/msd_spleen_8_ct_labels.nii.gz", "ct/msd_spleen_8_ct_labels.json", ("spleen",)),
+    EvaluationVolume("mr-patient-1 abdomen", "mr-patient-1", "mri/totalseg_mr.nii.gz", "mri/totalseg_mr_labels.nii.gz",
+                     "class_map:total_mr", ABDOMINAL_ORGANS, modality="MR"),
+) + tuple(
+    EvaluationVolume(f"chaos-{nn} T2-SPIR", f"chaos-{nn}", f"mri/chaos_t2spir/chaos_t2_{nn}_mr.nii.gz",
+                     f"mri/chaos_t2spir/chaos_t2_{nn}_label.nii.gz", "mri/chaos_t2spir/labels.json",
+                     ABDOMINAL_ORGANS, group="chaos", modality="MR")
+    for nn in CHAOS_EVALUATION_PATIENTS)
+EVALUATION_GROUPS = tuple(sorted({spec.group for spec in EVALUATION_VOLUMES}))
+
+
+def trained_patients(source: Optional[dict]) -> Optional[set]:
+    """The patients whose volumes the weights were trained on, from the training record in their config.json
+    (``source``: train_starter's; each stage continues the previous one and re-uses its cases), or None."""
+    if not source or "cases" not in source:
+        return None
+    by_key = {spec.key: spec.patient for spec in CASES + CHAOS_CASES}
+    return {by_key[key] for key in source["cases"] if key in by_key}
+
+
+def design(spec: EvaluationVolume, raw_name: str, source: Optional[dict]) -> str:
+    """How the structure ``raw_name`` of ``spec`` relates to the training data recorded in ``source``."""
+    patients = trained_patients(source)
+    if patients is None:
+        return UNKNOWN_DESIGN
+    if spec.patient not in patients:
+        return HELD_OUT_PATIENT
+    if resolve_term(raw_name).name in set(source.get("held_out_structures", ())):
+        return HELD_OUT_STRUCTURE
+    return TRAINED + (", partial coverage" if spec.slices else "")
 
 
 @dataclass
@@ -78,6 +114,7 @@ class DiceRow:
     kind: str
     dice: float
     seconds: float
+    modality: str = "CT"
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -124,10 +161,30 @@ def read_names(data_dir: Path, spec: str) -> Dict[str, int]:
     return {name: int(value) for value, name in table.items()}
 
 
+def filled_box(mask_kji: np.ndarray) -> np.ndarray:
+    """The structure's tight voxel box, filled in: what a box prompt gives with no model at all."""
+    where = np.argwhere(mask_kji)
+    lo, hi = where.min(0), where.max(0) + 1
+    box = np.zeros(mask_kji.shape, dtype=bool)
+    box[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    return box
+
+
+def select_volumes(groups: Optional[Sequence[str]] = None,
+                   keys: Optional[Sequence[str]] = None) -> List[EvaluationVolume]:
+    """The evaluation volumes of the named groups (default: all) and, if given, only those whose key contains
+    one of ``keys``."""
+    chosen = [spec for spec in EVALUATION_VOLUMES if not groups or spec.group in groups]
+    return [spec for spec in chosen if not keys or any(key in spec.key for key in keys)]
+
+
 def evaluate(predictor, data_dir: Path, volumes: Iterable[EvaluationVolume] = EVALUATION_VOLUMES,
              kinds: Sequence[str] = PROMPT_KINDS, structures: Optional[Sequence[str]] = None,
+             source: Optional[dict] = None, baseline: bool = True,
              progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> List[DiceRow]:
-    """Dice per (volume, structure, prompt kind) with ``predictor`` (a ``Predictor`` around the model)."""
+    """Dice per (volume, structure, prompt kind) with ``predictor`` (a ``Predictor`` around the model), plus the
+    filled-box baseline row when ``baseline``. ``source``: the weights' training record (config.json "source"),
+    which says for each row whether its patient and structure were seen in training."""
     import time
 
     data_dir = Path(data_dir)
@@ -135,8 +192,8 @@ def evaluate(predictor, data_dir: Path, volumes: Iterable[EvaluationVolume] = EV
     rows: List[DiceRow] = []
     for number, spec in enumerate(volumes):
         check(cancel)
-        wanted = {raw: design for raw, design in spec.structures.items()
-                  if not structures or raw in structures or resolve_term(raw).name in structures}
+        wanted = [raw for raw in spec.structures
+                  if not structures or raw in structures or resolve_term(raw).name in structures]
         if not wanted:
             continue
         report(progress, number / len(volumes), f"evaluating {spec.key}")
@@ -145,22 +202,46 @@ def evaluate(predictor, data_dir: Path, volumes: Iterable[EvaluationVolume] = EV
         if spec.slices is not None:
             volume, labels = volume.slab(*spec.slices), labels[spec.slices[0]:spec.slices[1]]
         values = read_names(data_dir, spec.names)
-        predictor.set_volume(volume)
-        for raw, design in wanted.items():
+        predictor.set_volume(volume, modality=spec.modality)
+        for raw in wanted:
             truth = labels == values[raw]
-            name = resolve_term(raw).name
+            if not truth.any():
+                continue
+            name, how = resolve_term(raw).name, design(spec, raw, source)
+            if baseline:
+                rows.append(DiceRow(spec.key, name, how, FILLED_BOX, dice(filled_box(truth), truth), 0.0,
+                                    spec.modality))
             for kind in kinds:
                 check(cancel)
                 start = time.perf_counter()
                 mask = predictor.segment(evaluation_prompts(volume, truth, name, kind)).mask
-                rows.append(DiceRow(spec.key, name, design, kind, dice(mask, truth), time.perf_counter() - start))
+                rows.append(DiceRow(spec.key, name, how, kind, dice(mask, truth), time.perf_counter() - start,
+                                    spec.modality))
     report(progress, 1.0, "evaluated")
     return rows
 
 
+def summary_table(rows: Sequence[DiceRow]) -> str:
+    """Mean Dice per (modality, design, structure) and prompt kind, and how often a box prompt beat the filled
+    box."""
+    kinds = [k for k in (FILLED_BOX,) + PROMPT_KINDS if any(r.kind == k for r in rows)]
+    groups: Dict[tuple, Dict[str, List[float]]] = {}
+    for row in rows:
+        groups.setdefault((row.modality, row.design, row.structure), {}).setdefault(row.kind, []).append(row.dice)
+    lines = ["| modality | held out as | structure | volumes | " + " | ".join(f"mean Dice ({k})" for k in kinds)
+             + " | box beats filled box |", "|---|---|---|---|" + "---|" * (len(kinds) + 1)]
+    for (modality, how, name), by_kind in sorted(groups.items()):
+        cells = " | ".join(f"{np.mean(by_kind[k]):.3f}" if k in by_kind else "-" for k in kinds)
+        beats = "-"
+        if "box" in by_kind and FILLED_BOX in by_kind:
+            beats = f"{sum(b > f for b, f in zip(by_kind['box'], by_kind[FILLED_BOX]))}/{len(by_kind['box'])}"
+        lines.append(f"| {modality} | {how} | {name} | {len(next(iter(by_kind.values())))} | {cells} | {beats} |")
+    return "\n".join(lines)
+
+
 def dice_table(rows: Sequence[DiceRow]) -> str:
     """A Markdown table: one line per (volume, structure), one column per prompt kind."""
-    kinds = [k for k in PROMPT_KINDS if any(r.kind == k for r in rows)]
+    kinds = [k for k in (FILLED_BOX,) + PROMPT_KINDS if any(r.kind == k for r in rows)]
     lines = ["| volume | structure | held out as | " + " | ".join(f"Dice ({k})" for k in kinds) + " |",
              "|---|---|---|" + "---|" * len(kinds)]
     seen: Dict[tuple, Dict[str, float]] = {}

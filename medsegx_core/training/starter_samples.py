@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from ..data.hierarchy import context_indices
-from .domain_randomisation import (bias_field, label_intensity_shift, random_intensity_curve, random_sub_box,
-                                   slab_region)
-from .prompt_simulation import PromptedSample, PromptSettings, bounding_box, simulate
+from .domain_randomisation import (absent_slab, bias_field, label_intensity_shift, random_intensity_curve,
+                                   random_sub_box, slab_region)
+from .prompt_simulation import PromptedSample, PromptSettings, bounding_box, simulate, zoom_out_view
 from .starter_data import TrainingCase
 
 # Prompt kinds (prompt_simulation.PROMPT_KINDS) and how often each is drawn: text alone is the README's main
@@ -37,6 +37,8 @@ KIND_WEIGHTS: Dict[str, float] = {"text": 0.35, "box": 0.2, "points": 0.15, "tex
 KEY_STRUCTURES = ("liver", "spleen", "left kidney", "right kidney", "aorta", "heart", "stomach", "pancreas",
                   "gallbladder", "urinary bladder", "brain whole tumor")
 KEY_STRUCTURE_WEIGHT = 12.0
+# The thinnest slab (slices of the crop) an absent-structure sample shows.
+MIN_ABSENT_SLICES = 6
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class AugmentSettings:
     curve_probability: float = 0.0          # a random (non-monotonic) intensity curve, on the model input
     bias_probability: float = 0.0           # a smooth multiplicative field, on the model input
     slab_probability: float = 0.0           # zoom-out views: a thin slab of slices instead of a sub-box
+    # Text prompts for a structure outside the view (a slab of slices above or below it), with an empty target,
+    # so that the model answers "not here" instead of a confident blob elsewhere.
+    absent_probability: float = 0.0
 
     @classmethod
     def domain_randomised(cls) -> "AugmentSettings":
@@ -98,6 +103,8 @@ class StarterSampler:
         index = int(rng.choice(len(self.cases), p=self.case_p))
         case = self.cases[index]
         structure = case.structures[int(rng.choice(len(case.structures), p=self.structure_p[index]))]
+        if settings.absent_probability and rng.random() < settings.absent_probability:
+            return self._absent_sample(case, structure)
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.kind_p))]
         view = "zoom-in" if rng.random() < settings.zoom_in_probability else "zoom-out"
         image, mask = case.labelled.image, case.labelled.mask(structure)
@@ -116,17 +123,34 @@ class StarterSampler:
         clicks = PromptSettings(box_jitter=settings.box_jitter, positive_points=int(rng.integers(1, 4)),
                                 negative_points=int(rng.integers(0, 2)))
         sample = simulate(image, mask, structure.name, kind, view, self.model_shape, rng, clicks)
-        if sample is not None and settings.curve_probability and rng.random() < settings.curve_probability:
+        return None if sample is None else self._finish(sample, case, structure)
+
+    def _absent_sample(self, case: TrainingCase, structure) -> Optional[PromptedSample]:
+        """The structure's name as a text prompt on a zoom-out view of slices that do not hold it (a slab above
+        or below it, as in a scan that stops short of it), with an empty target. None when neither side of the
+        structure has enough slices."""
+        region = absent_slab(case.labelled.mask(structure), max(MIN_ABSENT_SLICES, self.model_shape[0] // 4),
+                             self.rng)
+        if region is None:
+            return None
+        image = case.labelled.image[region]
+        view_image, _ = zoom_out_view(image, np.zeros(image.shape, dtype=np.float32), self.model_shape)
+        empty = np.zeros(self.model_shape, dtype=np.float32)
+        return self._finish(PromptedSample(view_image, empty, structure.name, "text", "zoom-out"), case, structure)
+
+    def _finish(self, sample: PromptedSample, case: TrainingCase, structure) -> PromptedSample:
+        """Intensity augmentation on the model input, and the experts' routing rows."""
+        rng, settings = self.rng, self.settings
+        if settings.curve_probability and rng.random() < settings.curve_probability:
             sample.image = random_intensity_curve(sample.image, rng)
-        if sample is not None and settings.bias_probability and rng.random() < settings.bias_probability:
+        if settings.bias_probability and rng.random() < settings.bias_probability:
             sample.image = bias_field(sample.image, rng)
-        if sample is not None and rng.random() < settings.intensity_probability:
+        if rng.random() < settings.intensity_probability:
             sample.image = self._augment_intensity(sample.image)
-        if sample is not None:
-            # The experts' routing as the predictor does it: the named anatomy with a text prompt, the modality
-            # alone for boxes and clicks (no text names the anatomy there).
-            term = structure.term if sample.uses_text else None
-            sample.context_rows = context_indices(term, case.labelled.modality).rows()
+        # The experts' routing as the predictor does it: the named anatomy with a text prompt, the modality alone
+        # for boxes and clicks (no text names the anatomy there).
+        term = structure.term if sample.uses_text else None
+        sample.context_rows = context_indices(term, case.labelled.modality).rows()
         return sample
 
     def _subcrop(self, mask: np.ndarray) -> Tuple[slice, slice, slice]:

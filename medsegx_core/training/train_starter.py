@@ -47,6 +47,7 @@ from ..modeling.segvol import SegVol
 from ..progress import CancelToken, ProgressCallback, check, report
 from .losses import dice_bce_loss
 from .prompt_simulation import PromptedSample
+from .recipes import command_line_conflicts, load_recipe
 from .starter_bundle import load_bundle, save_bundle
 from .starter_data import case_specs, load_cases, structure_vocabulary
 from .starter_samples import AugmentSettings, SampleStream, StarterSampler, collate
@@ -312,6 +313,7 @@ def run_record(run: TrainingRun, args: argparse.Namespace, argv: Sequence[str]) 
     return {
         "trained_by": "medsegx_core.training.train_starter",
         "command": "python -m medsegx_core.training.train_starter " + " ".join(shlex.quote(a) for a in argv),
+        "recipe": getattr(args, "recipe_record", None),
         "seed": args.seed, "steps_planned": args.steps, "stop_after": args.stop_after, "steps_done": run.steps_done,
         "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "threads": torch.get_num_threads(),
         "elapsed_s": round(run.elapsed_s, 1), "cases": run.cases, "excluded_patients": list(args.exclude_patient),
@@ -320,15 +322,18 @@ def run_record(run: TrainingRun, args: argparse.Namespace, argv: Sequence[str]) 
         "device": args.device, "workers": args.workers, "experts": args.experts,
         "coordinates": args.coordinates, "dense_prompts": args.dense_prompts,
         "domain_randomisation": args.domain_randomisation, "zoom_in_share": args.zoom_in_share,
+        "absent_share": args.absent_share,
         "bundle": str(args.bundle) if args.bundle else None,
         "final_loss_mean_last_50": round(float(np.mean(run.losses[-50:])), 4) if run.losses else None,
         "vocabulary": run.vocabulary, "torch": torch.__version__,
     }
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m medsegx_core.training.train_starter",
                                      description="Train the bundled starter model on ../shared/data.")
+    parser.add_argument("--recipe", help="a recipe file (or the name of a shipped one, e.g. starter_stage8) that "
+                                         "sets the training options (training/recipes.py)")
     parser.add_argument("--data", type=Path, help="the shared data folder (holds ct/ and mri/)")
     parser.add_argument("--bundle", type=Path, help="train from this prepared training set (see --prepare) "
                                                     "instead of --data")
@@ -352,6 +357,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--zoom-in-share", type=float, default=AugmentSettings.zoom_in_probability,
                         help="share of samples drawn as native-resolution zoom-in windows (the rest are zoom-out "
                              "views; a --coarse-only model uses only the zoom-out pass)")
+    parser.add_argument("--absent-share", type=float, default=AugmentSettings.absent_probability,
+                        help="share of samples that name a structure outside the view (a slab of slices above or "
+                             "below it) with an empty target, so the model learns to answer 'not here'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -377,7 +385,28 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              "stage that was stopped early")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--overwrite", action="store_true")
-    return parser.parse_args(argv)
+    return parser
+
+
+def long_options(parser: argparse.ArgumentParser) -> List[str]:
+    """The parser's long option names without dashes (what a recipe may set)."""
+    return [option[2:] for action in parser._actions for option in action.option_strings if option.startswith("--")]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The options, with a --recipe's expanded in front of the command line's (which may not repeat them)."""
+    parser = build_parser()
+    recipe_name = parser.parse_known_args(argv)[0].recipe
+    recipe = None
+    if recipe_name is not None:
+        recipe = load_recipe(recipe_name, "medsegx_core.training.train_starter", long_options(parser))
+        conflicts = command_line_conflicts(recipe, argv)
+        if conflicts:
+            raise InputError(f"--{', --'.join(conflicts)} set by the recipe {recipe.path.name}; edit the recipe "
+                             f"(a new version) or train without --recipe")
+    args = parser.parse_args((recipe.argv() if recipe else []) + list(argv))
+    args.recipe_record = recipe.record() if recipe else None
+    return args
 
 
 def prepare(data_dir: Optional[Path], path: Path) -> int:
@@ -395,8 +424,8 @@ def prepare(data_dir: Optional[Path], path: Path) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         return _train(args, argv)
     except MedSegXError as exc:    # bad data, options or --init weights: say what, no traceback
         print(f"error: {exc}", file=sys.stderr)
@@ -437,7 +466,8 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         progress=progress, bundle=args.bundle, device=args.device, workers=args.workers,
                         experts=args.experts, stop_after=args.stop_after,
                         augment=replace(AugmentSettings.domain_randomised() if args.domain_randomisation
-                                        else AugmentSettings(), zoom_in_probability=args.zoom_in_share))
+                                        else AugmentSettings(), zoom_in_probability=args.zoom_in_share,
+                                        absent_probability=args.absent_share))
     save(run)
     print(f"saved {args.out} after {run.steps_done} steps in {run.elapsed_s / 60:.1f} min")
     return 0

@@ -1,0 +1,53 @@
+"""The few-shot benchmark's arms (training/finetune.py TRAINABLE_SETS) on a real CHAOS MR patient with a tiny
+model: each arm changes exactly its own weights, the text tower never trains, and only expert arms make packs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medsegx_core.errors import InputError
+from medsegx_core.modeling.build import build_model
+from medsegx_core.modeling.config import preset
+from medsegx_core.training.finetune import FinetuneSettings, base_sha256, finetune, prepare_model, write_pack
+from medsegx_core.training.starter_data import CHAOS_ADAPTATION_PATIENTS, CHAOS_CASES, load_case
+
+
+@pytest.fixture(scope="module")
+def chaos_case(data_dir):
+    first = next(spec for spec in CHAOS_CASES if spec.patient == f"chaos-{CHAOS_ADAPTATION_PATIENTS[0]}")
+    return load_case(data_dir, first).labelled
+
+
+def tiny_model():
+    config = preset("tiny-minilm")
+    config.name, config.image_size = "test-16x64x64", (16, 64, 64)
+    torch.manual_seed(0)
+    return build_model(config)
+
+
+@pytest.mark.parametrize("arm, expected", [("experts", {"conmoae"}), ("decoder", {"mask_decoder"}),
+                                           # the text projection too would need text embeddings with gradients;
+                                           # fine-tuning encodes the names once, so "all" leaves the text side
+                                           ("all", {"conmoae", "mask_decoder", "image_encoder", "prompt_encoder"})])
+def test_each_arm_trains_its_own_weights_only(chaos_case, arm, expected):
+    model = tiny_model()
+    settings = FinetuneSettings(steps=3, batch_size=2, lr=1e-2, trainable=arm, val_fraction=0.0, val_every=3)
+    prepare_model(model, settings)          # the experts attached before the snapshot, as finetune would
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    run = finetune(model, [chaos_case], settings)
+    assert len(run.history) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in run.history)
+    after = model.state_dict()
+    changed = {name for name, value in before.items() if not torch.equal(value, after[name])}
+    assert {name.split(".")[0] for name in changed} == expected
+    assert not any(name.startswith("text_encoder.sentence_model") for name in changed), "the text tower is frozen"
+
+
+def test_only_expert_arms_are_saved_as_packs(chaos_case, tmp_path):
+    model = tiny_model()
+    settings = FinetuneSettings(steps=1, batch_size=2, trainable="decoder", val_fraction=0.0, val_every=1)
+    run = finetune(model, [chaos_case], settings)
+    with pytest.raises(InputError, match="not saved as a pack"):
+        write_pack(tmp_path / "pack.safetensors", model, settings, base_sha256(model), [chaos_case], run)
+    assert not (tmp_path / "pack.safetensors").exists()
+    with pytest.raises(InputError, match="unknown trainable set"):
+        finetune(tiny_model(), [chaos_case], FinetuneSettings(steps=1, trainable="encoder"))
