@@ -56,10 +56,6 @@ def _string_array(values: Sequence[str]) -> vtk.vtkStringArray:
     return out
 
 
-def segment_ids(segmentation_node) -> list:
-    return list(segmentation_node.GetSegmentation().GetSegmentIDs())
-
-
 def ensure_reference_geometry(segmentation_node, volume_node) -> None:
     """Give a new (empty, geometry-less) segmentation the input volume's grid, as the Segment Editor does."""
     role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()

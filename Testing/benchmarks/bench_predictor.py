@@ -138,11 +138,6 @@ def measure(path: str, scale: float = 1.0, large: bool = False, mask_out: str = 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -167,6 +162,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
+    from medsegx_core.data.metrics import dice
     from medsegx_core.inference.device import cpu_has_native_bf16
 
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability "

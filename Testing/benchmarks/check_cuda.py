@@ -24,15 +24,11 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 from bench_predictor import TOKENIZER, _volume  # noqa: E402  (the benchmark's real CT and tokenizer)
 from cuda_memory import fill_cuda_memory  # noqa: E402  (Testing/cuda_memory.py)
 
+from medsegx_core.data.metrics import dice  # noqa: E402
 from medsegx_core.inference.device import Runtime  # noqa: E402
 from medsegx_core.modeling.build import build_model  # noqa: E402
 from medsegx_core.predictor import Predictor  # noqa: E402
 from medsegx_core.prompts import BoxPrompt, PointPrompt, Prompts  # noqa: E402
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
 
 
 def main() -> int:

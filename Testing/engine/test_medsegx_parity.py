@@ -3,24 +3,27 @@ loaded from each of the fixture's checkpoint layouts, reproduces the official fo
 every case within the tolerances of ../shared/fixtures/medsegx_parity/README.md (section 8).
 
 The context of each case comes from our hierarchy's resolution of its MedSegDB folder name, not from the
-fixture's stored indices (those are only compared against)."""
+fixture's stored indices (those are only compared against). Cases, the slice convention's intensity window and
+the spare-row case's context come from the fixture folder (``$MEDSEGX_MEDSEGX_FIXTURE``): ``fixtures.json`` and
+the ``case_*.npz`` files."""
 from __future__ import annotations
 
-import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from fixture_paths import MEDSEGX_FIXTURE, fixture_record
+from medsegx_core.data.hierarchy import ContextIndices
 from medsegx_core.errors import InputError, WeightsError
 from medsegx_core.modeling.medsegx2d import box_from_label, context_from_task_folder, evaluate_slice, medsegdb_slice
 from medsegx_core.weights.medsegx2d import fit_to_config, infer_config, load_medsegx, read_medsegx_state
 
 LAYOUTS = {"split": ("sam_base.pth", "medsegx_trained.pth"), "full_model.pth": ("full_model.pth", None),
            "safetensors": ("model.safetensors", None)}
-CASES = ["liver", "kidney", "spleen"]
-SPARE_TASK_ROW = 111   # the 112-row task table's last row, never selected by the official code
+SPARE_SUFFIX = "_spare_task_row"   # README 6.3: a case's inputs routed through the task table's unused last row
 # README section 8, max absolute difference
 TOLERANCES = {
     "box_256": 1e-4, "img_256": 1e-3, "img_normalized": 1e-5,
@@ -43,9 +46,37 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def evaluation_cases(record: dict) -> list:
+    """The official evaluation cases: those recorded with their MedSegDB task folder (the spare-row case
+    reuses another case's inputs and has none)."""
+    return sorted(name for name, case in record.get("cases", {}).items() if "task_folder" in case)
+
+
+def pytest_generate_tests(metafunc):
+    public = MEDSEGX_FIXTURE / "public"
+    if "case" in metafunc.fixturenames:
+        metafunc.parametrize("case", evaluation_cases(fixture_record(MEDSEGX_FIXTURE)))
+    if "spare_case" in metafunc.fixturenames:
+        spare = sorted(p.stem[len("case_"):] for p in public.glob(f"case_*{SPARE_SUFFIX}.npz"))
+        metafunc.parametrize("spare_case", spare)
+
+
 @pytest.fixture(scope="module")
-def public(fixtures_dir):
-    return fixtures_dir / "medsegx_parity" / "public"
+def public(medsegx_fixture):
+    return medsegx_fixture / "public"
+
+
+@pytest.fixture(scope="module")
+def record(medsegx_fixture):
+    return fixture_record(medsegx_fixture)
+
+
+@pytest.fixture(scope="module")
+def window(record):
+    """The HU window of the fixture's slice convention (README 5 step 1, fixtures.json)."""
+    convention = next(v for k, v in record.items() if k.startswith("slice_preprocessing"))
+    low, high = re.search(r"clip HU to \[(-?[\d.]+), (-?[\d.]+)\]", convention).groups()
+    return float(low), float(high)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +94,8 @@ def models(public, architecture):
 
 
 @pytest.fixture(scope="module")
-def references(public):
-    return {case: dict(np.load(public / f"case_{case}.npz")) for case in CASES}
+def references(public, record):
+    return {case: dict(np.load(public / f"case_{case}.npz")) for case in evaluation_cases(record)}
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +201,7 @@ def test_incomplete_or_swapped_weights_are_refused(public):
 
 
 # ---- data steps ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", CASES)
-def test_context_box_and_slice_convention(case, references):
+def test_context_box_and_slice_convention(case, references, window):
     ref = references[case]
     context = context_from_task_folder(str(ref["task_folder"]))
     assert context.rows() == tuple(ref["embedding_rows"][0])
@@ -179,13 +209,13 @@ def test_context_box_and_slice_convention(case, references):
     assert context.modality == int(ref["modal_index"][0])
     box = box_from_label(ref["npy_gt"])
     assert box.dtype == np.float32 and np.array_equal(box, ref["box_native"][0])
-    image, label = medsegdb_slice(ref["raw_slice"], ref["label_slice"])
+    image, label = medsegdb_slice(ref["raw_slice"], ref["label_slice"], window)
     assert np.array_equal(image, ref["npy_img"]) and np.array_equal(label, ref["npy_gt"])
 
 
 def test_bad_slices_are_refused(models, references):
-    ref = references["liver"]
-    context = context_from_task_folder("CT_Liver")
+    ref = next(iter(references.values()))
+    context = context_from_task_folder(str(ref["task_folder"]))
     with pytest.raises(InputError, match="square"):
         evaluate_slice(models["safetensors"], ref["npy_img"][:100], ref["npy_gt"][:100], context)
     with pytest.raises(InputError, match="label is empty"):
@@ -193,7 +223,6 @@ def test_bad_slices_are_refused(models, references):
 
 
 # ---- forward pass and evaluation -------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_case_reproduces_the_official_numbers(layout, case, evaluate):
     evaluation, ref = evaluate(layout, case)
@@ -209,13 +238,17 @@ def test_case_reproduces_the_official_numbers(layout, case, evaluate):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_spare_task_row(layout, models, references, public):
-    """The liver sample routed through task row 111 (the official table's spare row, liver ancestors)."""
-    spare = dict(np.load(public / "case_liver_spare_task_row.npz"))
-    liver = references["liver"]
-    context = dataclasses.replace(context_from_task_folder("CT_Liver"), task=SPARE_TASK_ROW)
-    assert [context.level1, context.level2, context.level3, context.task] == list(spare["organ_indices"][0])
-    evaluation = evaluate_slice(models[layout], liver["npy_img"], liver["npy_gt"], context, trace=True)
+def test_spare_task_row(layout, spare_case, models, references, public):
+    """A case's sample routed through the task table's spare row (README 6.3): the context the npz records
+    (its case's ancestors, the spare task row), on the inputs of the case it is named after."""
+    spare = dict(np.load(public / f"case_{spare_case}.npz"))
+    base = references[spare_case[: -len(SPARE_SUFFIX)]]
+    level1, level2, level3, task = (int(v) for v in spare["organ_indices"][0])
+    context = ContextIndices(level1, level2, level3, task, modality=int(spare["modal_index"][0]))
+    ours = context_from_task_folder(str(base["task_folder"]))
+    assert (ours.level1, ours.level2, ours.level3, ours.modality) == (level1, level2, level3, context.modality)
+    assert task != ours.task                       # another row than the case's own task
+    evaluation = evaluate_slice(models[layout], base["npy_img"], base["npy_gt"], context, trace=True)
     ours = outputs_of(evaluation)
     compared = [name for name in TOLERANCES if name in spare]
     assert {"expert_activation", "gate_logits", "logits_256", "logits_label_res", "dice"} <= set(compared)
@@ -227,10 +260,10 @@ def test_spare_task_row(layout, models, references, public):
 
 
 def test_the_comparison_sees_the_context(models, references):
-    """Guard against a vacuous pass: the liver image with the kidney's context is far outside the tolerance."""
-    liver = references["liver"]
-    wrong = evaluate_slice(models["safetensors"], liver["npy_img"], liver["npy_gt"],
-                           context_from_task_folder("CT_LeftKidney"))
-    assert max_abs(wrong.logits, liver["logits_256"]) > 100 * TOLERANCES["logits_256"]
+    """Guard against a vacuous pass: one case's image with another case's context is far outside the tolerance."""
+    (_, case), (_, other) = sorted(references.items())[:2]
+    wrong = evaluate_slice(models["safetensors"], case["npy_img"], case["npy_gt"],
+                           context_from_task_folder(str(other["task_folder"])))
+    assert max_abs(wrong.logits, case["logits_256"]) > 100 * TOLERANCES["logits_256"]
     gates = models["safetensors"].image_encoder.expert_activation()      # of that last forward
-    assert max_abs(gates, liver["expert_activation"]) > 100 * TOLERANCES["expert_activation"]
+    assert max_abs(gates, case["expert_activation"]) > 100 * TOLERANCES["expert_activation"]

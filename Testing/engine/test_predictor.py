@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from medsegx_core.data.metrics import dice
 from medsegx_core.data.readers import read_volume
 from medsegx_core.errors import Cancelled, InputError, PromptError, UnknownTermError, WeightsError
 from medsegx_core.inference.device import (Runtime, cpu_has_native_bf16, release_freed_memory,
@@ -245,8 +246,7 @@ def test_bf16_agrees_with_fp32(model, volume):
         predictor = Predictor(copy.deepcopy(model), device="cpu", precision=precision)
         predictor.set_volume(volume)
         masks[precision] = predictor.segment(Prompts(text="liver", box=BOX_IJK)).mask.astype(bool)
-    dice = 2 * np.sum(masks["fp32"] & masks["bf16"]) / (masks["fp32"].sum() + masks["bf16"].sum())
-    assert dice >= 0.98
+    assert dice(masks["fp32"], masks["bf16"]) >= 0.98
     assert predictor.model.mask_decoder.output_upscaling[0].weight.dtype == torch.bfloat16
     assert model.mask_decoder.output_upscaling[0].weight.dtype == torch.float32
 

@@ -1,21 +1,34 @@
-"""The `official` preprocessing and the zoom index maps reproduce the SegVol fixture (README 5.1, 5.2, 7)."""
+"""The `official` preprocessing and the zoom index maps reproduce the SegVol fixture (README 5.1, 5.2, 7).
+
+Inputs, expected statistics, shapes and boxes come from the fixture folder (``$MEDSEGX_SEGVOL_FIXTURE``):
+``pipeline_preprocess.npz``, ``model_input.npz`` and ``fixtures.json -> summary``.
+"""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from fixture_paths import fixture_record, is_default_fixture
 from medsegx_core.data.readers import read_volume
 from medsegx_core.errors import InputError
 from medsegx_core.inference.preprocessing import preprocess
 from medsegx_core.inference.zoom import ZoomMaps
 
-MODEL_SHAPE = (32, 256, 256)
+
+@pytest.fixture(scope="module")
+def reference(segvol_fixture):
+    public = segvol_fixture / "public"
+    return np.load(public / "pipeline_preprocess.npz"), np.load(public / "model_input.npz")
 
 
 @pytest.fixture(scope="module")
-def reference(fixtures_dir):
-    public = fixtures_dir / "segvol_parity" / "public"
-    return np.load(public / "pipeline_preprocess.npz"), np.load(public / "model_input.npz")
+def summary(segvol_fixture):
+    return fixture_record(segvol_fixture)["summary"]
+
+
+@pytest.fixture(scope="module")
+def model_shape(summary):
+    return tuple(summary["preprocess"]["zoom_out_shape"])
 
 
 @pytest.fixture(scope="module")
@@ -24,53 +37,70 @@ def official(reference):
     return preprocess(raw, np.eye(3), "official")
 
 
-def test_reference_ct_file_is_the_fixture_volume(data_dir, reference):
-    volume = read_volume(data_dir / "ct" / "totalseg_ct.nii.gz")
-    np.testing.assert_array_equal(volume.array, reference[0]["raw_volume"])
+def test_reference_ct_file_is_the_fixture_volume(reference_ct, segvol_fixture, reference):
+    """The engine tests that use the reference CT with the fixture's model rely on this (public fixture only)."""
+    if not is_default_fixture(segvol_fixture):
+        pytest.skip("another fixture's volume is not the project's reference CT")
+    np.testing.assert_array_equal(read_volume(reference_ct).array, reference[0]["raw_volume"])
 
 
-def test_foreground_normalisation_statistics(official):
-    # Values printed in the fixture README (5.1 step 2) and fixtures.json -> summary.preprocess.
+def test_foreground_normalisation_statistics(official, summary):
+    # fixtures.json -> summary.preprocess (also printed in the README, 5.1 step 2)
+    expected, minmax = summary["preprocess"]["foreground_normalisation"], summary["preprocess"]["minmax"]
     stats = official.stats
-    assert stats.threshold == pytest.approx(-360.0203857421875, abs=1e-4)
-    assert stats.foreground_count == 872929
-    assert stats.lower == pytest.approx(-356.0, abs=1e-4)
-    assert stats.upper == pytest.approx(2449.823974609375, abs=1e-3)
-    assert stats.mean == pytest.approx(-19.6723690032959, abs=1e-4)
-    assert stats.std == pytest.approx(128.04962158203125, abs=1e-3)
-    assert stats.minmax_min == pytest.approx(-2.6265413761138916, abs=1e-5)
-    assert stats.minmax_range == pytest.approx(21.912004470825195, abs=1e-5)
+    assert stats.threshold == pytest.approx(expected["fg_threshold_mean"], abs=1e-4)
+    assert stats.foreground_count == expected["fg_count"]
+    assert stats.lower == pytest.approx(expected["fg_lower_p00_05"], abs=1e-4)
+    assert stats.upper == pytest.approx(expected["fg_upper_p99_95"], abs=1e-3)
+    assert stats.mean == pytest.approx(expected["fg_mean"], abs=1e-4)
+    assert stats.std == pytest.approx(expected["fg_std"], abs=1e-3)
+    assert stats.minmax_min == pytest.approx(minmax["min_before"], abs=1e-5)
+    assert stats.minmax_range == pytest.approx(minmax["range_before"], abs=1e-5)
 
 
-def test_crop_bounds_and_normalised_crop(official, reference):
+def test_crop_bounds_and_normalised_crop(official, reference, summary):
     pre = reference[0]
+    assert official.cropped_shape == tuple(summary["preprocess"]["cropped_shape_zyx"])
     assert official.crop_lo == tuple(pre["crop_lo_zyx"])
     assert tuple(h - 1 for h in official.crop_hi) == tuple(pre["crop_hi_zyx_inclusive"])
     np.testing.assert_allclose(official.cropped, pre["normalised_cropped"], rtol=0, atol=1e-6)
     assert official.cropped.dtype == np.float32
 
 
-def test_index_maps_match_torch_resizes_of_the_fixture(official, reference):
+def test_index_maps_match_torch_resizes_of_the_fixture(official, reference, summary, model_shape):
     pre = reference[0]
-    maps = ZoomMaps.build(official.cropped_shape, MODEL_SHAPE)
+    maps = ZoomMaps.build(official.cropped_shape, model_shape)
     for axis, name in enumerate("dhw"):
         np.testing.assert_array_equal(maps.out[axis], pre[f"zoom_index_{name}"])
         np.testing.assert_array_equal(maps.back[axis], pre[f"back_index_{name}"])
-    # The legacy float32 `nearest` rule differs from exact arithmetic at one W index (README 5.2).
-    assert maps.back[2][61] == 127
+    # The resizes differ from exact rational arithmetic where float32 rounding moves an index (README 5.2: the
+    # legacy `nearest` rule at one W index of the public fixture); fixtures.json counts them per axis.
+    mismatches = summary["resize_index_maps"]
+    for axis, (crop, model) in enumerate(zip(official.cropped_shape, model_shape)):
+        exact_out = ((2 * np.arange(model) + 1) * crop) // (2 * model)      # floor((j + 0.5) * in / out)
+        exact_back = (np.arange(crop) * model) // crop                      # floor(j * in / out)
+        assert int((maps.out[axis] != exact_out).sum()) == \
+            mismatches["zoom_out_nearest_exact_mismatch_vs_exact_rational_formula"][axis]
+        assert int((maps.back[axis] != exact_back).sum()) == \
+            mismatches["back_nearest_mismatch_vs_exact_rational_formula"][axis]
 
 
-def test_zoom_out_model_input(official, reference):
-    maps = ZoomMaps.build(official.cropped_shape, MODEL_SHAPE)
+def test_zoom_out_model_input(official, reference, model_shape):
+    maps = ZoomMaps.build(official.cropped_shape, model_shape)
     image = maps.zoom_out(official.cropped)
     np.testing.assert_allclose(image, reference[1]["image"][0, 0], rtol=0, atol=1e-6)
 
 
-def test_zoomed_box_from_a_box_cube(official):
-    # The liver box in crop indices resizes to the fixture's zoomed box (fixtures.json -> summary.liver_box).
-    maps = ZoomMaps.build(official.cropped_shape, MODEL_SHAPE)
-    box = maps.box_to_model((69, 25, 37), (111, 86, 104))
-    np.testing.assert_array_equal(box, [20, 66, 78, 31, 229, 219])
+def test_zoomed_box_from_a_box_cube(official, summary, model_shape):
+    # Each box of the summary (the prompt box of the pipeline's box case), in crop indices, resizes to the
+    # fixture's zoomed box, exactly as resizing a cube of it does.
+    maps = ZoomMaps.build(official.cropped_shape, model_shape)
+    boxes = {key: value for key, value in summary.items() if key.endswith("_box")}
+    assert boxes
+    for box in boxes.values():
+        crop = box["cropped_zyx_inclusive"]
+        np.testing.assert_array_equal(maps.box_to_model(crop[:3], crop[3:]),
+                                      box["zoomed_from_original_box_via_nearest_exact_resize"])
 
 
 def test_input_array_is_not_modified(reference):
@@ -102,10 +132,10 @@ def _normalised_in_place(array_kji, orientation, stats):
 
 @pytest.mark.parametrize("direction", [np.eye(3), np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)],
                          ids=["stored RAS", "permuted and flipped"])
-def test_crop_read_in_parts_is_bit_identical_to_the_whole_normalised_volume(data_dir, direction):
+def test_crop_read_in_parts_is_bit_identical_to_the_whole_normalised_volume(reference_ct, direction):
     # The preprocessed volume keeps no float copy: it normalises what is read from the caller's (int16) array.
     # Any read (windows, the zoom-out gather) must give exactly the bits of the whole normalised volume.
-    raw = read_volume(data_dir / "ct" / "totalseg_ct.nii.gz").array
+    raw = read_volume(reference_ct).array
     prepared = preprocess(raw, direction, "canonical")
     assert np.shares_memory(prepared.source, raw) and prepared.source.dtype == raw.dtype
     whole = _normalised_in_place(raw, prepared.orientation, prepared.stats)
@@ -116,7 +146,7 @@ def test_crop_read_in_parts_is_bit_identical_to_the_whole_normalised_volume(data
     assert np.array_equal(prepared.cropped.view(np.uint32), crop.view(np.uint32))
     window = (slice(3, 35), slice(10, 70), slice(-50, None))
     assert np.array_equal(reader[window].view(np.uint32), crop[window].view(np.uint32))
-    maps = ZoomMaps.build(prepared.cropped_shape, MODEL_SHAPE)
+    maps = ZoomMaps.build(prepared.cropped_shape, (32, 256, 256))      # SegVol's input size
     assert np.array_equal(maps.zoom_out(reader).view(np.uint32), maps.zoom_out(crop).view(np.uint32))
     assert np.array_equal(np.asarray(reader), crop)
     # The positive bounding box of the whole normalised volume is the crop.
@@ -125,11 +155,11 @@ def test_crop_read_in_parts_is_bit_identical_to_the_whole_normalised_volume(data
     assert prepared.crop_hi == tuple(int(a.max()) + 1 for a in nonzero)
 
 
-def test_back_to_crop_written_slab_by_slab_equals_the_whole_gather(official):
+def test_back_to_crop_written_slab_by_slab_equals_the_whole_gather(official, model_shape):
     # The predictor writes the coarse result straight into its uint8/float32 outputs (no crop-sized temporary);
-    # the crop's 112 D slices in slabs of 16, and of 10 (ending in a partial slab).
-    maps = ZoomMaps.build(official.cropped_shape, MODEL_SHAPE)
-    zoomed = np.random.default_rng(0).normal(size=MODEL_SHAPE).astype(np.float32)
+    # the crop's D slices in slabs of 16, and of 10 (a partial last slab unless D is a multiple of 10).
+    maps = ZoomMaps.build(official.cropped_shape, model_shape)
+    zoomed = np.random.default_rng(0).normal(size=model_shape).astype(np.float32)
     for values, dtype, slab in ((zoomed, np.float32, 16), (zoomed > 0.5, np.uint8, 10)):
         full, view = official.working_canvas(dtype, fill=7)
         maps.back_to_crop_into(values, view, slab=slab)

@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from ..errors import InputError, WeightsError
+from .choices import DEVICES, PRECISIONS
 
 LOG = logging.getLogger("medsegx")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -201,6 +200,6 @@ def warn(message: str, progress=None, fraction: float = 0.0) -> None:
         progress(fraction, f"warning: {message}")
 
 
-__all__ = ["Runtime", "resolve_device", "resolve_precision", "cpu_has_native_bf16", "is_out_of_memory",
+__all__ = ["DEVICES", "PRECISIONS", "Runtime", "resolve_device", "resolve_precision", "cpu_has_native_bf16", "is_out_of_memory",
            "release_cuda_memory", "release_freed_memory", "use_fused_attention", "use_matmul_transposed_convolutions",
            "cast_matmul_weights", "warn"]

@@ -6,9 +6,8 @@ it can run MedSegX's released 2D weights (loaded by ``weights/medsegx2d.py``). S
 ``Testing/engine/test_medsegx_parity.py``.
 """
 from .config import MedSegX2DConfig
-from .evaluation import SliceEvaluation, box_from_label, context_from_task_folder, dice_score, evaluate_slice, \
-    medsegdb_slice
+from .evaluation import SliceEvaluation, box_from_label, context_from_task_folder, evaluate_slice, medsegdb_slice
 from .model import MedSegX2D
 
 __all__ = ["MedSegX2D", "MedSegX2DConfig", "SliceEvaluation", "box_from_label", "context_from_task_folder",
-           "dice_score", "evaluate_slice", "medsegdb_slice"]
+           "evaluate_slice", "medsegdb_slice"]

@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from ...data.hierarchy import ContextIndices, resolve_task_folder
+from ...data.metrics import dice
 from ...errors import InputError
 from .model import MedSegX2D
 
@@ -53,13 +54,6 @@ def context_from_task_folder(folder: str) -> ContextIndices:
     return term.context
 
 
-def dice_score(mask: np.ndarray, label: np.ndarray) -> float:
-    """2|A∩B| / (|A|+|B|) of two binary arrays; 1.0 when both are empty."""
-    mask, label = mask.astype(bool), label.astype(bool)
-    total = int(mask.sum()) + int(label.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(mask, label).sum()) / total
-
-
 @dataclass
 class SliceEvaluation:
     context: ContextIndices
@@ -77,10 +71,6 @@ class SliceEvaluation:
     def best_index(self) -> int:
         """The oracle pick the official evaluation reports (uses the label)."""
         return int(np.argmax(self.dice))
-
-    @property
-    def best_dice(self) -> float:
-        return float(self.dice[self.best_index])
 
 
 @torch.no_grad()
@@ -104,6 +94,6 @@ def evaluate_slice(model: MedSegX2D, image: np.ndarray, label: np.ndarray, conte
     logits_label_res = F.interpolate(out.logits, size=(size, size), mode="bilinear", align_corners=False,
                                      antialias=True)
     masks = (torch.sigmoid(logits_label_res) > 0.5)[0].cpu().numpy()
-    dice = np.array([dice_score(mask, label) for mask in masks], dtype=np.float64)
+    dice_of_masks = np.array([dice(mask, label) for mask in masks], dtype=np.float64)
     return SliceEvaluation(context, box_native, boxes, pixels, out.logits, out.iou_pred, logits_label_res, masks,
-                           dice, details)
+                           dice_of_masks, details)
