@@ -58,12 +58,15 @@ from MedSegXSlicerLib.resources import ensure_engine_importable, resource_path
 
 ensure_engine_importable()
 
-from MedSegXSlicerLib import MedSegXSlicerLogic, install, mrml_conversion  # noqa: E402
-from medsegx_core.errors import Cancelled, MedSegXError  # noqa: E402
+from MedSegXSlicerLib import MedSegXSlicerLogic, install, sample_data  # noqa: E402
+from MedSegXSlicerLib.logic import SHORTCUTS, shortcuts_help  # noqa: E402
+from medsegx_core.errors import Cancelled, MedSegXError, WeightsError  # noqa: E402
 
 POSITIVE_COLOR = (0.25, 0.85, 0.35)
 NEGATIVE_COLOR = (0.95, 0.25, 0.25)
 POLL_INTERVAL_MS = 100
+PRESET_PROMPT = "Presets..."
+OWN_EXPERTS, NO_EXPERTS, PACK_FILE = "the weights' own experts", "no experts", "expert pack file..."
 
 
 #
@@ -77,17 +80,28 @@ class MedSegXSlicer(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["MedSegX for 3D Slicer contributors"]
         self.parent.helpText = _("""
-Promptable segmentation of CT and MR volumes: type a structure name (e.g. <i>liver</i>), click inside it
+Promptable segmentation of CT and MR volumes: type a structure name (e.g. <i>liver</i>) or a list
+(<i>liver, spleen, left kidney</i>, or a preset such as <i>abdominal organs</i>: one segment each), click inside it
 (include points) or where the result leaks (exclude points), and/or draw a box (ROI), then press <b>Segment</b>.
 More clicks refine the selected segment quickly because the volume's embeddings are kept.
+<b>Model</b>: the official SegVol weights download on first use (licence shown first; offline: Import checkpoint),
+expert packs adapt the model; <b>Learn from my segments</b> trains an expert pack from a segmentation.
+Keyboard shortcuts:""") + shortcuts_help() + _("""
 The engine re-implements SegVol (zoom-out-zoom-in) with MedSegX's hierarchy-routed adapter experts.
 From the Python console: <code>MedSegXSlicerLib.MedSegXSlicerLogic().segment(volumeNode, segmentationNode,
-text="liver")</code>. Batch mode: <code>Slicer --no-main-window --python-script medsegx_batch.py --help</code>.
+text="liver, spleen")</code>. Batch mode: <code>Slicer --no-main-window --python-script medsegx_batch.py --help</code>.
 """)
         self.parent.acknowledgementText = _("""
 SegVol (Du et al., BAAI-DCAI) and MedSegX (MedSegDB hierarchy, ConMoAE) are the methods re-implemented here;
 their published checkpoints can be imported. Built on 3D Slicer, MONAI and PyTorch.
 """)
+        if qt is not None:  # register the sample CT once Slicer has started (the Sample Data module is loaded)
+            slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    import SampleData
+    sample_data.register(SampleData)
 
 
 #
@@ -101,7 +115,7 @@ class MedSegXSlicerParameterNode:
     outputSegmentation - where results go (created on the first Segment when empty).
     positivePoints / negativePoints - include / exclude clicks (markups point lists).
     boxRoi - optional box prompt.
-    text - structure name.
+    text - structure name, or a list of them.
     device - auto / cuda / cpu.
     autoSegment - segment again after each click.
     """
@@ -120,6 +134,8 @@ class MedSegXSlicerParameterNode:
 # MedSegXSlicerWidget
 #
 class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Thin: every action is one Logic call; the widget only moves values between Qt and the Logic."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -127,8 +143,10 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode: Optional[MedSegXSlicerParameterNode] = None
         self._parameterNodeGuiTag = None
         self._task = None
+        self._finishTask = None
         self._rerunWhenDone = False
         self._observedPointNodes = []
+        self._shortcuts = []
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -138,6 +156,11 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = MedSegXSlicerLogic()
+        self.logic.installMissingPackages = True  # asks the user before installing anything
+        try:
+            self.logic.restoreChoice(slicer.app.settings())
+        except MedSegXError as exc:
+            logging.warning(f"MedSegX: the remembered model choice is not used: {exc}")
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -146,20 +169,29 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             placeWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
             placeWidget.deleteAllControlPointsOptionVisible = True
         self._setupTextCompletion()
+        self.ui.presetComboBox.addItems([PRESET_PROMPT] + list(self.logic.structurePresets()))
         self.ui.weightsPathLineEdit.currentPath = str(self.logic.weightsPath)
-        self._updateWeightsStatus()
+        self._updateModels()
 
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(POLL_INTERVAL_MS)
         self.pollTimer.connect("timeout()", self.onPollTask)
 
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.textLineEdit.connect("returnPressed()", self.onSegmentButton)
+        self.ui.presetComboBox.connect("activated(int)", self.onPresetChosen)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.undoButton.connect("clicked(bool)", self.onUndoButton)
         self.ui.newSegmentButton.connect("clicked(bool)", self.onNewSegmentButton)
         self.ui.clearPromptsButton.connect("clicked(bool)", self.onClearPromptsButton)
         self.ui.importCheckpointButton.connect("clicked(bool)", self.onImportCheckpointButton)
         self.ui.weightsPathLineEdit.connect("currentPathChanged(QString)", self.onWeightsPathChanged)
+        self.ui.expertPackComboBox.connect("activated(int)", self.onExpertPackChosen)
+        self.ui.downloadButton.connect("clicked(bool)", self.onDownloadButton)
+        self.ui.offlineHelpButton.connect("clicked(bool)", self.onOfflineHelpButton)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.trainSegmentationSelector.setMRMLScene(slicer.mrmlScene)
+        self._setupShortcuts()
 
         self.initializeParameterNode()
 
@@ -174,8 +206,25 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         completer.setFilterMode(qt.Qt.MatchContains)
         self.ui.textLineEdit.setCompleter(completer)
 
+    def _shortcutHandlers(self) -> dict:
+        """One handler per action of ``SHORTCUTS`` (the module help lists the keys)."""
+        return {"include": self.onPlaceIncludePoints, "exclude": self.onPlaceExcludePoints,
+                "box": self.onPlaceBox, "segment": self.onSegmentButton, "undo": self.onUndoButton,
+                "nextSegment": self.onNewSegmentButton, "clearPrompts": self.onClearPromptsButton,
+                "cancel": self.onCancelButton}
+
+    def _setupShortcuts(self) -> None:
+        handlers = self._shortcutHandlers()
+        for action, key, _description in SHORTCUTS:
+            shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
+            shortcut.connect("activated()", handlers[action])
+            self._shortcuts.append(shortcut)
+
     def cleanup(self) -> None:
         self.removeObservers()
+        for shortcut in self._shortcuts:
+            shortcut.setParent(None)
+        self._shortcuts = []
         if hasattr(self, "pollTimer"):
             self.pollTimer.stop()
         if self._task is not None:
@@ -196,7 +245,7 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._task is not None:
             self._task.cancel()
         self.setParameterNode(None)
-        self.logic.sessions.forget()
+        self.logic.resetSession()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -210,20 +259,11 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
         if not self._parameterNode.positivePoints:
-            self._parameterNode.positivePoints = self._newPointsNode(_("MedSegX include points"),
-                                                                     mrml_conversion.POSITIVE, POSITIVE_COLOR)
+            self._parameterNode.positivePoints = self.logic.createPointsNode(_("MedSegX include points"),
+                                                                             color=POSITIVE_COLOR)
         if not self._parameterNode.negativePoints:
-            self._parameterNode.negativePoints = self._newPointsNode(_("MedSegX exclude points"),
-                                                                     mrml_conversion.NEGATIVE, NEGATIVE_COLOR)
-
-    @staticmethod
-    def _newPointsNode(name: str, label: str, color) -> vtkMRMLMarkupsFiducialNode:
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
-        mrml_conversion.mark_points_node(node, label)
-        node.CreateDefaultDisplayNodes()
-        node.GetDisplayNode().SetSelectedColor(color)
-        node.GetDisplayNode().SetColor(color)
-        return node
+            self._parameterNode.negativePoints = self.logic.createPointsNode(_("MedSegX exclude points"),
+                                                                             negative=True, color=NEGATIVE_COLOR)
 
     def setParameterNode(self, inputParameterNode: Optional[MedSegXSlicerParameterNode]) -> None:
         if self._parameterNode:
@@ -248,10 +288,12 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node is not None and node.GetNumberOfDefinedControlPoints() > 0
             for node in (p.positivePoints, p.negativePoints))
         self.ui.segmentButton.enabled = not busy and p.inputVolume is not None and hasPrompt
-        self.ui.segmentButton.toolTip = _("Segment the structure described by the prompts.") if p.inputVolume \
+        self.ui.segmentButton.toolTip = _("Segment the structure(s) described by the prompts.") if p.inputVolume \
             else _("Select an input volume first.")
         self.ui.cancelButton.enabled = busy
         self.ui.undoButton.enabled = not busy and bool(self.logic.canUndo())
+        for button in (self.ui.downloadButton, self.ui.importCheckpointButton, self.ui.trainButton):
+            button.enabled = not busy
 
     def _observePointNodes(self, nodes) -> None:
         """Re-segment after each click when "Update on each click" is on."""
@@ -272,23 +314,14 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 self.onSegmentButton()
 
-    # ---- segment ----------------------------------------------------------------------------------------------
-    def onSegmentButton(self) -> None:
-        p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("MedSegX could not start."), waitCursor=True):
-            install.ensure_dependencies()
-            self.logic.device = p.device
-            self._task = self.logic.startSegmentation(
-                p.inputVolume, p.outputSegmentation, text=p.text, pointsNode=p.positivePoints,
-                negativePointsNode=p.negativePoints, roiNode=p.boxRoi,
-                segmentId=self.ui.segmentSelector.currentSegmentID() or None)
-            for warning in self._task.warnings:
-                slicer.util.showStatusMessage(f"MedSegX: {warning}", 5000)
-            self.ui.progressBar.visible = True
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Segmenting...")
-            self._updateButtons()
-            self.pollTimer.start()
+    # ---- background work: one task at a time, polled ---------------------------------------------------------
+    def _runInBackground(self, task, finish, message: str) -> None:
+        self._task, self._finishTask = task, finish
+        self.ui.progressBar.visible = True
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = message
+        self._updateButtons()
+        self.pollTimer.start()
 
     def onPollTask(self) -> None:
         task = self._task
@@ -302,26 +335,20 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not task.job.finished:
             return
         self.pollTimer.stop()
-        self._task = None
+        finish, self._task, self._finishTask = self._finishTask, None, None
         self.ui.progressBar.visible = False
         try:
-            segmentId = self.logic.finishSegmentation(task)
-        except Cancelled:
-            self.ui.statusLabel.text = _("Cancelled: the segmentation was not changed.")
+            self.ui.statusLabel.text = finish(task)
+        except Cancelled as exc:
+            self.ui.statusLabel.text = getattr(task, "status", "") or str(exc)[:1].upper() + str(exc)[1:]
         except MedSegXError as exc:
-            self.ui.statusLabel.text = _("Failed: the segmentation was not changed.")
+            self.ui.statusLabel.text = _("Failed: nothing was changed.")
             slicer.util.errorDisplay(str(exc), windowTitle="MedSegX")
         except Exception as exc:  # noqa: BLE001 - a bug: show it with its traceback
             import traceback
-            self.ui.statusLabel.text = _("Failed: the segmentation was not changed.")
+            self.ui.statusLabel.text = _("Failed: nothing was changed.")
             slicer.util.errorDisplay(_("MedSegX failed unexpectedly: ") + str(exc), windowTitle="MedSegX",
                                      detailedText=traceback.format_exc())
-        else:
-            self._parameterNode.outputSegmentation = task.segmentation_node
-            self.ui.segmentSelector.setCurrentNode(task.segmentation_node)
-            self.ui.segmentSelector.setCurrentSegmentID(segmentId)
-            name = task.segmentation_node.GetSegmentation().GetSegment(segmentId).GetName()
-            self.ui.statusLabel.text = _("Done: segment '{name}'.").format(name=name)
         self._updateButtons()
         if self._rerunWhenDone:
             self._rerunWhenDone = False
@@ -333,6 +360,35 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelling...")
         self._rerunWhenDone = False
 
+    # ---- segment ----------------------------------------------------------------------------------------------
+    def onSegmentButton(self) -> None:
+        p = self._parameterNode
+        if self._task is not None or p is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("MedSegX could not start."), waitCursor=True):
+            self.logic.device = p.device
+            task = self.logic.startSegmentation(
+                p.inputVolume, p.outputSegmentation, text=p.text, pointsNode=p.positivePoints,
+                negativePointsNode=p.negativePoints, roiNode=p.boxRoi,
+                segmentId=self.ui.segmentSelector.currentSegmentID() or None)
+            for warning in task.warnings:
+                slicer.util.showStatusMessage(f"MedSegX: {warning}", 5000)
+            self._runInBackground(task, self._finishSegmentation, _("Segmenting..."))
+
+    def _finishSegmentation(self, task) -> str:
+        segmentIds = self.logic.finishSegmentation(task)
+        self._parameterNode.outputSegmentation = task.segmentation_node
+        self.ui.segmentSelector.setCurrentNode(task.segmentation_node)
+        self.ui.segmentSelector.setCurrentSegmentID(segmentIds if isinstance(segmentIds, str) else "")
+        return task.status
+
+    def onPresetChosen(self, index: int) -> None:
+        name = self.ui.presetComboBox.itemText(index)
+        presets = self.logic.structurePresets()
+        if name in presets:
+            self._parameterNode.text = ", ".join(presets[name])
+        self.ui.presetComboBox.setCurrentIndex(0)
+
     def onUndoButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("MedSegX could not undo."), waitCursor=True):
             self.logic.undoLastSegmentation()
@@ -343,24 +399,74 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onClearPromptsButton()
 
     def onClearPromptsButton(self) -> None:
-        for node in (self._parameterNode.positivePoints, self._parameterNode.negativePoints):
-            if node is not None:
-                node.RemoveAllControlPoints()
+        self.logic.clearPrompts(self._parameterNode.positivePoints, self._parameterNode.negativePoints)
         self._updateButtons()
 
-    # ---- weights ----------------------------------------------------------------------------------------------
-    def onWeightsPathChanged(self, path: str) -> None:
-        self.logic.weightsPath = path or None
-        self.logic.sessions.forget()
-        self._updateWeightsStatus()
+    def onPlaceIncludePoints(self) -> None:
+        self.ui.positivePointsPlaceWidget.setPlaceModeEnabled(True)
 
-    def _updateWeightsStatus(self) -> None:
+    def onPlaceExcludePoints(self) -> None:
+        self.ui.negativePointsPlaceWidget.setPlaceModeEnabled(True)
+
+    def onPlaceBox(self) -> None:
+        self._parameterNode.boxRoi = self.logic.startPlacingBox(self._parameterNode.boxRoi, _("MedSegX box"))
+
+    # ---- models -----------------------------------------------------------------------------------------------
+    def onWeightsPathChanged(self, path: str) -> None:
+        with slicer.util.tryWithErrorDisplay(_("MedSegX cannot use these weights."), waitCursor=False):
+            self.logic.selectWeights(path or None)
+        self._updateModels()
+
+    def _updateModels(self) -> None:
         try:
             _path, explanation = self.logic.describeWeights()
         except MedSegXError as exc:
             self.ui.weightsStatusLabel.text = str(exc)
         else:
             self.ui.weightsStatusLabel.text = explanation[:1].upper() + explanation[1:]
+        entries = self.logic.availableModels()
+        self.ui.modelsListLabel.text = "\n".join(entry.describe() for entry in entries)
+        packs = [entry for entry in entries if entry.kind == "expert pack" and entry.path.parent.name != "starter"]
+        combo = self.ui.expertPackComboBox
+        combo.clear()
+        combo.addItem(OWN_EXPERTS, "")
+        combo.addItem(NO_EXPERTS, "none")
+        for entry in packs:
+            combo.addItem(entry.name, str(entry.path))
+        combo.addItem(PACK_FILE, None)
+        current = self.logic.expertPack or ""
+        combo.setCurrentIndex(max(combo.findData(current), 0))
+        self.logic.saveChoice(slicer.app.settings())
+
+    def onExpertPackChosen(self, index: int) -> None:
+        pack = self.ui.expertPackComboBox.itemData(index)
+        if pack is None:
+            pack = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("MedSegX expert pack"), "",
+                                                  "Expert packs (*.safetensors)")
+            if not pack:
+                self._updateModels()
+                return
+        with slicer.util.tryWithErrorDisplay(_("MedSegX cannot use this expert pack."), waitCursor=True):
+            self.ui.statusLabel.text = _("Model: ") + self.logic.selectExpertPack(pack or None)
+        self._updateModels()
+
+    def onDownloadButton(self) -> None:
+        if not slicer.util.confirmOkCancelDisplay(self.logic.downloadOffer(), windowTitle="MedSegX: download"):
+            return
+        with slicer.util.tryWithErrorDisplay(_("MedSegX could not start the download."), waitCursor=True):
+            self._runInBackground(self.logic.startDownload(), self._finishDownload, _("Downloading..."))
+
+    def _finishDownload(self, task) -> str:
+        try:
+            folder = self.logic.finishDownload(task)
+        except WeightsError as exc:  # unreachable, refused or failed: say how to install without the download
+            raise WeightsError(f"{exc}\n\n{self.logic.offlineInstructions()}") from exc
+        self.ui.weightsPathLineEdit.currentPath = ""
+        self._updateModels()
+        return _("Official SegVol weights installed in {folder}.").format(folder=folder)
+
+    def onOfflineHelpButton(self) -> None:
+        slicer.util.infoDisplay(self.logic.offlineInstructions(), windowTitle="MedSegX: offline installation")
 
     def onImportCheckpointButton(self) -> None:
         checkpoint = qt.QFileDialog.getOpenFileName(
@@ -377,12 +483,45 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         try:
             with slicer.util.tryWithErrorDisplay(_("MedSegX could not import the checkpoint."), waitCursor=True):
-                install.ensure_dependencies()
                 folder = self.logic.importCheckpoint(checkpoint, progress=onProgress)
                 self.ui.weightsPathLineEdit.currentPath = str(folder)
         finally:
             progressDialog.close()
-        self._updateWeightsStatus()
+        self._updateModels()
+
+    # ---- learn from my segments -------------------------------------------------------------------------------
+    def onTrainButton(self) -> None:
+        p = self._parameterNode
+        segmentation = self.ui.trainSegmentationSelector.currentNode()
+        with slicer.util.tryWithErrorDisplay(_("MedSegX could not start training."), waitCursor=True):
+            mapping = self._askNameMapping(segmentation)
+            if mapping is None:
+                return
+            task = self.logic.startTrainingExperts(p.inputVolume, segmentation, self.ui.packNameLineEdit.text,
+                                                   mapping=mapping, steps=self.ui.trainStepsSpinBox.value)
+            self._runInBackground(task, self._finishTraining, _("Training experts..."))
+
+    def _askNameMapping(self, segmentation) -> Optional[dict]:
+        """Segment names the hierarchy does not know: ask for a known name (or NAME@PARENT) for each."""
+        mapping = {}
+        for name, suggestions in self.logic.unresolvedSegmentNames(segmentation).items():
+            answer = qt.QInputDialog.getText(
+                slicer.util.mainWindow(), "MedSegX", _("Segment '{name}' is not in the anatomy hierarchy. Which "
+                                                      "structure is it? (a known name, or NEW NAME@PARENT)"
+                                                      ).format(name=name), qt.QLineEdit.Normal,
+                suggestions[0] if suggestions else f"{name}@")
+            if not answer:
+                return None
+            mapping[name] = answer
+        return mapping
+
+    def _finishTraining(self, task) -> str:
+        outcome = self.logic.finishTrainingExperts(task)
+        self._updateModels()
+        dice = "" if outcome.best_val_dice is None else _(", validation Dice {before:.2f} -> {after:.2f}").format(
+            before=outcome.initial_val_dice or 0.0, after=outcome.best_val_dice)
+        return _("Expert pack '{name}' trained on {structures}{dice}; in use now.").format(
+            name=outcome.pack.stem, structures=", ".join(outcome.structures), dice=dice)
 
 
 #

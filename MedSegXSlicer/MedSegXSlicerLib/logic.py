@@ -54,6 +54,24 @@ logger = logging.getLogger("MedSegX")
 MODULE_NAME = "MedSegXSlicer"
 UNDO_DEPTH = 20
 
+#: The module's keyboard shortcuts, (action, key sequence, what it does): the widget binds each action to its
+#: handler, the module's help lists them (:func:`shortcuts_help`).
+SHORTCUTS = (
+    ("include", "I", "place include points (click inside the structure)"),
+    ("exclude", "E", "place exclude points (click where the result leaks)"),
+    ("box", "Shift+B", "draw a box (ROI) around the structure"),
+    ("segment", "Ctrl+Return", "segment now (Enter in the structure field does the same)"),
+    ("undo", "Z", "undo the last result"),
+    ("nextSegment", "N", "start the next segment: clear the clicks, new segment"),
+    ("clearPrompts", "C", "clear the clicks"),
+    ("cancel", "Escape", "cancel the running request"),
+)
+
+
+def shortcuts_help() -> str:
+    """The shortcuts as an HTML list for the module's help text."""
+    return "<ul>" + "".join(f"<li><b>{key}</b>: {what}</li>" for _action, key, what in SHORTCUTS) + "</ul>"
+
 
 def default_weights():
     """The engine's choice when the user picked no weights: ``$MEDSEGX_WEIGHTS``, then official weights installed
@@ -174,6 +192,9 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         self.worker = worker or EngineWorker()
         self.sessions = SessionStore(_load_model, _make_predictor)
         self._undo: list = []
+        #: The widget sets this: missing Python packages are then installed (after the user agrees) when an
+        #: action needs them; the console and batch paths only get an error naming them.
+        self.installMissingPackages = False
         self._expertPack: Optional[str] = None
         if expertPack is not None:
             self.expertPack = expertPack
@@ -231,6 +252,11 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
             value = str(Path(value).expanduser())
             models.read_pack_metadata(value)   # WeightsError: no such file, or not an expert pack
         self._expertPack = value
+
+    def _requirePackages(self) -> None:
+        if self.installMissingPackages:
+            install.ensure_dependencies()
+        install.require_engine()
 
     def _modelSpec(self, weights: Path):
         return str(weights) if self._expertPack is None else (str(weights), self._expertPack)
@@ -292,7 +318,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         terms = structures.resolve_structures(text)
         if len(terms) > 1:
             _check_list_request(terms, pointsNode, negativePointsNode, roiNode, segmentId, segmentName)
-        install.require_engine()
+        self._requirePackages()
         weights = self.checkWeights()
 
         key = mrml_conversion.volume_key(volumeNode)
@@ -447,6 +473,19 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         return node
 
     @staticmethod
+    def startPlacingBox(roiNode=None, name: str = "MedSegX box", scene=None):
+        """Enter place mode for the box (a new ROI node unless ``roiNode``); returns the ROI node."""
+        import slicer
+
+        if roiNode is None:
+            roiNode = (scene or slicer.mrmlScene).AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+            roiNode.CreateDefaultDisplayNodes()
+        markups = slicer.modules.markups.logic()
+        markups.SetActiveList(roiNode)
+        markups.StartPlaceMode(False)
+        return roiNode
+
+    @staticmethod
     def clearPrompts(*pointsNodes) -> int:
         """Remove every click of these point lists (None skipped); returns how many were removed."""
         removed = 0
@@ -493,7 +532,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         (``WeightsError``) and the previous choice stays. Returns the model label."""
         previous = self._expertPack
         self.expertPack = pack
-        install.require_engine()
+        self._requirePackages()
         spec, device = self._modelSpec(self.checkWeights()), self.device
         try:
             self.worker.submit(lambda progress_cb, _cancel: self.sessions.model_for(spec, device, progress_cb),
@@ -527,7 +566,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         download leaves nothing in the cache and keeps the weights in use."""
         from medsegx_core.weights.default import OFFICIAL_NAME
 
-        install.require_engine(install.requirement_lines() + ["huggingface_hub"])
+        self._requirePackages()
         destination = import_destination() if name == OFFICIAL_NAME else import_destination().parent / name
 
         def run(progress: ProgressCallback, cancel_token: CancelToken):
@@ -590,7 +629,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
                              "(or 'NAME@PARENT' for a new one): " + "; ".join(
                                  f"'{name}'" + (f" (did you mean {', '.join(hints[:3])}?)" if hints else "")
                                  for name, hints in missing.items()))
-        install.require_engine()
+        self._requirePackages()
         pairs = [experts.prepare_pair(v, s, mapping) for v, s in zip(volumes, segmentations)]
         weights = self.checkWeights()
         finetune_settings = FinetuneSettings(steps=int(steps), **settings)
@@ -626,7 +665,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
                          cancel: Optional[CancelToken] = None) -> Path:
         """Convert an official checkpoint (SegVol ``pytorch_model.bin`` / ``.pth`` / safetensors, tokenizer files
         beside it) into our weights folder and make it the weights in use. Runs on the worker thread."""
-        install.require_engine()
+        self._requirePackages()
         source = Path(checkpointPath).expanduser()
         destination = Path(destination).expanduser() if destination else import_destination()
 

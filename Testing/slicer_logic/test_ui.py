@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
+import scene_builders  # noqa: F401 - puts MedSegXSlicerLib on sys.path, as Slicer does
+
 MODULE_DIR = Path(__file__).resolve().parents[2] / "MedSegXSlicer"
 RESOURCES_DIR = MODULE_DIR.parent / "Resources"
 UI_FILE = RESOURCES_DIR / "UI" / "MedSegXSlicer.ui"
 WIDGET_FILE = MODULE_DIR / "MedSegXSlicer.py"
-QT_CLASSES = {"QWidget", "QLabel", "QLineEdit", "QPushButton", "QCheckBox", "QComboBox", "QProgressBar"}
+QT_CLASSES = {"QWidget", "QLabel", "QLineEdit", "QPushButton", "QCheckBox", "QComboBox", "QProgressBar",
+              "QSpinBox"}
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +109,63 @@ def test_icon_is_a_128_pixel_png():
     header = (RESOURCES_DIR / "Icons" / "MedSegXSlicer.png").read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR"
     assert struct.unpack(">II", header[16:24]) == (128, 128)
+
+
+# ---- the widget stays thin: every action is one Logic call -------------------------------------------------------
+#: Logic calls that only read (texts to show, lists to offer); an action may make these besides its one call.
+LOGIC_READS = {"downloadOffer", "offlineInstructions", "structurePresets", "canUndo", "availableModels",
+               "describeWeights", "unresolvedSegmentNames", "textCompletions", "modelLabel"}
+#: Engine and Lib internals the widget must reach only through the Logic.
+LOGIC_INTERNALS = {"sessions", "mrml_conversion", "install", "segment_writer", "experts", "models", "session",
+                   "worker"}
+
+
+def widget_class(tree) -> ast.ClassDef:
+    return next(node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+                and node.name == "MedSegXSlicerWidget")
+
+
+def logic_calls(function) -> list:
+    """Names of ``self.logic.<name>(...)`` calls in a function."""
+    return [node.func.attr for node in ast.walk(function) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Attribute)
+            and node.func.value.attr == "logic" and isinstance(node.func.value.value, ast.Name)
+            and node.func.value.value.id == "self"]
+
+
+def test_every_widget_action_is_one_logic_call(widget_source):
+    from MedSegXSlicerLib import MedSegXSlicerLogic
+
+    widget = widget_class(widget_source)
+    methods = {f.name: f for f in widget.body if isinstance(f, ast.FunctionDef)}
+    checked = 0
+    for name, function in methods.items():
+        calls = logic_calls(function)
+        for call in calls:  # getParameterNode: from Slicer's ScriptedLoadableModuleLogic (absent without Qt)
+            assert hasattr(MedSegXSlicerLogic, call) or call == "getParameterNode", f"{name} calls self.logic.{call}, which the Logic lacks"
+        if name.startswith(("on", "_finish")):
+            actions = [c for c in calls if c not in LOGIC_READS]
+            assert len(actions) <= 1, f"{name} makes several Logic calls: {actions}"
+            checked += bool(actions)
+    assert checked >= 12  # the walker found the actions
+    used = {node.id for node in ast.walk(widget) if isinstance(node, ast.Name)} | \
+        {node.attr for node in ast.walk(widget) if isinstance(node, ast.Attribute)}
+    assert not used & LOGIC_INTERNALS, f"the widget reaches past the Logic: {sorted(used & LOGIC_INTERNALS)}"
+
+
+def test_shortcuts_are_bound_and_documented(widget_source):
+    from MedSegXSlicerLib.logic import SHORTCUTS, shortcuts_help
+
+    handlers = next(f for f in widget_class(widget_source).body
+                    if isinstance(f, ast.FunctionDef) and f.name == "_shortcutHandlers")
+    table = next(node for node in ast.walk(handlers) if isinstance(node, ast.Dict))
+    bound = {ast.literal_eval(key): value.attr for key, value in zip(table.keys, table.values)}
+    assert set(bound) == {action for action, _key, _what in SHORTCUTS}
+    methods = {f.name for f in widget_class(widget_source).body if isinstance(f, ast.FunctionDef)}
+    assert set(bound.values()) <= methods
+    keys = [key for _action, key, _what in SHORTCUTS]
+    assert len(set(keys)) == len(keys)
+    assert all(f"<b>{key}</b>" in shortcuts_help() for key in keys)
+    help_calls = [node for node in ast.walk(widget_source) if isinstance(node, ast.Call)
+                  and isinstance(node.func, ast.Name) and node.func.id == "shortcuts_help"]
+    assert help_calls, "the module help text does not list the shortcuts"
