@@ -34,6 +34,7 @@ from .data.hierarchy import context_indices, guess_modality, resolve_modality, r
 from .data.volume import Volume
 from .errors import PromptError
 from .inference.cache import EmbeddingCache
+from .inference.confidence import absence_warning, presence_confidence
 from .inference.device import warn
 from .inference.preprocessing import PreprocessedVolume, preprocess
 from .inference.prompt_mapping import CropPrompts, to_crop
@@ -57,6 +58,7 @@ class SegmentationResult:
     windows_decoded: int = 0           # of which had to be decoded (same window and same window prompts: cached)
     runtime: str = ""                  # e.g. "cpu bf16"
     notes: list = field(default_factory=list)   # warnings given during the call
+    confidence: float = 0.0            # presence confidence of the coarse pass (inference/confidence.py)
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,9 @@ class Predictor:
         report(progress, 0.0, "zoom-out")
         coarse = self.zoom_out(crop_prompts, progress)
         plan = self.plan_zoom_in(coarse, crop_prompts)
+        # Is the structure there at all? Judged on the zoom-out pass, the one that sees the whole volume.
+        confidence = presence_confidence(coarse.logits, coarse.foreground)
+        absent = absence_warning(crop_prompts.text, confidence)
 
         # The coarse result on the crop; the zoom-in result overwrites the region of interest slab by slab. The
         # crop arrays are views of the full-size outputs, so the result needs no second full-size copy.
@@ -158,6 +163,9 @@ class Predictor:
             logits_full, logits_crop = self.prepared.working_canvas(np.float32, fill=OUTSIDE_CROP_LOGIT)
             self.maps.back_to_crop_into(coarse.logits, logits_crop)
         notes: list = []
+        if absent:
+            notes.append(absent)
+            warn(absent, progress, 0.05)
         encoded = decoded = 0
         if plan is None and not self.zoom_in:
             notes.append("coarse pass only: this model's configuration turns the zoom-in refinement off")
@@ -188,7 +196,8 @@ class Predictor:
         report(progress, 1.0, "done")
         return SegmentationResult(mask=mask, name=crop_prompts.text, logits=logits,
                                   windows=0 if plan is None else len(plan), windows_encoded=encoded,
-                                  windows_decoded=decoded, runtime=self.runner.describe(), notes=notes)
+                                  windows_decoded=decoded, runtime=self.runner.describe(), notes=notes,
+                                  confidence=confidence)
 
     # ---- the steps of segment() -------------------------------------------------------------------------
     def map_prompts(self, prompts: Prompts) -> CropPrompts:

@@ -13,7 +13,8 @@ from medsegx_core.data.readers import read_labelmap, read_volume
 from medsegx_core.data.segments import Segment
 from medsegx_core.errors import InputError, OutputError, WeightsError
 from medsegx_core.predictor import Predictor
-from medsegx_core.training.starter_eval import (EVALUATION_VOLUMES, FILLED_BOX, design, dice, evaluate,
+from medsegx_core.data.metrics import dice
+from medsegx_core.training.starter_eval import (EVALUATION_VOLUMES, FILLED_BOX, design, evaluate,
                                                 evaluation_prompts, filled_box, interior_voxel_ijk)
 from medsegx_core.training.train_starter import StarterSize, train_starter
 from medsegx_core.weights.default import default_weights, starter_weights_dir

@@ -23,6 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data.hierarchy import resolve_term
+from ..data.metrics import dice
 from ..data.readers import read_labelmap, read_volume
 from ..data.volume import Volume
 from ..progress import CancelToken, ProgressCallback, check, report
@@ -115,12 +116,6 @@ class DiceRow:
     dice: float
     seconds: float
     modality: str = "CT"
-
-
-def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    prediction, truth = prediction.astype(bool), truth.astype(bool)
-    total = int(prediction.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int((prediction & truth).sum()) / total
 
 
 def interior_voxel_ijk(mask_kji: np.ndarray, spacing_ijk: Sequence[float]) -> np.ndarray:
