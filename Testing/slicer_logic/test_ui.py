@@ -105,6 +105,41 @@ def test_extension_metadata():
     assert "add_subdirectory(MedSegXSlicer)" in cmake
 
 
+def test_extension_index_requirements():
+    """What the Extensions Index checks: the CMake project name is the extension's name, the icon and screenshot
+    URLs name files of this repository (on its main branch), the homepage is that repository, a licence file."""
+    root = MODULE_DIR.parent
+    cmake = (root / "CMakeLists.txt").read_text(encoding="utf-8")
+    values = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', cmake))
+    assert re.search(r"^project\(MedSegX\)$", cmake, flags=re.M)
+    homepage = values["EXTENSION_HOMEPAGE"]
+    owner_repo = re.fullmatch(r"https://github.com/([\w.-]+/[\w.-]+)", homepage).group(1)
+    assert owner_repo.split("/")[1].startswith("Slicer")      # the index's naming rule for extension repositories
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in values[key].split():
+            prefix = f"https://raw.githubusercontent.com/{owner_repo}/main/"
+            assert url.startswith(prefix), url
+            assert (root / url[len(prefix):]).is_file(), f"{key} names {url}, not a file of the repository"
+    assert 40 < len(values["EXTENSION_DESCRIPTION"]) < 400
+    assert values["EXTENSION_STATUS"] in {"Alpha", "Beta", "Stable"}
+    licence = (root / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence and len(licence) > 10000
+
+
+def test_sample_ct_registration_matches_the_project_ct(data_dir):
+    import hashlib
+
+    from MedSegXSlicerLib import sample_data
+    from MedSegXSlicerLib.resources import resource_path
+
+    source = sample_data.ABDOMINAL_CT
+    assert source.uri.startswith("https://") and source.file_name.endswith(".nii.gz")
+    assert source.checksum == "SHA256:" + hashlib.sha256(
+        (data_dir / "ct" / "totalseg_ct.nii.gz").read_bytes()).hexdigest()
+    assert Path(resource_path(source.thumbnail)).is_file()
+    assert source.node_name == source.sample_name
+
+
 def test_icon_is_a_128_pixel_png():
     header = (RESOURCES_DIR / "Icons" / "MedSegXSlicer.png").read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR"
