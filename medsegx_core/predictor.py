@@ -92,7 +92,7 @@ class Predictor:
         convolutions as matrix products (same mathematics within the parity tolerance, about 2x faster on CPU).
         Under bf16/fp16 the model's linear/convolution weights are converted to that dtype (the model then
         belongs to this Predictor; give it a copy if you need the float32 weights elsewhere).
-        ``zoom_in``: refine the coarse pass with zoom-in windows; None = what the model's config says
+        ``zoom_in``: run zoom-in windows over the zoom-out result; None = what the model's config says
         (``SegVolConfig.zoom_in``: True for SegVol, False for the bundled starter model)."""
         self.runner = ModelRunner(model, device, precision, fast_kernels)
         self.cache = EmbeddingCache(int(cache_megabytes * (1 << 20)))
@@ -168,7 +168,7 @@ class Predictor:
             warn(absent, progress, 0.05)
         encoded = decoded = 0
         if plan is None and not self.zoom_in:
-            notes.append("coarse pass only: this model's configuration turns the zoom-in refinement off")
+            notes.append("coarse pass only: this model's configuration turns zoom-in off")
         elif plan is None:
             notes.append("the zoom-out result has no foreground: kept it without zooming in (as SegVol does)")
             warn(notes[-1], progress, 0.1)

@@ -168,8 +168,10 @@ def test_inferred_architecture_is_the_fixture_one(models, architecture):
         encoder["embed_dim"], encoder["depth"], encoder["num_heads"], encoder["mlp_dim"])
     assert list(config.global_attn_indexes) == encoder["global_attn_indexes"]
     assert config.window_size == encoder["window_size"] and config.out_chans == encoder["out_chans"]
-    assert (config.decoder_depth, config.decoder_mlp_dim, config.iou_head_hidden_dim) == (
-        decoder["depth"], decoder["mlp_dim"], decoder["iou_head_hidden_dim"])
+    decoder_config = config.mask_decoder
+    assert (decoder_config.transformer_depth, decoder_config.transformer_mlp_dim, decoder_config.transformer_heads,
+            decoder_config.iou_head_hidden_dim) == (
+        decoder["depth"], decoder["mlp_dim"], decoder["num_heads"], decoder["iou_head_hidden_dim"])
     assert (config.conmoae.n_experts, config.conmoae.bottleneck, config.conmoae.context_dim) == (
         experts["expert_num"], experts["bottleneck_dim"], experts["embedding_dim"])
     assert config.conmoae.blocks == experts["blocks_with_adapter"]

@@ -1,13 +1,13 @@
 """SegVol's 3D mask decoder: two-way transformer, 3D upscaling, hypernetwork masks, text-similarity branch."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import SegVolConfig
+from .config import MaskDecoderConfig, SegVolConfig
 from .transformer import TwoWayTransformer
 
 
@@ -28,29 +28,38 @@ class MLP(nn.Module):
         return x
 
 
+def add_sam_decoder_parts(decoder: nn.Module, dim: int, config: MaskDecoderConfig,
+                          upscaling: Callable[[], nn.Module], mask_width: int) -> None:
+    """The parts SAM-style decoders share (SegVol's 3D one, MedSegX's keep-resolution 2D one), registered on
+    ``decoder`` under the checkpoints' names and in SAM's order (which is also the order their random
+    initialisation draws in): two-way transformer, IoU and mask tokens, ``upscaling()``, one hypernetwork MLP per
+    mask token (to ``mask_width`` channels), IoU head."""
+    decoder.num_mask_tokens = config.num_multimask_outputs + 1
+    decoder.transformer = TwoWayTransformer(config.transformer_depth, dim, config.transformer_heads,
+                                            config.transformer_mlp_dim, config.attention_downsample_rate)
+    decoder.iou_token = nn.Embedding(1, dim)
+    decoder.mask_tokens = nn.Embedding(decoder.num_mask_tokens, dim)
+    decoder.output_upscaling = upscaling()
+    decoder.output_hypernetworks_mlps = nn.ModuleList(
+        MLP(dim, dim, mask_width, 3) for _ in range(decoder.num_mask_tokens))
+    decoder.iou_prediction_head = MLP(dim, config.iou_head_hidden_dim, decoder.num_mask_tokens,
+                                      config.iou_head_depth)
+
+
 class MaskDecoder3D(nn.Module):
     def __init__(self, config: SegVolConfig):
         super().__init__()
         dim = config.embed_dim
-        dec = config.mask_decoder
-        self.num_mask_tokens = dec.num_multimask_outputs + 1
-        self.transformer = TwoWayTransformer(dec.transformer_depth, dim, dec.transformer_heads,
-                                             dec.transformer_mlp_dim, dec.attention_downsample_rate)
-        self.iou_token = nn.Embedding(1, dim)
-        self.mask_tokens = nn.Embedding(self.num_mask_tokens, dim)
         upscaled_grid = tuple(2 * g for g in config.embedding_grid)
         # The LayerNorm normalises the whole (C/4, 2d, 2h, 2w) block with position-wise affine parameters:
         # this is what the published weights hold, and it ties the decoder to the configured window size.
-        self.output_upscaling = nn.Sequential(
+        add_sam_decoder_parts(self, dim, config.mask_decoder, lambda: nn.Sequential(
             nn.ConvTranspose3d(dim, dim // 4, kernel_size=2, stride=2),
             nn.LayerNorm((dim // 4, *upscaled_grid)),
             nn.GELU(),
             nn.ConvTranspose3d(dim // 4, dim // 8, kernel_size=2, stride=2),
             nn.GELU(),
-        )
-        self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens))
-        self.iou_prediction_head = MLP(dim, dec.iou_head_hidden_dim, self.num_mask_tokens, dec.iou_head_depth)
+        ), mask_width=dim // 8)
         self.txt_align_upscaled_embedding = nn.Linear(dim, dim // 8)
 
     def forward(

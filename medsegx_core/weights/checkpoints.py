@@ -16,7 +16,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -173,6 +173,24 @@ def _known_heads() -> Dict[str, Dict[int, int]]:
     return heads
 
 
+def mask_decoder_config(state: StateDict, heads: int, shape: Callable[[str], Tuple[int, ...]],
+                        prefix: str = "mask_decoder.") -> MaskDecoderConfig:
+    """A SAM-style mask decoder's configuration (SegVol's and MedSegX's) from its tensor shapes; the head count
+    is in no shape. ``shape(key)`` raises the caller's WeightsError for a missing key."""
+    width = shape(prefix + "iou_token.weight")[1]
+    iou_head = prefix + "iou_prediction_head.layers."
+    return MaskDecoderConfig(
+        transformer_depth=_count(state, re.escape(prefix) + r"transformer\.layers\.(\d+)\."),
+        transformer_heads=heads,
+        transformer_mlp_dim=shape(prefix + "transformer.layers.0.mlp.lin1.weight")[0],
+        attention_downsample_rate=width // shape(
+            prefix + "transformer.layers.0.cross_attn_token_to_image.q_proj.weight")[0],
+        num_multimask_outputs=shape(prefix + "mask_tokens.weight")[0] - 1,
+        iou_head_depth=_count(state, re.escape(iou_head) + r"(\d+)\."),
+        iou_head_hidden_dim=shape(iou_head + "0.weight")[0],
+    )
+
+
 def infer_config(state: StateDict, source: str, name: Optional[str] = None) -> SegVolConfig:
     """The SegVolConfig of a full published checkpoint, read from its tensor shapes."""
     def shape(key: str) -> Tuple[int, ...]:
@@ -203,7 +221,6 @@ def infer_config(state: StateDict, source: str, name: Optional[str] = None) -> S
         num_attention_heads=clip_heads,
         max_position_embeddings=shape(NEW_CLIP_PREFIX + "embeddings.position_embedding.weight")[0],
     )
-    iou_head = "mask_decoder.iou_prediction_head.layers."
     config = SegVolConfig(
         name=name or f"segvol-{width}",
         image_encoder=ImageEncoderConfig(
@@ -214,16 +231,7 @@ def infer_config(state: StateDict, source: str, name: Optional[str] = None) -> S
             qkv_bias="image_encoder.blocks.0.attn.qkv.bias" in state,
         ),
         prompt_encoder=PromptEncoderConfig(mask_in_chans=shape("prompt_encoder.mask_downscaling.3.weight")[0]),
-        mask_decoder=MaskDecoderConfig(
-            transformer_depth=_count(state, r"mask_decoder\.transformer\.layers\.(\d+)\."),
-            transformer_heads=decoder_heads,
-            transformer_mlp_dim=shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
-            attention_downsample_rate=width // shape(
-                "mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight")[0],
-            num_multimask_outputs=shape("mask_decoder.mask_tokens.weight")[0] - 1,
-            iou_head_depth=_count(state, re.escape(iou_head) + r"(\d+)\."),
-            iou_head_hidden_dim=shape(iou_head + "0.weight")[0],
-        ),
+        mask_decoder=mask_decoder_config(state, decoder_heads, shape),
         text_encoder=TextEncoderConfig(kind="clip", clip=clip),
     )
     if name is None:  # call it by its preset name when it is one

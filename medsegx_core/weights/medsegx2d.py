@@ -25,7 +25,7 @@ from ..errors import WeightsError
 from ..modeling.conmoae import CONTEXT_TABLES, ConMoAE, ConMoAEConfig
 from ..modeling.medsegx2d.config import MedSegX2DConfig
 from ..modeling.medsegx2d.model import MedSegX2D
-from .checkpoints import load_state, read_tensors
+from .checkpoints import load_state, mask_decoder_config, read_tensors
 
 StateDict = Dict[str, torch.Tensor]
 PathLike = Union[str, Path]
@@ -166,20 +166,13 @@ def infer_config(state: StateDict, decoder_heads: int = 8, image_size: Optional[
         bottleneck=_shape(state, first + "adapter_down.0.weight")[0],
         context_dim=_shape(state, first + "adapter_input_embed.weight")[0],
         blocks=expert_blocks)
-    cross_width = _shape(state, "mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight")[0]
     return MedSegX2DConfig(
         image_size=image_size or stored_grid * patch, patch_size=patch, embed_dim=embed_dim, depth=depth,
         num_heads=embed_dim // rows[0][1], mlp_dim=_shape(state, f"image_encoder.blocks.0{MEDSEGX_MLP}1.weight")[0],
         global_attn_indexes=global_blocks,
         window_size=(windowed_rows.pop() + 1) // 2 if len(windowed_rows) == 1 else 14,
         out_chans=dim,
-        decoder_depth=len(_indices(state, r"mask_decoder\.transformer\.layers\.(\d+)\.norm1\.weight")),
-        decoder_heads=decoder_heads,
-        decoder_mlp_dim=_shape(state, "mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
-        attention_downsample_rate=dim // cross_width,
-        iou_head_depth=len(_indices(state, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.weight")),
-        iou_head_hidden_dim=_shape(state, "mask_decoder.iou_prediction_head.layers.0.weight")[0],
-        num_multimask_outputs=_shape(state, "mask_decoder.mask_tokens.weight")[0] - 1,
+        mask_decoder=mask_decoder_config(state, decoder_heads, lambda key: _shape(state, key)),
         mask_in_chans=_shape(state, "prompt_encoder.mask_downscaling.3.weight")[0],
         conmoae=experts)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Tuple
 
+from ..config import MaskDecoderConfig
 from ..conmoae import ConMoAEConfig
 
 
@@ -18,13 +19,8 @@ class MedSegX2DConfig:
     global_attn_indexes: Tuple[int, ...] = (2, 5, 8, 11)   # the other blocks attend inside windows
     window_size: int = 14
     out_chans: int = 256                      # neck width = prompt width = decoder width (D)
-    decoder_depth: int = 2
-    decoder_heads: int = 8
-    decoder_mlp_dim: int = 2048
-    attention_downsample_rate: int = 2
-    iou_head_depth: int = 3
-    iou_head_hidden_dim: int = 256
-    num_multimask_outputs: int = 3
+    # SAM's decoder (two-way transformer 2 x 8 heads, MLP 2048; IoU head 3 x 256; 3 multimask outputs)
+    mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
     mask_in_chans: int = 16                   # SAM's mask-prompt branch: MedSegX never feeds it a mask
     pixel_mean: Tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: Tuple[float, float, float] = (58.395, 57.12, 57.375)

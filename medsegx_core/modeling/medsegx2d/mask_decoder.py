@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..mask_decoder import MLP
+from ..mask_decoder import add_sam_decoder_parts
 from ..prompt_encoder import LayerNorm2d
-from ..transformer import TwoWayTransformer
 from .config import MedSegX2DConfig
 
 UPSCALING_STAGES = 4   # 16 -> 32 -> 64 -> 128 -> 256
@@ -47,16 +46,8 @@ class MaskDecoderKeepResolution(nn.Module):
     def __init__(self, config: MedSegX2DConfig):
         super().__init__()
         dim = config.out_chans
-        self.num_mask_tokens = config.num_multimask_outputs + 1
-        self.transformer = TwoWayTransformer(config.decoder_depth, dim, config.decoder_heads,
-                                             config.decoder_mlp_dim, config.attention_downsample_rate)
-        self.iou_token = nn.Embedding(1, dim)
-        self.mask_tokens = nn.Embedding(self.num_mask_tokens, dim)
-        self.output_upscaling = keep_resolution_upscaling(dim)
-        self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(dim, dim, dim // 2 ** (UPSCALING_STAGES + 1), 3) for _ in range(self.num_mask_tokens))
-        self.iou_prediction_head = MLP(dim, config.iou_head_hidden_dim, self.num_mask_tokens,
-                                       config.iou_head_depth)
+        add_sam_decoder_parts(self, dim, config.mask_decoder, lambda: keep_resolution_upscaling(dim),
+                              mask_width=dim // 2 ** (UPSCALING_STAGES + 1))
 
     def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
                 dense_prompt_embeddings: torch.Tensor, multimask_output: bool = True) -> DecoderOutput:
