@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -153,13 +153,43 @@ def _box_in(box: BoxPrompt, volume: Volume) -> np.ndarray:
     """The box in continuous ijk, clipped to the voxel centres; refused if it misses the volume entirely.
 
     A box that only overhangs the edge is kept (users draw generously); a flat box (drawn on one slice) is kept.
+    A box without size (its corners within half a voxel of each other along two or more axes: a point or a line)
+    holds nothing to segment and is refused.
     """
     lo, hi = box.to_ijk(volume)
     last = np.asarray(volume.shape_ijk, dtype=float) - 1
     if np.any(hi < -0.5) or np.any(lo > last + 0.5):
         raise PromptError(f"{box.describe()} is outside the volume ({volume.describe_ras_bounds()}); draw the box "
                           f"over the image")
-    return np.stack([np.clip(lo, 0, last), np.clip(hi, 0, last)])
+    clipped = np.stack([np.clip(lo, 0, last), np.clip(hi, 0, last)])
+    if np.count_nonzero(clipped[1] - clipped[0] >= 0.5) < 2:
+        raise PromptError(f"{box.describe()} has no size inside the volume (it is a point or a line); give two "
+                          f"opposite corners of a box around the structure")
+    return clipped
 
 
-__all__ = ["PointPrompt", "BoxPrompt", "Prompts", "VoxelPrompts", "SPACES"]
+def text_list(values) -> List[Optional[str]]:
+    """Structure names from repeated options and/or comma lists (``"liver, spleen, left kidney"``), in order.
+
+    ``[None]`` when no name was given (one prompt set made of clicks and/or a box)."""
+    names = [part.strip() for value in (values or []) for part in str(value).split(",")]
+    names = [name for name in names if name]
+    return names or [None]
+
+
+def prompt_sets(texts: Sequence[Optional[str]], points: Sequence[PointPrompt] = (), box: Optional[BoxPrompt] = None,
+                name: Optional[str] = None) -> List[Prompts]:
+    """One prompt set per structure: each text alone, or one set holding the clicks and the box (with at most one
+    text). ``name`` (a segment name chosen by the user) is refused with several structures. The command line and
+    the Slicer batch script share this rule (and its wording: their options are the same)."""
+    texts = list(texts) or [None]
+    if len(texts) > 1 and (points or box is not None):
+        raise PromptError(f"{len(texts)} structure names (--text) with points or a box: clicks and boxes "
+                          f"describe one structure, so give them with a single --text (or run once per structure)")
+    if name and len(texts) > 1:
+        raise PromptError(f"--name {name!r} names one segment; with several --text values the segments are named "
+                          f"after the structures")
+    return [Prompts(text=text, points=tuple(points), box=box) for text in texts]
+
+
+__all__ = ["PointPrompt", "BoxPrompt", "Prompts", "VoxelPrompts", "SPACES", "text_list", "prompt_sets"]

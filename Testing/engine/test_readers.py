@@ -166,7 +166,7 @@ BAD_INPUTS = {
     "unsupported .txt": (lambda d, t: (t / "notes.txt").write_text("hello") and t / "notes.txt", "unsupported"),
     "truncated .mgz": (lambda d, t: truncated_copy(d / "mri/brain_t1.mgz", t / "brain.mgz"), "corrupt or truncated"),
     "2D image": (lambda d, t: write_image(t / "slice.nrrd", np.zeros((20, 30), np.int16)), "2D image"),
-    "single slice": (lambda d, t: write_image(t / "one.nii.gz", np.zeros((1, 20, 30), np.int16)), "2D image"),
+    "single slice": (lambda d, t: write_image(t / "one.nii.gz", np.zeros((1, 20, 30), np.int16)), "a single slice"),
     "4D image": (lambda d, t: write_image(t / "4d.nii.gz", np.zeros((3, 4, 5, 6), np.int16)), "4D image"),
     "RGB image": (lambda d, t: write_image(t / "rgb.nrrd", np.zeros((4, 5, 6, 3), np.uint8), vector=True),
                   "RGB or vector"),
@@ -176,7 +176,7 @@ BAD_INPUTS = {
                    "NaN or infinite"),
     "empty folder": (lambda d, t: (t / "empty").mkdir() or t / "empty", "empty folder"),
     "folder without DICOM": (lambda d, t: (t / "other").mkdir() or shutil.copy(d / SMALL_CT, t / "other") and
-                             t / "other", "no DICOM image series"),
+                             t / "other", "no DICOM files in this folder"),
     "folder with only a DICOM SEG": (lambda d, t: (t / "seg").mkdir() or shutil.copy(
         d / "dicom/ct_3slice/liver_SEG.dcm", t / "seg") and t / "seg", "no DICOM image series"),
 }

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import sys
 
-from ..data.atomic import check_writable
 from ..data.readers import read_labelmap, read_volume
 from ..data.segments import read_label_names, segments_from_labelmap
-from ..data.writers import FORMATS, output_format, sidecar_path, write_segmentation
+from ..data.validation import check_image, check_outputs
+from ..data.writers import FORMATS, dicom_seg_sources, output_format, sidecar_path, write_segmentation
 from ..errors import InputError
 
 
@@ -30,11 +30,12 @@ def _names(args):
 
 def run(args) -> int:
     # refuse a bad output before any reading: it should cost nothing
-    check_writable(args.output, args.overwrite)
-    if args.format is None:
-        output_format(args.output)
-    reference = read_volume(args.reference, series_uid=args.series_uid)
+    kind = args.format or output_format(args.output)
+    check_outputs([(args.output, kind)], args.overwrite)
+    reference = check_image(read_volume(args.reference, series_uid=args.series_uid))
     labels = read_labelmap(args.labelmap, reference)
+    if kind == "dicom-seg":
+        dicom_seg_sources(reference, args.source_dicom, headers_only=True)
     names, colors = _names(args)
     segments = segments_from_labelmap(labels.array, names, include_absent=args.keep_empty, colors=colors)
     if not segments:

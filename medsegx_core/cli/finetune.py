@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data.atomic import check_writable
-from ..errors import InputError
+from ..data.atomic import atomic_output
+from ..data.validation import check_outputs
+from ..errors import Cancelled, InputError
 from ..progress import CancelToken
 
 
@@ -31,6 +32,20 @@ def _parse_blocks(text: str):
 def state_path_for(output: Path) -> Path:
     name = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
     return output.with_name(f"{name}.train-state.safetensors")
+
+
+def _after_interruption(state_path: Path, state_existed: bool) -> None:
+    """Ctrl+C or cancel: a training state this run created is removed (nothing was written); one it continued
+    (``--resume``) is kept, holding the progress so far, and the message says so."""
+    partial = state_path.with_name(f".{state_path.name}.partial")
+    for path in ([partial] if state_existed else [partial, state_path]):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    if state_existed:
+        raise Cancelled(f"interrupted; the expert pack was not written; the training state {state_path} holds the "
+                        f"progress so far (--resume continues from it)") from None
 
 
 def _load_cases(images, labels, args, role: str):
@@ -57,8 +72,9 @@ def run(args) -> int:
     distributed = Distributed.from_environment(device)
     if device.type == "cuda" and distributed.world_size > 1:
         device = torch.device("cuda", distributed.rank % torch.cuda.device_count())
-    if distributed.is_main:
-        check_writable(output, overwrite=args.overwrite or args.resume)
+    state_path = state_path_for(output)
+    if distributed.is_main:   # the pack, the history, and the training state a new run would replace
+        check_outputs([], overwrite=args.overwrite or args.resume, others=[output, args.history, state_path])
     cases = _load_cases(args.image, args.label, args, "training data")
     validation = _load_cases(args.val_image, args.val_label, args, "validation data") if args.val_image else []
     model = load_model(args.base, tokenizer=args.tokenizer)
@@ -78,20 +94,25 @@ def run(args) -> int:
             bar.n = round(fraction * settings.steps)
             bar.set_postfix_str(message.split(" ", 2)[-1] if message else "")
             bar.refresh()
+    state_existed = state_path.exists()
     try:
-        result = finetune(model, cases, settings, validation_cases=validation, state_path=state_path_for(output),
+        result = finetune(model, cases, settings, validation_cases=validation, state_path=state_path,
                           resume=args.resume, device=device, distributed=distributed, progress=progress,
                           cancel=CancelToken())
+    except (KeyboardInterrupt, Cancelled):
+        _after_interruption(state_path, state_existed)
+        raise
     finally:
         if bar is not None:
             bar.close()
     if distributed.is_main:
         write_pack(output, model.cpu(), settings, base_hash, cases, result, overwrite=True)
         if args.history:
-            Path(args.history).write_text(json.dumps({"history": result.history,
-                                                      "initial_val_dice": result.initial_val_dice,
-                                                      "best_val_dice": result.best_val_dice,
-                                                      "best_step": result.best_step}, indent=1))
+            with atomic_output(args.history, overwrite=True) as temp:
+                temp.write_text(json.dumps({"history": result.history,
+                                            "initial_val_dice": result.initial_val_dice,
+                                            "best_val_dice": result.best_val_dice,
+                                            "best_step": result.best_step}, indent=1))
         names = sorted({s.name for case in cases for s in case.structures})
         print(f"trained {', '.join(names)} on {len(cases)} volume(s), {settings.steps} steps x {settings.batch_size}"
               f" on {distributed.world_size} process(es)")

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from ..data.readers import SUPPORTED, read_volume
+from ..data.validation import blank_value
 from ..data.volume import Volume
 
 # (positive, negative) letter of each RAS axis
@@ -37,6 +38,7 @@ def describe(volume: Volume) -> dict:
         "intensity_min": float(array.min()),
         "intensity_max": float(array.max()),
         "intensity_mean": round(float(array.mean(dtype=np.float64)), 4),
+        "blank": blank_value(array) is not None,   # one value everywhere: a volume check_image refuses
         "axis_code": axis_code(volume.direction_ras),
         "origin_ras": _rounded(volume.origin_ras),
         "origin_lps": _rounded(volume.origin_lps),
@@ -65,7 +67,8 @@ def _text(info: dict) -> str:
         f"modality:    {info['modality'] or 'unknown (not stored in the file)'}",
         f"size (ijk):  {size} voxels of {info['voxel_type']}",
         f"spacing:     {' x '.join(f'{s:g}' for s in info['spacing_mm'])} mm",
-        f"intensity:   {info['intensity_min']:g} .. {info['intensity_max']:g} (mean {info['intensity_mean']:g})",
+        f"intensity:   {info['intensity_min']:g} .. {info['intensity_max']:g} (mean {info['intensity_mean']:g})"
+        + ("   blank: 'segment' and 'finetune' refuse it" if info["blank"] else ""),
         f"axes:        {info['axis_code']} (closest anatomical directions of i, j, k)",
         f"origin RAS:  {triple(info['origin_ras'])} mm   (centre of voxel 0,0,0; Slicer)",
         f"origin LPS:  {triple(info['origin_lps'])} mm   (ITK, NRRD, DICOM)",

@@ -17,16 +17,16 @@ from typing import List
 
 import numpy as np
 
-from ..data.atomic import check_writable
 from ..data.hierarchy import resolve_term
 from ..data.readers import read_volume
 from ..data.segments import Segment
-from ..data.writers import FORMATS, output_format, write_nifti_labelmap, write_segmentation
-from ..errors import OutputError, PromptError
+from ..data.validation import check_image, check_outputs, make_output_folders
+from ..data.writers import FORMATS, dicom_seg_sources, output_format, write_nifti_labelmap, write_segmentation
+from ..errors import OutputError
 from ..inference.device import DEVICES, PRECISIONS
 from ..inference.preprocessing import PROFILES
 from ..progress import scaled
-from ..prompts import BoxPrompt, PointPrompt, Prompts
+from ..prompts import BoxPrompt, PointPrompt, Prompts, prompt_sets, text_list
 from ._progress import progress_bar
 
 
@@ -36,13 +36,7 @@ def _prompt_sets(args) -> List[Prompts]:
     points = [PointPrompt(tuple(p), positive=True, space=space) for p in args.point or []]
     points += [PointPrompt(tuple(p), positive=False, space=space) for p in args.negative_point or []]
     box = None if args.box is None else BoxPrompt(tuple(args.box[:3]), tuple(args.box[3:]), space=space)
-    texts = args.text or [None]
-    if len(texts) > 1 and (points or box is not None):
-        raise PromptError(f"{len(texts)} --text values with points or a box: clicks and boxes describe one "
-                          f"structure, so give them with a single --text (or run once per structure)")
-    if args.name and len(texts) > 1:
-        raise PromptError("--name names one segment; with several --text values the names are the structures'")
-    return [Prompts(text=text, points=tuple(points), box=box) for text in texts]
+    return prompt_sets(text_list(args.text), points, box, args.name)
 
 
 def _weights(args) -> str:
@@ -59,23 +53,24 @@ def run(args: argparse.Namespace) -> int:
     from ..predictor import Predictor
     from ..weights.store import load_model
 
-    # Everything that can be refused cheaply is refused before the volume and the weights are read.
-    outputs = [args.output] + [p for p in (args.labelmap, args.figure) if p]
-    for output in outputs:
-        Path(output).expanduser().parent.mkdir(parents=True, exist_ok=True)   # "-o out/x.seg.nrrd" just works
-        check_writable(output, args.overwrite)
-    if args.format is None:
-        output_format(args.output)
+    # Everything that can be refused cheaply is refused before the volume and the weights are read, and
+    # everything the volume decides (prompts inside it, a DICOM SEG's source series) before the weights are.
     if args.labelmap and output_format(args.labelmap) != "nifti":
         raise OutputError(f"--labelmap {args.labelmap}: a labelmap is written as NIfTI; end it with .nii.gz")
+    kind = args.format or output_format(args.output)
+    outputs = [args.output, args.labelmap, args.figure]
+    check_outputs([(args.output, kind), args.labelmap], args.overwrite, new_folders=True, others=[args.figure])
     prompt_sets = _prompt_sets(args)
     for prompts in prompt_sets:
         if prompts.text:
             resolve_term(prompts.text)
-    volume = read_volume(args.volume, series_uid=args.series_uid)
+    volume = check_image(read_volume(args.volume, series_uid=args.series_uid))
     for prompts in prompt_sets:
         prompts.to_voxel(volume)
+    if kind == "dicom-seg":
+        dicom_seg_sources(volume, headers_only=True)
     weights = _weights(args)
+    make_output_folders(outputs)   # "-o out/x.seg.nrrd" just works
 
     bar, update = progress_bar("segment")
     segments, notes = [], []

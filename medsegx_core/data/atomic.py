@@ -23,16 +23,29 @@ def check_writable(path: PathLike, overwrite: bool = False) -> Path:
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; give a file name for the output")
     if path.exists() and not overwrite:
-        raise OutputError(f"{path}: already exists; pass --overwrite (overwrite=True) to replace it, or choose "
-                          f"another name")
+        raise OutputError(f"{path}: already exists; pass --overwrite to replace it, or choose another name")
     folder = path.parent
     if not folder.exists():
         raise OutputError(f"{path}: the folder {folder} does not exist; create it first")
     if not folder.is_dir():
         raise OutputError(f"{path}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK):
+    if not os.access(folder, os.W_OK) or not _can_create_in(folder):
         raise OutputError(f"{path}: the folder {folder} is not writable; choose another output folder")
     return path
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can really be created there (``os.access`` says yes to root on read-only file systems)."""
+    probe = folder / f".medsegx-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.touch(exist_ok=False)
+    except OSError:
+        return False
+    try:
+        probe.unlink()
+    except OSError:
+        pass
+    return True
 
 
 @contextmanager

@@ -6,15 +6,23 @@ through SimpleITK/GDCM, which also decodes the compressed transfer syntaxes GDCM
 JPEG 2000, RLE). The modality comes from the DICOM Modality tag when there is one.
 
 Everything a user can get wrong is an ``InputError`` naming the file: missing, unsupported, corrupt or truncated,
-2D, 4D, RGB/vector, complex, NaN/Inf voxels, an empty folder or one without DICOM. ``read_labelmap`` adds a
-``GeometryError`` when the labelmap is not on the reference's grid.
+2D, 4D, RGB/vector, complex, NaN/Inf voxels, an empty folder or one without DICOM. The rules themselves live in
+``validation.py`` (shared with the Slicer module and the other entry points). ``read_labelmap`` adds a
+``GeometryError`` when the labelmap is not on the reference's grid. What ITK, GDCM or OpenJPEG print on the
+process's stderr while reading is held back: the ``InputError`` says what went wrong, in one line.
+
+ITK's NIfTI reader silently turns NaN and infinite voxels into 0, and reads a truncated file padded with
+zeros; both are found by reading the file's data once more with a plain stream (``_scan_nifti``).
 """
 from __future__ import annotations
 
 import gzip
 import os
 import re
+import sys
+import tempfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Union
@@ -23,6 +31,7 @@ import numpy as np
 
 from ..errors import GeometryError, InputError
 from ..progress import CancelToken, ProgressCallback, check, report
+from .validation import check_finite, check_layout, check_volume
 from .volume import Volume
 
 PathLike = Union[str, os.PathLike]
@@ -51,7 +60,7 @@ def read_volume(path: PathLike, series_uid: Optional[str] = None, progress: Opti
         volume = _read_dicom(path.parent, path, series_uid, progress, cancel)
     else:
         volume = _read_itk_file(path, progress, cancel)
-    _check_voxels(path, volume.array)
+    check_volume(volume, path)
     report(progress, 1.0, f"read {path.name}")
     return volume
 
@@ -91,19 +100,29 @@ def dicom_series_files(folder: PathLike, member: Optional[PathLike] = None,
     import SimpleITK as sitk
 
     folder = Path(folder)
-    entries = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+    entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) \
+        if folder.is_dir() else []
     if not entries:
-        raise InputError(f"{folder}: empty folder; point at a folder holding one DICOM series, or at an image file")
+        raise InputError(f"{folder}: an empty folder; point at a folder holding one DICOM series, or at an image "
+                         f"file ({SUPPORTED})")
+    dicom_entries = [p for p in entries if is_dicom_file(p)]
+    if not dicom_entries:
+        others = ", ".join(p.name for p in entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise InputError(f"{folder}: no DICOM files in this folder (it holds {_count(len(entries), 'other file')}: "
+                         f"{others}); point at a folder holding one DICOM series, or at an image file ({SUPPORTED})")
     series_reader = sitk.ImageSeriesReader()
     series = {}
-    for uid in series_reader.GetGDCMSeriesIDs(str(folder)):
-        files = list(series_reader.GetGDCMSeriesFileNames(str(folder), uid))
+    with _quiet_native_output():
+        found = {uid: list(series_reader.GetGDCMSeriesFileNames(str(folder), uid))
+                 for uid in series_reader.GetGDCMSeriesIDs(str(folder))}
+    for uid, files in found.items():
         header = pydicom.dcmread(files[0], stop_before_pixels=True)
         if str(header.get("Modality", "")).upper() not in NON_IMAGE_MODALITIES:
             series[uid] = (files, header)
     if not series:
-        raise InputError(f"{folder}: no DICOM image series found among its {len(entries)} files; "
-                         f"point at a folder holding one DICOM series, or at an image file ({SUPPORTED})")
+        raise InputError(f"{folder}: no DICOM image series among its {_count(len(dicom_entries), 'DICOM file')} "
+                         f"(only segmentations, reports or files GDCM cannot parse); point at a folder holding one "
+                         f"DICOM series, or at an image file ({SUPPORTED})")
     _refuse_undecodable_members(folder, entries, series_reader, series)
     if member is not None:
         member_path = os.path.realpath(member)
@@ -129,8 +148,9 @@ def _refuse_undecodable_members(folder: Path, entries, series_reader, series: di
     """GDCM silently leaves out files it cannot parse, which would shorten a series without a word: refuse."""
     import pydicom
 
-    grouped = {os.path.realpath(f) for uid in series_reader.GetGDCMSeriesIDs(str(folder))
-               for f in series_reader.GetGDCMSeriesFileNames(str(folder), uid)}
+    with _quiet_native_output():
+        grouped = {os.path.realpath(f) for uid in series_reader.GetGDCMSeriesIDs(str(folder))
+                   for f in series_reader.GetGDCMSeriesFileNames(str(folder), uid)}
     for entry in entries:
         if os.path.realpath(entry) in grouped or not is_dicom_file(entry):
             continue
@@ -170,16 +190,17 @@ def _read_itk_file(path: Path, progress, cancel) -> Volume:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with _quiet_native_output():
+            reader.ReadImageInformation()
     except RuntimeError as exc:
         reason = _itk_reason(exc)
         if "Unable to determine ImageIO reader" in reason:
             raise InputError(f"{path}: unsupported or unrecognised image format; use {SUPPORTED}") from None
         raise InputError(f"{path}: cannot read the image header ({reason}); the file is corrupt or not an image")
-    _check_layout(path, list(reader.GetSize()), reader.GetNumberOfComponents(),
-                  sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+    check_layout(path, list(reader.GetSize()), reader.GetNumberOfComponents(),
+                 sitk.GetPixelIDValueAsString(reader.GetPixelID()))
     if _lower_name(path).endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(path)  # ITK reads a truncated NIfTI without complaint, padding it with garbage
+        _scan_nifti(path)  # ITK reads a truncated NIfTI padded with zeros, and NaN/Inf voxels as 0
     image = _execute_with_progress(reader, path, progress, cancel)
     image = _drop_single_time_point(image)
     return Volume.from_sitk(image, modality=None, source=str(path))
@@ -195,7 +216,7 @@ def _read_freesurfer(path: Path) -> Volume:
         raise InputError(f"{path}: cannot read this FreeSurfer file ({type(exc).__name__}: {_one_line(exc)}); "
                          f"it is corrupt or truncated") from None
     shape = list(data.shape)
-    _check_layout(path, shape, 1, str(data.dtype))
+    check_layout(path, shape, 1, str(data.dtype))
     if data.ndim == 4:
         data = data[..., 0]
     affine = np.asarray(image.affine, dtype=float)  # voxel (i, j, k) -> RAS mm, as FreeSurfer defines it
@@ -216,58 +237,45 @@ def _read_dicom(folder: Path, member: Optional[Path], series_uid, progress, canc
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     image = _execute_with_progress(reader, folder, progress, cancel)
-    _check_layout(folder, list(image.GetSize()), image.GetNumberOfComponentsPerPixel(),
-                  image.GetPixelIDTypeAsString())
+    check_layout(folder, list(image.GetSize()), image.GetNumberOfComponentsPerPixel(),
+                 image.GetPixelIDTypeAsString())
     modality = str(header.get("Modality", "")).upper() or None
     return Volume.from_sitk(image, modality=modality, source=str(folder))
 
 
-# ---- checks --------------------------------------------------------------------------------------------------------
-def _check_layout(path: Path, size: list, components: int, pixel_type: str) -> None:
-    """Refuse what is not one 3D scalar volume, before the voxels are read where possible."""
-    if "complex" in pixel_type.lower():
-        raise InputError(f"{path}: complex-valued voxels ({pixel_type}); a real scalar volume is needed")
-    if components > 1:
-        raise InputError(f"{path}: {components} values per voxel (an RGB or vector image); a single-channel "
-                         f"(grey-level) volume is needed")
-    if len(size) == 4 and size[3] == 1:
-        size = size[:3]  # one time point stored as 4D: still a 3D volume
-    if len(size) > 3:
-        raise InputError(f"{path}: a {len(size)}D image (size {tuple(size)}); a single 3D volume is needed, "
-                         f"extract one time point or channel first")
-    if len(size) < 3 or min(size) < 2:
-        raise InputError(f"{path}: a 2D image (size {tuple(size)}); a 3D volume with at least 2 voxels along "
-                         f"each axis is needed")
-
-
-def _check_voxels(path: Path, array: np.ndarray) -> None:
-    if np.issubdtype(array.dtype, np.floating):
-        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
-        if bad:
-            raise InputError(f"{path}: {bad} voxels are NaN or infinite; replace them with a finite value "
-                             f"(e.g. the background intensity) before segmenting")
-
-
-def _check_nifti_complete(path: Path) -> None:
+# ---- checks ----------------------------------------------------------------------------------------------------------
+def _scan_nifti(path: Path) -> None:
+    """Refuse a NIfTI whose data is shorter than its header says, or holds NaN/infinite voxels (one pass)."""
     import nibabel as nib
 
     try:
-        header = nib.load(str(path)).header
-        needed = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        proxy = nib.load(str(path)).dataobj  # its offset is right where the header's says 0 (ITK writes that)
+        offset, dtype = int(proxy.offset), np.dtype(proxy.dtype)
+        needed = offset + int(np.prod(proxy.shape)) * dtype.itemsize
     except Exception as exc:
         raise InputError(f"{path}: cannot read the NIfTI header ({_one_line(exc)}); the file is corrupt") from None
+    floating = dtype.kind == "f"
+    available, nonfinite, pending = 0, 0, b""
     try:
-        if _lower_name(path).endswith(".gz"):
-            with gzip.open(path, "rb") as stream:
-                available = sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 22), b""))
-        else:
-            available = path.stat().st_size
+        opener = gzip.open if _lower_name(path).endswith(".gz") else open
+        with opener(path, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 22), b""):
+                start = max(0, offset - available)
+                stop = max(start, min(len(chunk), needed - available))
+                available += len(chunk)
+                if floating and stop > start:
+                    data = pending + chunk[start:stop]
+                    whole = len(data) - len(data) % dtype.itemsize
+                    values = np.frombuffer(data[:whole], dtype=dtype)
+                    nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
+                    pending = data[whole:]
     except (EOFError, OSError, zlib.error):
         raise InputError(f"{path}: the compressed data ends early or is damaged; the file is truncated or corrupt, "
                          f"copy it again") from None
     if available < needed:
         raise InputError(f"{path}: holds {available} bytes of data where its header needs {needed}; the file is "
                          f"truncated, copy it again")
+    check_finite(path, nonfinite)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------------
@@ -282,7 +290,8 @@ def _execute_with_progress(reader, path: Path, progress, cancel):
     if progress is not None or cancel is not None:
         reader.AddCommand(sitk.sitkProgressEvent, on_progress)
     try:
-        return reader.Execute()
+        with _quiet_native_output():
+            return reader.Execute()
     except RuntimeError as exc:
         check(cancel)  # an abort we asked for is a cancellation, not a corrupt file
         raise InputError(f"{path}: cannot read the voxels ({_itk_reason(exc)}); the file is corrupt or "
@@ -320,6 +329,37 @@ def _smallest_uint(array: np.ndarray) -> np.ndarray:
 
 def _lower_name(path: Path) -> str:
     return path.name.lower()
+
+
+@contextmanager
+def _quiet_native_output():
+    """Hold back what C++ libraries (ITK, GDCM, OpenJPEG) print on the process's stderr; the caller reports."""
+    import SimpleITK as sitk
+
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (embedded interpreters): nothing to hold back
+        saved = None
+    try:
+        if saved is None:
+            yield
+            return
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _one_line(exc: BaseException) -> str:

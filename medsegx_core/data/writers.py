@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import __version__
-from ..errors import GeometryError, OutputError
+from ..errors import GeometryError, InputError, OutputError
 from .atomic import atomic_output, atomic_outputs, check_writable
 from .segments import Segment, complete
 from .terminology import GENERIC_TERMINOLOGY
@@ -106,10 +106,27 @@ def write_seg_nrrd(path: PathLike, reference: Volume, segments: Sequence[Segment
         entries.append(entry)
     segmentation = {"voxels": voxels, "ijkToLPS": reference.ijk_to_lps, "segments": entries,
                     "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap",
-                    "referenceImageExtentOffset": [0, 0, 0]}
+                    "referenceImageExtentOffset": [0, 0, 0],
+                    "conversionParameters": [{"name": "Reference image geometry",
+                                              "value": reference_image_geometry(reference),
+                                              # Slicer's reader needs each parameter to end with "&"
+                                              "description": "Image geometry description string determining "
+                                                             "the geometry of the labelmap that is created in "
+                                                             "course of conversion.&"}]}
     with atomic_output(path, overwrite) as temp:
         slicerio.write_segmentation(str(temp), segmentation)
     return Path(path)
+
+
+def reference_image_geometry(reference: Volume) -> str:
+    """Slicer's "Reference image geometry" of a volume: its IJK-to-RAS matrix row by row, then its extent.
+
+    Slicer exports a segmentation "with the reference geometry" onto this grid; without it the export is cropped
+    to the segments' extent. The format is ``vtkSegmentationConverter::SerializeImageGeometry``'s.
+    """
+    matrix = ";".join(repr(float(v)) for v in reference.ijk_to_ras.ravel())
+    extent = ";".join(f"0;{n - 1}" for n in reference.shape_ijk)
+    return f"{matrix};{extent};"
 
 
 # ---- NIfTI labelmap + sidecar ------------------------------------------------------------------------------------
@@ -164,7 +181,7 @@ def write_dicom_seg(path: PathLike, reference: Volume, segments: Sequence[Segmen
 
     check_writable(path, overwrite)
     segments = complete(segments, reference.array.shape)
-    sources = _source_slices(reference, source_dicom)
+    sources = dicom_seg_sources(reference, source_dicom)
     pixel_array = np.stack([s.binary_mask() for s in segments], axis=-1).astype(np.uint8)  # (frames, rows, cols, S)
     algorithm = None if algorithm_type == "MANUAL" else hd.AlgorithmIdentificationSequence(
         name="MedSegX", family=codes.cid7162.ArtificialIntelligence, version=__version__)
@@ -194,8 +211,13 @@ def write_dicom_seg(path: PathLike, reference: Volume, segments: Sequence[Segmen
     return Path(path)
 
 
-def _source_slices(reference: Volume, source_dicom: Optional[PathLike]) -> list:
-    """The source series' datasets in the reference's k order, checked to lie on the reference grid."""
+def dicom_seg_sources(reference: Volume, source_dicom: Optional[PathLike] = None, headers_only: bool = False) -> list:
+    """The source series' datasets in the reference's k order, checked to lie on the reference grid.
+
+    Call it with ``headers_only`` before a long inference to refuse a DICOM SEG that could not be written.
+    Datasets whose SOP Class UID element is empty (some PACS exports) get it from their file meta, where
+    ``MediaStorageSOPClassUID`` holds the same value.
+    """
     import pydicom
 
     from .readers import dicom_series_files, is_dicom_file
@@ -207,7 +229,8 @@ def _source_slices(reference: Volume, source_dicom: Optional[PathLike]) -> list:
     files = dicom_series_files(source.parent, source) if source.is_file() else dicom_series_files(source)
     by_k = {}
     for name in files:
-        dataset = pydicom.dcmread(name)
+        dataset = pydicom.dcmread(name, stop_before_pixels=headers_only)
+        _fill_uids_from_file_meta(dataset, name)
         ijk = reference.lps_to_ijk_points(np.asarray(dataset.ImagePositionPatient, dtype=float))
         k = int(round(ijk[2]))
         if (not np.allclose(ijk[:2], 0, atol=1e-3) or abs(ijk[2] - k) > 1e-3 or
@@ -223,10 +246,18 @@ def _source_slices(reference: Volume, source_dicom: Optional[PathLike]) -> list:
     return [by_k[k] for k in range(reference.shape_ijk[2])]
 
 
-def _looks_dicom(path: Path) -> bool:
-    from .readers import _is_dicom_file
-
-    return _is_dicom_file(path)
+def _fill_uids_from_file_meta(dataset, name) -> None:
+    """An empty SOPClassUID / SOPInstanceUID element takes the value the file meta information gives."""
+    meta = getattr(dataset, "file_meta", None)
+    for element, meta_element in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                                  ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+        if str(dataset.get(element, "") or "").strip():
+            continue
+        value = str(meta.get(meta_element, "") or "").strip() if meta is not None else ""
+        if not value:
+            raise InputError(f"{name}: this DICOM file has no {element} (neither in the dataset nor in its file "
+                             f"meta information); a DICOM SEG cannot reference it")
+        setattr(dataset, element, value)
 
 
 # ---- by file name ------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import numpy as np
 from ..data.hierarchy import Modality, ResolvedTerm, guess_modality, load_hierarchy
 from ..data.readers import read_labelmap, read_volume
 from ..data.segments import read_label_names
+from ..data.validation import check_image
 from ..data.volume import Volume
 from ..errors import GeometryError, InputError
 from ..inference.preprocessing import preprocess
@@ -95,7 +96,7 @@ def load_case(image_path: PathLike, label_path: PathLike, names_spec: Optional[s
               only: Optional[Sequence[str]] = None, modality: Optional[str] = None,
               profile: str = "canonical") -> LabelledCase:
     """Read, resolve and preprocess one labelled volume. ``only``: train just these structures (names)."""
-    image = read_volume(image_path)
+    image = check_image(read_volume(image_path))   # the rule every entry point applies to images
     labelmap, names = read_labels(label_path, image, names_spec)
     hierarchy = load_hierarchy()
     chosen_modality = (hierarchy.resolve_modality(modality, strict=True) if modality

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +58,16 @@ def read_tensors(path: Union[str, Path]) -> object:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise WeightsError(f"checkpoint {path}: not a valid safetensors file ({one_line(exc)})") from exc
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
+        problem = _not_a_torch_file(path)
+        if problem:
+            raise WeightsError(f"checkpoint {path}: {problem}; give a SegVol checkpoint (.bin, .pth, .pt, .ckpt), a "
+                               f"safetensors file, or a folder made by 'medsegx weights import'")
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():   # torch's notes on pickle protocols are not for users
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f" (it references {found.group(1)})" if found else ""
@@ -68,6 +77,32 @@ def read_tensors(path: Union[str, Path]) -> object:
     except Exception as exc:  # the unpickler fails in many ways on files that are not checkpoints
         raise WeightsError(f"checkpoint {path}: not a readable PyTorch checkpoint "
                            f"({type(exc).__name__}: {one_line(exc)})") from exc
+
+
+# torch.save's legacy (non-zip) format starts with a pickled magic number: protocol 2, LONG1 of 10 bytes.
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _not_a_torch_file(path: Path) -> Optional[str]:
+    """What a file that is neither a zip nor a legacy torch file is, so that nothing else is ever unpickled."""
+    with open(path, "rb") as stream:
+        head = stream.read(352)
+    if not head:
+        return "an empty file"
+    if head.startswith(_TORCH_LEGACY_MAGIC):
+        return None
+    if head[:4] == b"PK\x03\x04":
+        return "a truncated or damaged PyTorch checkpoint (an incomplete zip archive); download or copy it again"
+    if head[:2] == b"\x1f\x8b":
+        return "gzip-compressed data (a .nii.gz image?), not a checkpoint"
+    if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c"):
+        return "a NIfTI image, not a checkpoint"
+    if head[128:132] == b"DICM":
+        return "a DICOM file, not a checkpoint"
+    if head[:1] == b"\x80":
+        return ("a plain Python pickle, not a PyTorch checkpoint; refusing to unpickle it, since that could run "
+                "code")
+    return "not a readable PyTorch checkpoint or safetensors file (unrecognised content)"
 
 
 def unwrap(raw: object, path: Path) -> Tuple[str, StateDict]:
