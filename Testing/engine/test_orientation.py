@@ -24,8 +24,8 @@ STORAGES = {
 
 
 @pytest.fixture(scope="module")
-def original_path(data_dir):
-    return data_dir / "ct" / "totalseg_ct.nii.gz"
+def original_path(reference_ct):
+    return reference_ct
 
 
 @pytest.fixture(scope="module")

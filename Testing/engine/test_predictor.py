@@ -28,8 +28,8 @@ BOX_IJK = BoxPrompt((37, 25, 69), (104, 86, 111), space="ijk")
 
 
 @pytest.fixture(scope="module")
-def volume(data_dir):
-    return read_volume(data_dir / "ct" / "totalseg_ct.nii.gz")
+def volume(reference_ct):
+    return read_volume(reference_ct)
 
 
 @pytest.fixture(scope="module")
