@@ -1,25 +1,28 @@
-"""Batch segmentation through the MedSegX Slicer Logic: load a volume, segment, save a .seg.nrrd, exit.
+"""Batch segmentation through the MedSegX Slicer Logic: read a volume, segment, save a .seg.nrrd, exit.
 
 Inside Slicer (no window)::
 
     Slicer --no-main-window --python-script MedSegXSlicer/medsegx_batch.py \\
-        --input ct.nii.gz --text liver --output liver.seg.nrrd [--weights DIR] [--device cpu]
+        --input ct.nii.gz --text "liver, spleen, left kidney" --output organs.seg.nrrd [--weights DIR] [--device cpu]
 
 On plain Python with the PyPI package slicer-core (same MRML code, no Slicer application)::
 
-    python MedSegXSlicer/medsegx_batch.py --input ct.nii.gz --point 12.5 -30 40 --box 0 -60 20 40 0 70 \\
+    python MedSegXSlicer/medsegx_batch.py --input dicom_folder/ --point 12.5 -30 40 --box 0 -60 20 40 0 70 \\
         --output out.seg.nrrd
 
-Points and boxes are RAS millimetres (what Slicer shows). Exit codes: 0 written, 1 user error (bad input, prompt,
-weights; one line on stderr), 2 internal error (traceback), 130 cancelled (Ctrl+C). The output is written to a
+The volume is read by the engine's readers, exactly as ``medsegx segment`` reads it (NIfTI, NRRD, MetaImage,
+FreeSurfer, a DICOM folder or one file of the series) and refused by the same rules (truncated files, NaN voxels,
+2D or blank images, ...); it then becomes a volume node and goes through the Logic as in Slicer. Several
+structures (``--text`` repeated, or a comma list) become one named segment each, from one encoding of the
+volume. Points and boxes are RAS millimetres (what Slicer shows). Progress lines go to stdout. Exit codes: 0
+written, 1 user error (bad input, prompt, weights, output; one line on stderr naming the file), 2 internal error
+(traceback), 130 cancelled (Ctrl+C; nothing is written). The output is checked before any work, written to a
 temporary name in the destination folder and renamed; an existing output is kept unless ``--overwrite``.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -29,19 +32,32 @@ EXIT_OK, EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_CANCELLED = 0, 1, 2, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medsegx_core.inference.choices import DEVICES, PRECISIONS
+
     parser = argparse.ArgumentParser(prog="medsegx_batch.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--input", required=True, help="volume file Slicer can load (.nii.gz, .nrrd, .mha, ...)")
+    parser.add_argument("--input", required=True,
+                        help="volume: NIfTI, NRRD, MetaImage, .mgz, a DICOM folder or one file of the series")
+    parser.add_argument("--series-uid", help="which DICOM series, when the folder holds several")
     parser.add_argument("--output", required=True, help="segmentation to write (.seg.nrrd)")
-    parser.add_argument("--text", help="structure name, e.g. liver, 'left kidney'")
+    parser.add_argument("--text", action="append",
+                        help="structure name, e.g. liver; repeat it or give a comma list ('liver, spleen, left "
+                             "kidney') for several structures, one segment each")
     parser.add_argument("--point", nargs=3, type=float, action="append", default=[], metavar=("R", "A", "S"),
                         help="positive click in RAS mm (repeatable)")
     parser.add_argument("--negative-point", nargs=3, type=float, action="append", default=[],
                         metavar=("R", "A", "S"), help="negative click in RAS mm (repeatable)")
     parser.add_argument("--box", nargs=6, type=float, metavar=("R1", "A1", "S1", "R2", "A2", "S2"),
                         help="two opposite corners of a RAS-aligned box in mm")
-    parser.add_argument("--weights", help="weights folder or checkpoint (default: $MEDSEGX_WEIGHTS or "
-                                          "~/.medsegx/weights/segvol)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    parser.add_argument("--weights", help="weights folder or checkpoint (default: $MEDSEGX_WEIGHTS, installed "
+                                          "official weights, else the bundled starter model)")
+    parser.add_argument("--tokenizer", help="folder of tokenizer files when they are not beside the weights")
+    parser.add_argument("--experts", metavar="PACK",
+                        help="expert pack from 'medsegx finetune' (.safetensors) to load on top of the weights")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when present, else CPU")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16/fp16 where the hardware is fast at it; fp32 for exact results")
+    parser.add_argument("--modality", help="CT, MRI, ... (default: from the file, else guessed from the "
+                                           "intensities); routes the adapter experts")
     parser.add_argument("--name", help="segment name (default: the structure name)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return parser
@@ -67,80 +83,112 @@ def _box_node(scene, corners):
     return node
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    """Refuse a bad output before any work (an existing file is the user's earlier result)."""
-    from medsegx_core.errors import OutputError
+def _engine_prompts(args):
+    """The prompt sets, checked by the engine's rules (the same as ``medsegx segment``'s) before any work."""
+    from medsegx_core.data.hierarchy import resolve_term
+    from medsegx_core.prompts import BoxPrompt, PointPrompt, prompt_sets, text_list
 
-    if not output.name.endswith(".seg.nrrd"):
-        raise OutputError(f"output {output} must end with .seg.nrrd (a Slicer segmentation file)")
-    if output.exists() and not overwrite:
-        raise OutputError(f"output {output} already exists: choose another --output or pass --overwrite")
-    if not output.parent.is_dir():
-        raise OutputError(f"output folder {output.parent} does not exist: create it first")
+    points = [PointPrompt(tuple(p)) for p in args.point] + \
+        [PointPrompt(tuple(p), positive=False) for p in args.negative_point]
+    box = BoxPrompt(tuple(args.box[:3]), tuple(args.box[3:])) if args.box else None
+    sets = prompt_sets(text_list(args.text), points, box, args.name)
+    for prompts in sets:
+        if prompts.text:
+            resolve_term(prompts.text)  # an unknown structure is refused before the volume is read
+    return sets
 
 
-def _save_atomically(segmentation_node, output: Path) -> None:
+def _expert_pack_module():
+    try:
+        from medsegx_core.weights import expert_pack
+    except ImportError:  # older layout
+        from medsegx_core.training import expert_pack
+    return expert_pack
+
+
+def engine_factories(args):
+    """The Logic's model loader and Predictor factory with this run's tokenizer, expert pack and precision."""
+    def load(spec):
+        from medsegx_core.weights.store import load_model
+
+        weights = spec[0] if isinstance(spec, tuple) else spec
+        model = load_model(weights, tokenizer=args.tokenizer)
+        if args.experts:  # refused (WeightsError) when fine-tuned on another base
+            _expert_pack_module().load_expert_pack(model, Path(args.experts).expanduser())
+        return model
+
+    def make_predictor(model, device):
+        from medsegx_core.predictor import Predictor
+
+        return Predictor(model, device=device, precision=args.precision)
+
+    return load, make_predictor
+
+
+def _save_atomically(segmentation_node, output: Path, overwrite: bool) -> None:
     """Write under a temporary name in the destination folder, then rename over the target."""
     import slicer
 
+    from medsegx_core.data.atomic import atomic_output
     from medsegx_core.errors import OutputError
 
-    handle, temp_name = tempfile.mkstemp(prefix=f".{output.name[:-9]}.", suffix=".seg.nrrd", dir=output.parent)
-    os.close(handle)
-    try:
-        if not slicer.util.saveNode(segmentation_node, temp_name):
-            raise OutputError(f"Slicer could not write {output}: check the folder is writable and has space")
-        os.replace(temp_name, output)
-    finally:
-        if os.path.exists(temp_name):
-            os.remove(temp_name)
+    with atomic_output(output, overwrite) as temp:
+        if not slicer.util.saveNode(segmentation_node, str(temp)):
+            raise OutputError(f"{output}: Slicer could not write the segmentation; check that the folder is "
+                              f"writable and has space")
 
 
-def run(args: argparse.Namespace) -> str:
-    """Load, segment, save; returns the segment name. Raises MedSegXError for user errors."""
+def run(args: argparse.Namespace) -> list:
+    """Read, segment, save; returns the segment names. Raises MedSegXError for user errors."""
     import slicer
 
     from MedSegXSlicerLib import MedSegXSlicerLogic, standalone
-    from medsegx_core.errors import InputError
+    from MedSegXSlicerLib.session import SessionStore
+    from medsegx_core.data.readers import read_volume
+    from medsegx_core.data.validation import check_image, check_outputs
     from medsegx_core.progress import CancelToken
 
-    output = Path(args.output).expanduser()
-    _check_output(output, args.overwrite)
+    # Everything that can be refused is refused before the weights are read, as 'medsegx segment' does.
+    output = check_outputs([args.output], args.overwrite, formats=("seg.nrrd",))[0]
+    prompt_sets = _engine_prompts(args)
+    volume = check_image(read_volume(Path(args.input).expanduser(), series_uid=args.series_uid))
+    for prompts in prompt_sets:
+        prompts.to_voxel(volume)  # the engine's prompt rules, on the prompts as given (RAS mm)
+
     standalone.ensure_application()
     scene = slicer.mrmlScene
-    source = Path(args.input).expanduser()
-    if not source.exists():
-        raise InputError(f"input {source}: no such file")
-    try:
-        volume_node = slicer.util.loadVolume(str(source))
-    except RuntimeError as exc:  # slicer.util raises RuntimeError when the reader fails
-        raise InputError(f"input {source}: Slicer could not load it as a volume ({exc})") from exc
+    name = Path(volume.source).name.split(".")[0] or "volume"
+    volume_node = slicer.util.addVolumeFromArray(volume.array, ijkToRAS=volume.ijk_to_ras, name=name)
     positive = _points_node(scene, "positive points", args.point, "positive") if args.point else None
     negative = _points_node(scene, "negative points", args.negative_point, "negative") if args.negative_point \
         else None
     roi = _box_node(scene, args.box) if args.box else None
-    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} MedSegX")
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} MedSegX")
     segmentation_node.CreateDefaultDisplayNodes()
 
     logic = MedSegXSlicerLogic(weightsPath=args.weights, device=args.device)
+    logic.sessions = SessionStore(*engine_factories(args))
     cancel = CancelToken()
     try:
-        segment_id = logic.segment(volume_node, segmentation_node, text=args.text, pointsNode=positive,
-                                   negativePointsNode=negative, roiNode=roi, segmentName=args.name,
-                                   progress=_print_progress, cancel=cancel)
+        for prompts in prompt_sets:  # one engine session: the volume is encoded once for all structures
+            logic.segment(volume_node, segmentation_node, text=prompts.text, pointsNode=positive,
+                          negativePointsNode=negative, roiNode=roi, segmentName=args.name,
+                          modality=args.modality or volume.modality, progress=_print_progress, cancel=cancel)
     except KeyboardInterrupt:
-        # Stop the engine at its next check and let the worker thread end before the interpreter does
-        # (torch aborts the process if a thread is still inside it at exit).
-        cancel.cancel()
-        logic.cleanup(timeout_s=120.0)
+        cancel.cancel()  # the engine stops at its next check
         raise
-    logic.cleanup()
-    _save_atomically(segmentation_node, output)
-    return segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+    finally:
+        # Let the worker thread end before the interpreter does (torch aborts the process if a thread is still
+        # inside it at exit), after an error or an interruption too.
+        logic.cleanup(timeout_s=120.0)
+    _save_atomically(segmentation_node, output, args.overwrite)
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
 
 
 def _print_progress(fraction: float, message: str) -> None:
-    print(f"[{fraction * 100:5.1f}%] {message}", file=sys.stderr, flush=True)
+    """Progress goes to stdout: stderr carries only the outcome (one line) and warnings."""
+    print(f"[{fraction * 100:5.1f}%] {message}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -148,7 +196,7 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        name = run(args)
+        names = run(args)
     except Cancelled as exc:
         print(f"medsegx_batch: {exc}", file=sys.stderr)
         return EXIT_CANCELLED
@@ -161,7 +209,9 @@ def main(argv=None) -> int:
     except Exception:  # noqa: BLE001 - a bug: keep the traceback, distinct exit code
         traceback.print_exc()
         return EXIT_INTERNAL_ERROR
-    print(f"medsegx_batch: wrote segment {name!r} to {args.output}", file=sys.stderr)
+    listing = ", ".join(repr(n) for n in names)
+    print(f"medsegx_batch: wrote segment{'s' if len(names) > 1 else ''} {listing} to {args.output}",
+          file=sys.stderr)
     return EXIT_OK
 
 

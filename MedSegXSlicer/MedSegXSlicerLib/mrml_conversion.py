@@ -29,6 +29,7 @@ import numpy as np
 import slicer
 import vtk
 
+from medsegx_core.data.validation import check_image, check_layout
 from medsegx_core.data.volume import Volume
 from medsegx_core.errors import GeometryError, InputError, PromptError
 
@@ -87,13 +88,8 @@ def check_volume_node(volume_node) -> None:
     image = volume_node.GetImageData()
     if image is None or image.GetNumberOfPoints() == 0:
         raise InputError(f"volume {_node_label(volume_node)} has no voxels: load the image again")
-    if image.GetNumberOfScalarComponents() != 1:
-        raise InputError(f"volume {_node_label(volume_node)} has {image.GetNumberOfScalarComponents()} components "
-                         f"per voxel (colour or vector image): convert it to a scalar volume first")
-    dims = image.GetDimensions()
-    if min(dims) < 2:
-        raise InputError(f"volume {_node_label(volume_node)} is {dims[0]}x{dims[1]}x{dims[2]} voxels: "
-                         f"MedSegX needs a 3D image with at least 2 slices along every axis")
+    # the engine's rule for every entry point (medsegx_core/data/validation.py)
+    check_layout(f"volume {_node_label(volume_node)}", image.GetDimensions(), image.GetNumberOfScalarComponents())
 
 
 def volume_from_node(volume_node, modality: Optional[str] = None) -> Volume:
@@ -101,10 +97,9 @@ def volume_from_node(volume_node, modality: Optional[str] = None) -> Volume:
     check_volume_node(volume_node)
     spacing, origin, directions = geometry_from_matrix(world_ijk_to_ras(volume_node))
     array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-        raise InputError(f"volume {_node_label(volume_node)} contains NaN or infinite voxels: fix or reload it")
-    return Volume(array, spacing, origin, directions, modality=modality or volume_modality(volume_node),
-                  source=volume_node.GetName())
+    volume = Volume(array, spacing, origin, directions, modality=modality or volume_modality(volume_node),
+                    source=volume_node.GetName())
+    return check_image(volume, f"volume {_node_label(volume_node)}")  # NaN/Inf, blank: the engine's rule
 
 
 def volume_modality(volume_node) -> Optional[str]:

@@ -56,7 +56,7 @@ def test_user_errors_exit_1_with_one_line_and_write_nothing(data_dir, imported_w
     cases = [
         (["--input", tmp_path / "missing.nii.gz", "--text", "liver"], "missing.nii.gz: no such file"),
         (["--input", ct_path, "--text", "livr tumr xyz"], "unknown structure 'livr tumr xyz'"),
-        (["--input", ct_path, "--point", 9999, 0, 0], "is outside volume"),
+        (["--input", ct_path, "--point", 9999, 0, 0], "is outside the volume"),
     ]
     for args, message in cases:
         done = run_batch(*args, "--weights", imported_weights, "--output", output)
@@ -82,9 +82,9 @@ def test_interrupt_exits_130_and_writes_nothing(data_dir, imported_weights, tmp_
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--input", str(data_dir / sb.CT_SMALL), "--text", "liver",
          "--output", str(output), "--weights", str(imported_weights), "--device", "cpu"],
-        stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
-        for line in process.stderr:  # the engine reports progress once it has started
+        for line in process.stdout:  # the engine reports progress (on stdout) once it has started
             if line.startswith("["):
                 process.send_signal(signal.SIGINT)
                 break
