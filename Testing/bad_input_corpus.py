@@ -56,6 +56,13 @@ def good_labels(folder: Path) -> Path:
     return write_image(folder / "ct_labels.nii.gz", organ_labels())
 
 
+def good_inputs(root: Path) -> Dict[str, Path]:
+    """A readable CT and its labels in ``root/good``: the inputs a case does not break."""
+    folder = root / "good"
+    folder.mkdir()
+    return {"ct": good_ct(folder), "labels": good_labels(folder)}
+
+
 # ---- broken volumes -----------------------------------------------------------------------------------------------
 def _truncated(folder: Path) -> Path:
     whole = write_image(folder / "whole.nii", ct_array().repeat(4, axis=0))  # large enough to cut in the data

@@ -34,9 +34,7 @@ def tiny(fixtures_dir):
 
 @pytest.fixture
 def good(tmp_path):
-    folder = tmp_path / "good"
-    folder.mkdir()
-    return {"ct": corpus.good_ct(folder), "labels": corpus.good_labels(folder)}
+    return corpus.good_inputs(tmp_path)
 
 
 def run_cli(capfd, argv):

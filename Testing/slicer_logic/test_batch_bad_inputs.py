@@ -23,9 +23,7 @@ PREFIX = "medsegx_batch: "
 
 @pytest.fixture
 def good(tmp_path):
-    folder = tmp_path / "good"
-    folder.mkdir()
-    return {"ct": corpus.good_ct(folder), "labels": corpus.good_labels(folder)}
+    return corpus.good_inputs(tmp_path)
 
 
 def run_batch(capfd, *argv):
@@ -124,16 +122,14 @@ def test_several_structures_one_encoding_each_its_own_segment(slicer_app, capfd,
     assert labelmap.GetImageData().GetDimensions() == volume.shape_ijk
 
 
-def test_dicom_folder_input_with_an_expert_pack(slicer_app, capfd, tmp_path, data_dir, imported_weights):
+def test_dicom_folder_input_with_an_expert_pack(slicer_app, capfd, tmp_path, good, data_dir, imported_weights):
     """A DICOM folder (read by the engine, as 'medsegx segment' reads it) and an expert pack made by 'medsegx
     finetune' on the same base: the segment is written on the series' grid."""
     from medsegx_core.cli import main as medsegx
 
-    folder = tmp_path / "train"
-    folder.mkdir()
     pack = tmp_path / "pack.safetensors"
-    assert medsegx(["finetune", "--base", str(imported_weights), "--image", str(corpus.good_ct(folder)),
-                    "--label", str(corpus.good_labels(folder)), "--names", "1=liver", "-o", str(pack),
+    assert medsegx(["finetune", "--base", str(imported_weights), "--image", str(good["ct"]),
+                    "--label", str(good["labels"]), "--names", "1=liver", "-o", str(pack),
                     "--steps", "1", "--val-every", "1", "--quiet", "--device", "cpu"]) == 0
     output = tmp_path / "out.seg.nrrd"
     series = data_dir / "dicom" / "ct_3slice"
