@@ -1,70 +1,16 @@
 """``medsegx weights download segvol`` against a local Hugging-Face-like HTTP server (never the internet)."""
 from __future__ import annotations
 
-import hashlib
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 
+from local_hub import LocalHub  # Testing/local_hub.py (Testing/ is on sys.path: conftest)
 from medsegx_core.cli import main
 from medsegx_core.errors import WeightsError
 from medsegx_core.weights.hub import download
 from medsegx_core.weights.store import load_model
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-class LocalHub:
-    """Serves ``/<repo>/resolve/<revision>/<file>`` (HEAD and GET) with the headers huggingface_hub reads."""
-
-    def __init__(self, files: dict):
-        self.files = files
-        self.requests: list = []
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def _answer(self, with_body: bool):
-                hub.requests.append((self.command, self.path))
-                parts = self.path.split("?")[0].strip("/").split("/")
-                name = "/".join(parts[4:]) if len(parts) > 4 and parts[2] == "resolve" else None
-                if name not in hub.files:
-                    self.send_response(404)
-                    self.send_header("X-Error-Code", "EntryNotFound")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                data = Path(hub.files[name]).read_bytes()
-                self.send_response(200)
-                self.send_header("X-Repo-Commit", COMMIT)
-                self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if with_body:
-                    self.wfile.write(data)
-
-            def do_HEAD(self):
-                self._answer(False)
-
-            def do_GET(self):
-                self._answer(True)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture()
