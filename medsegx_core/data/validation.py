@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import InputError, OutputError
 from .atomic import check_writable
+from .output_names import FORMATS, output_format, sidecar_path
 
 PathLike = Union[str, os.PathLike]
 
@@ -108,12 +109,10 @@ def check_outputs(paths: Iterable[Union[None, PathLike, Tuple[PathLike, Optional
     ``paths``: the segmentation files the run writes, each a path (its type from its name) or ``(path, type)``
     (a type chosen with ``--format``); ``None`` entries are skipped; a NIfTI output's sidecar is added.
     ``others``: further files it writes (a figure, a history), checked for collisions and writability only.
-    ``formats``: the output types this entry point writes (default: all of ``writers.FORMATS``).
+    ``formats``: the output types this entry point writes (default: all of ``output_names.FORMATS``).
     ``new_folders``: a missing parent folder is accepted when it can be created; ``make_output_folders``
     creates it just before writing, so a run refused later leaves no empty folder behind.
     """
-    from .writers import FORMATS, output_format, sidecar_path
-
     entries = [p if isinstance(p, tuple) else (p, None) for p in paths if p is not None]
     outputs = [Path(p).expanduser() for p, _ in entries]
     allowed = tuple(formats or FORMATS)

@@ -24,6 +24,7 @@ import numpy as np
 from .. import __version__
 from ..errors import GeometryError, InputError, OutputError
 from .atomic import atomic_output, atomic_outputs, check_writable
+from .output_names import FORMATS, output_format, sidecar_path
 from .segments import Segment, complete
 from .terminology import GENERIC_TERMINOLOGY
 from .volume import Volume
@@ -130,17 +131,6 @@ def reference_image_geometry(reference: Volume) -> str:
 
 
 # ---- NIfTI labelmap + sidecar ------------------------------------------------------------------------------------
-def sidecar_path(labelmap_path: PathLike) -> Path:
-    """``labels.nii.gz`` -> ``labels.json`` (the convention of the shared data and of TotalSegmentator)."""
-    path = Path(labelmap_path)
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return path.with_name(name + ".json")
-
-
 def write_nifti_labelmap(path: PathLike, reference: Volume, segments: Sequence[Segment], overwrite: bool = False,
                          sidecar: bool = True) -> Path:
     """One labelmap with the reference's geometry and a JSON sidecar (value -> name, colour, terminology)."""
@@ -261,22 +251,6 @@ def _fill_uids_from_file_meta(dataset, name) -> None:
 
 
 # ---- by file name ------------------------------------------------------------------------------------------------
-FORMATS = ("seg.nrrd", "nifti", "dicom-seg")
-
-
-def output_format(path: PathLike) -> str:
-    """The output type a file name asks for: ``seg.nrrd``, ``nifti`` or ``dicom-seg``."""
-    name = Path(path).name.lower()
-    if name.endswith(".nrrd"):
-        return "seg.nrrd"
-    if name.endswith((".nii", ".nii.gz")):
-        return "nifti"
-    if name.endswith(".dcm"):
-        return "dicom-seg"
-    raise OutputError(f"{path}: unknown output type; end the name with .seg.nrrd (Slicer segmentation), "
-                      f".nii.gz (labelmap + .json names) or .dcm (DICOM SEG)")
-
-
 def write_segmentation(path: PathLike, reference: Volume, segments: Sequence[Segment], overwrite: bool = False,
                        source_dicom: Optional[PathLike] = None, format: Optional[str] = None) -> Path:
     """Write with the writer ``format`` names, or the one the file name asks for."""
