@@ -85,8 +85,9 @@ def save_overlay_figure(path: Union[str, Path], volume: Volume, segments: Sequen
                 colour = ListedColormap([segment.color])
                 axis.imshow(np.ma.masked_where(~inside, inside), cmap=colour, alpha=FILL_ALPHA, origin="lower",
                             extent=extent, interpolation="nearest", vmin=0, vmax=1)
-                axis.contour(inside.astype(float), levels=[0.5], colors=[segment.color], linewidths=1.0,
-                             origin="lower", extent=extent)
+                if min(inside.shape) >= 2:   # a one-slice image (a 2D picture) has no outline across it
+                    axis.contour(inside.astype(float), levels=[0.5], colors=[segment.color], linewidths=1.0,
+                                 origin="lower", extent=extent)
         if name in ("axial", "coronal"):
             axis.invert_xaxis()   # radiological convention: the patient's right on the viewer's left
             left, right = right, left

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import GeometryError, InputError
 from ..progress import CancelToken, ProgressCallback, check, report
-from .validation import check_finite, check_layout, check_volume
+from .validation import blank_value, check_finite, check_layout, check_volume, count_nonfinite
 from .volume import Volume
 
 PathLike = Union[str, os.PathLike]
@@ -278,6 +278,92 @@ def _scan_nifti(path: Path) -> None:
     check_finite(path, nonfinite)
 
 
+# ---- 2D images (MedSegX slice mode) ----------------------------------------------------------------------------------
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SUPPORTED_2D = "PNG, JPEG, TIFF, BMP, a single-image DICOM file (X-ray) or a one-slice NIfTI/NRRD/MHA"
+
+
+def is_2d_image(path: PathLike) -> bool:
+    """Whether ``path`` is a 2D image (a picture, or a file whose image is one slice, such as a DICOM X-ray),
+    decided from its name and header without reading the pixels; folders and volumes are not."""
+    path = Path(path)
+    if path.is_dir() or not path.is_file() or _lower_name(path).endswith(FREESURFER_SUFFIXES):
+        return False
+    if _lower_name(path).endswith(PICTURE_SUFFIXES):
+        return True
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with _quiet_native_output():
+            reader.ReadImageInformation()
+    except RuntimeError:
+        return False        # read_volume says why
+    size = list(reader.GetSize())
+    if not (len(size) == 2 or (len(size) == 3 and size[2] == 1)):
+        return False
+    return not is_dicom_file(path) or len(dicom_series_files(path.parent, path)) == 1
+
+
+def read_image_2d(path: PathLike) -> tuple:
+    """A 2D image (``SUPPORTED_2D``) as ``(volume, rgb)``: a one-slice ``Volume`` (k = 1) of grey values (the
+    luma of a colour image, for outputs and figures) and, for colour images, the ``(1, rows, cols, 3)`` uint8
+    colours (else ``None``). Pictures have no patient geometry: pixel spacing from the file (1 mm when it has
+    none), origin 0, slice thickness 1 mm. The modality comes from a DICOM header, else it is ``None``."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; give a 2D image ({SUPPORTED_2D})")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with _quiet_native_output():
+            reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"{path}: cannot read this image ({_itk_reason(exc)}); give a 2D image "
+                         f"({SUPPORTED_2D})") from None
+    size = list(reader.GetSize())
+    if not (len(size) == 2 or (len(size) == 3 and size[2] == 1)) or min(size[:2]) < 2:
+        raise InputError(f"{path}: not a 2D image (size {' x '.join(map(str, size))}); give one picture or one "
+                         f"slice ({SUPPORTED_2D})")
+    image = _execute_with_progress(reader, path, None, None)
+    if image.GetDimension() == 2:
+        image = sitk.JoinSeries([image])           # one slice, 1 mm thick, at k = 0
+    components = image.GetNumberOfComponentsPerPixel()
+    pixels = sitk.GetArrayFromImage(image)         # (1, rows, cols) or (1, rows, cols, components)
+    rgb = None
+    if components > 1:
+        if components not in (3, 4) or pixels.dtype != np.uint8:
+            raise InputError(f"{path}: {components} channels of {pixels.dtype}; MedSegX reads grey images and "
+                             f"8-bit RGB(A) colour images: save it as one of those")
+        rgb = np.ascontiguousarray(pixels[..., :3])
+        grey = np.round(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
+        image = _with_pixels(image, grey)
+    elif "complex" in image.GetPixelIDTypeAsString():
+        raise InputError(f"{path}: complex-valued pixels; a real grey or colour image is needed")
+    modality = None
+    if is_dicom_file(path):
+        import pydicom
+
+        modality = str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality", "")).upper() or None
+    volume = Volume.from_sitk(image, modality=modality, source=str(path))
+    check_finite(path, count_nonfinite(volume.array))
+    if blank_value(volume.array) is not None:
+        raise InputError(f"{path}: every pixel is {blank_value(volume.array):g} (a blank image); there is nothing "
+                         f"to segment, check that this is the image you meant")
+    return volume, rgb
+
+
+def _with_pixels(image, array: np.ndarray):
+    import SimpleITK as sitk
+
+    replaced = sitk.GetImageFromArray(array)
+    replaced.CopyInformation(image)
+    return replaced
+
+
 # ---- helpers -------------------------------------------------------------------------------------------------------
 def _execute_with_progress(reader, path: Path, progress, cancel):
     import SimpleITK as sitk
@@ -376,4 +462,5 @@ def _itk_reason(exc: BaseException) -> str:
     return reason[:200]
 
 
-__all__ = ["read_volume", "read_labelmap", "dicom_series_files", "SUPPORTED"]
+__all__ = ["read_volume", "read_labelmap", "dicom_series_files", "SUPPORTED", "read_image_2d", "is_2d_image",
+           "SUPPORTED_2D"]

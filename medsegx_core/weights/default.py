@@ -20,7 +20,7 @@ from typing import Optional
 
 from ..errors import WeightsError
 from .hub import weights_dir
-from .store import is_medsegx_folder, read_config_record
+from .store import SEGVOL_KIND, is_medsegx_folder, read_config_record, weights_kind
 
 WEIGHTS_ENV = "MEDSEGX_WEIGHTS"
 OFFICIAL_NAME = "segvol"
@@ -57,7 +57,7 @@ def _installed(home_weights: Path) -> Optional[DefaultWeights]:
         return DefaultWeights(official, "official", f"using the official weights installed in {official}")
     if home_weights.is_dir():
         for folder in sorted(p for p in home_weights.iterdir() if p.is_dir()):
-            if is_medsegx_folder(folder) and not _is_starter(folder):
+            if is_medsegx_folder(folder) and not _is_starter(folder) and weights_kind(folder) == SEGVOL_KIND:
                 return DefaultWeights(folder, "installed", f"using the weights installed in {folder} (no "
                                                            f"official weights in {official})")
     return None

@@ -7,6 +7,9 @@ Layouts:
   bilinearly resized (``align_corners=False``) to the 256 input; SAM's mask decoder ignored; everything in the
   trained file on top.
 * ``merged``: one file (``.pth`` flat dict or ``.safetensors``) with the loaded model's keys.
+* ``folder``: our folder format (``store.write_folder``: model.safetensors with our key names, config.json with
+  ``"kind": "medsegx2d"`` and the architecture, SHA256SUMS), written by ``import_medsegx`` and read by
+  ``load_medsegx_weights``, which also takes the two layouts above.
 MedSegX wraps each block's MLP, so its merged names are ``blocks.{i}.mlp.mlp.lin*`` where SAM (and our model)
 have ``blocks.{i}.mlp.lin*``, and its adapters are ``blocks.{i}.mlp.adapter_*`` with the context tables
 ``modal_embed`` / ``organ_embed.{0..4}``; those go to our ConMoAE (``image_encoder.conmoae.*``) through
@@ -21,11 +24,14 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch.nn import functional as F
 
-from ..errors import WeightsError
+from ..errors import OutputError, WeightsError
 from ..modeling.conmoae import CONTEXT_TABLES, ConMoAE, ConMoAEConfig
 from ..modeling.medsegx2d.config import MedSegX2DConfig
 from ..modeling.medsegx2d.model import MedSegX2D
+from ..progress import CancelToken, ProgressCallback, report
 from .checkpoints import load_state, mask_decoder_config, read_tensors
+from .store import (KIND_KEY, MEDSEGX2D_KIND, WEIGHTS_FILE, is_medsegx_folder, read_config_record,
+                    sha256_of, verify_folder, write_folder)
 
 StateDict = Dict[str, torch.Tensor]
 PathLike = Union[str, Path]
@@ -191,3 +197,76 @@ def load_medsegx(path: PathLike, trained: Optional[PathLike] = None, config: Opt
     load_state(model, to_model_state(fit_to_config(state, config), model), source)
     model.checkpoint_layout = layout
     return model.eval()
+
+
+# ---- our folder format -------------------------------------------------------------------------------------------
+def is_medsegx_checkpoint(path: PathLike, trained: Optional[PathLike] = None) -> bool:
+    """Whether ``path`` (with ``trained``) is MedSegX 2D weights in any layout: our folder of that kind, a merged
+    file with MedSegX's adapters, MedSegX's trained-only file, or a SAM checkpoint given with a trained file."""
+    path = Path(path).expanduser()
+    if trained is not None:
+        return True
+    if path.is_dir():
+        return is_medsegx_folder(path) and read_config_record(path).get(KIND_KEY) == MEDSEGX2D_KIND
+    if path.name == WEIGHTS_FILE and is_medsegx_folder(path.parent):
+        return is_medsegx_checkpoint(path.parent)
+    raw = read_tensors(path)
+    tensors = raw.get("model") if isinstance(raw, Mapping) and isinstance(raw.get("model"), Mapping) else raw
+    return isinstance(tensors, Mapping) and any(isinstance(k, str) and MEDSEGX_EXPERT_KEY.match(k) for k in tensors)
+
+
+def load_medsegx_weights(path: PathLike, trained: Optional[PathLike] = None, decoder_heads: int = 8,
+                         verify: bool = False) -> MedSegX2D:
+    """MedSegX's 2D model from our folder (or its model.safetensors), a merged file, or the split pair
+    (``path`` = SAM checkpoint, ``trained`` = MedSegX's trained file). ``model.weights_record`` says what was
+    read (layout, file, sha256) for the folder's config.json."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise WeightsError(f"weights {path}: no such file or folder; give a MedSegX checkpoint or a folder made by "
+                           f"'medsegx weights import'")
+    folder = path.parent if path.name == WEIGHTS_FILE and is_medsegx_folder(path.parent) else path
+    if folder.is_dir():
+        if not is_medsegx_folder(folder):
+            raise WeightsError(f"weights {folder}: not a folder made by 'medsegx weights import' (no config.json + "
+                               f"{WEIGHTS_FILE}); give the MedSegX checkpoint files themselves")
+        record = read_config_record(folder)
+        if record.get(KIND_KEY) != MEDSEGX2D_KIND:
+            raise WeightsError(f"weights {folder}: a volumetric SegVol model, not MedSegX's 2D slice model; slice "
+                               f"mode needs MedSegX weights ('medsegx weights import SAM_CHECKPOINT --trained "
+                               f"medsegx_vit_b.pth')")
+        if verify:
+            verify_folder(folder)
+        model = MedSegX2D(MedSegX2DConfig.from_dict(record["model"]))
+        load_state(model, read_tensors(folder / WEIGHTS_FILE), str(folder / WEIGHTS_FILE))
+        model.checkpoint_layout = "folder"
+        model.weights_record = dict(record.get("source") or {})
+        model.weights_folder = folder
+        return model.eval()
+    model = load_medsegx(path, trained, decoder_heads=decoder_heads)
+    files = [path] + ([Path(trained)] if trained is not None else [])
+    model.weights_record = {"layout": model.checkpoint_layout, "decoder_heads": decoder_heads,
+                            "files": [{"path": str(f.resolve()), "sha256": sha256_of(f),
+                                       "size_bytes": f.stat().st_size} for f in files]}
+    return model
+
+
+def import_medsegx(path: PathLike, output: PathLike, trained: Optional[PathLike] = None, decoder_heads: int = 8,
+                   overwrite: bool = False, progress: Optional[ProgressCallback] = None,
+                   cancel: Optional[CancelToken] = None) -> Path:
+    """Convert MedSegX 2D weights (any layout ``load_medsegx_weights`` reads) into our folder format at
+    ``output``: our key names in safetensors, the architecture and the source files' sha256 in config.json."""
+    output = Path(output).expanduser()
+    if output.exists() and not overwrite:
+        raise OutputError(f"output folder {output} already exists; choose another -o or pass --overwrite")
+    report(progress, 0.0, "reading the MedSegX weights")
+    model = load_medsegx_weights(path, trained, decoder_heads)
+    record = {KIND_KEY: MEDSEGX2D_KIND, "model": model.config.to_dict(), "source": model.weights_record}
+    return write_folder(output, model.state_dict(), record, overwrite, progress, cancel)
+
+
+def describe_folder(folder: PathLike) -> str:
+    """One line for listings: what the MedSegX folder holds."""
+    record = read_config_record(folder)
+    config = record.get("model", {})
+    return (f"MedSegX 2D (slice mode, box prompts), ViT width {config.get('embed_dim', '?')} x "
+            f"{config.get('depth', '?')} blocks, {config.get('image_size', '?')} px input")

@@ -38,6 +38,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CHECKSUMS_FILE = "SHA256SUMS"
 EXPERTS_FILE = "experts.safetensors"
+KIND_KEY = "kind"                 # which model the folder holds; absent: SegVol (folders written before it)
+SEGVOL_KIND, MEDSEGX2D_KIND = "segvol", "medsegx2d"
 # Published checkpoint names, most preferred first, looked for inside a published folder.
 PUBLISHED_NAMES = ("model.safetensors", "pytorch_model.bin", "SegVol_v1.pth")
 TOKENIZER_SUBFOLDERS = (".", "tokenizer", "clip", "config/clip")
@@ -88,6 +90,15 @@ def read_config_record(folder: PathLike) -> Dict:
     return json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
 
 
+def weights_kind(path: PathLike) -> str:
+    """``MEDSEGX2D_KIND`` for a folder of ours holding MedSegX's 2D slice model, else ``SEGVOL_KIND`` (any other
+    weights, published files included: their loaders say what they are not)."""
+    path = Path(path).expanduser()
+    if path.is_dir() and is_medsegx_folder(path):
+        return read_config_record(path).get(KIND_KEY, SEGVOL_KIND)
+    return SEGVOL_KIND
+
+
 # ---- loading --------------------------------------------------------------------------------------------
 def load_model(path_or_folder: PathLike, tokenizer: Optional[PathLike] = None,
                config: Optional[Union[SegVolConfig, PathLike]] = None, device: Union[str, torch.device] = "cpu",
@@ -106,6 +117,10 @@ def load_model(path_or_folder: PathLike, tokenizer: Optional[PathLike] = None,
         if verify:
             verify_folder(path)
         record = read_config_record(path)
+        if record.get(KIND_KEY, SEGVOL_KIND) != SEGVOL_KIND:
+            raise WeightsError(f"weights {path}: a {record[KIND_KEY]} model (MedSegX's 2D slice model), not a "
+                               f"volumetric SegVol model; use it for slice mode (a box on one slice, "
+                               f"'medsegx segment IMAGE --box ...'), or choose SegVol weights")
         model_config = config or SegVolConfig.from_dict(record["model"], source=str(path / CONFIG_FILE))
         checkpoint = read_checkpoint(path / WEIGHTS_FILE)
         layout = "medsegx"
@@ -141,6 +156,25 @@ def save_model(model: SegVol, folder: PathLike, source: Optional[Dict] = None, o
 
     Attached experts are not part of the base weights; ``extra_files(staging_folder)`` may write more files
     (e.g. the expert pack, ``EXPERTS_FILE``) before the checksums are recorded."""
+    def fill(staging: Path) -> None:
+        if extra_files is not None:
+            extra_files(staging)
+        tokenizer_source = getattr(model.text_encoder, "tokenizer_source", None)
+        if tokenizer_source and Path(tokenizer_source).is_dir():
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_source) / name).is_file():
+                    shutil.copyfile(Path(tokenizer_source) / name, staging / name)
+
+    return write_folder(folder, base_state(model), {"model": model.config.to_dict(), "source": source or {}},
+                        overwrite, progress, cancel, fill)
+
+
+def write_folder(folder: PathLike, state: Dict[str, torch.Tensor], record: Dict, overwrite: bool = False,
+                 progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+                 fill: Optional[Callable[[Path], None]] = None) -> Path:
+    """Our folder format for any model: ``state`` as safetensors, ``record`` (plus the format key) as
+    config.json, ``fill(staging)`` for further files, then SHA256SUMS. Assembled under a temporary name beside
+    the destination and renamed into place, so an interrupted write leaves nothing half-written."""
     from safetensors.torch import save_file
 
     folder = Path(folder).expanduser()
@@ -149,19 +183,14 @@ def save_model(model: SegVol, folder: PathLike, source: Optional[Dict] = None, o
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        state = {k: v.detach().contiguous() for k, v in base_state(model).items()}
         report(progress, 0.1, "writing weights")
-        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(staging / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
         check(cancel)
-        if extra_files is not None:
-            extra_files(staging)
-        record = {FORMAT_KEY: FORMAT_VERSION, "model": model.config.to_dict(), "source": source or {}}
-        (staging / CONFIG_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
-        tokenizer_source = getattr(model.text_encoder, "tokenizer_source", None)
-        if tokenizer_source and Path(tokenizer_source).is_dir():
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_source) / name).is_file():
-                    shutil.copyfile(Path(tokenizer_source) / name, staging / name)
+        if fill is not None:
+            fill(staging)
+        (staging / CONFIG_FILE).write_text(json.dumps({FORMAT_KEY: FORMAT_VERSION, **record}, indent=2),
+                                           encoding="utf-8")
         report(progress, 0.8, "recording checksums")
         write_checksums(staging)
         check(cancel)

@@ -1,8 +1,8 @@
 """Architecture of MedSegX's 2D model; the defaults are the released model (SAM ViT-B at 256x256)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Tuple
 
 from ..config import MaskDecoderConfig
 from ..conmoae import ConMoAEConfig
@@ -37,3 +37,17 @@ class MedSegX2DConfig:
     @property
     def token_grid(self) -> int:
         return self.image_size // self.patch_size
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "MedSegX2DConfig":
+        """The inverse of ``to_dict`` (JSON lists become the config's tuples)."""
+        values = dict(data)
+        values["mask_decoder"] = MaskDecoderConfig(**values.get("mask_decoder", {}))
+        values["conmoae"] = ConMoAEConfig.from_dict(values.get("conmoae", {}))
+        for key in ("global_attn_indexes", "pixel_mean", "pixel_std"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)

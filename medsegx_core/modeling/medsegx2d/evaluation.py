@@ -31,12 +31,18 @@ def medsegdb_slice(raw_slice: np.ndarray, label: np.ndarray, window: Tuple[float
     if raw_slice.ndim != 2 or raw_slice.shape != label.shape:
         raise InputError(f"a slice and its label must be 2-D arrays of one shape (got {raw_slice.shape} and "
                          f"{label.shape})")
-    low, high = window
-    grey = np.round((np.clip(raw_slice.astype(np.float64), low, high) - low) / (high - low) * 255).astype(np.uint8)
+    grey = window_to_uint8(raw_slice, *window)
     side = max(grey.shape)
     pad = ((0, side - grey.shape[0]), (0, side - grey.shape[1]))
     image = np.repeat(np.pad(grey, pad)[..., None], 3, axis=-1)
     return image, np.pad((label > 0).astype(np.uint8), pad)
+
+
+def window_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Intensities clipped to [low, high] and mapped linearly onto 0..255, rounded half to even (the fixture's
+    slice convention for CT; slice mode uses it for every non-uint8 grey image)."""
+    scaled = (np.clip(np.asarray(values, dtype=np.float64), low, high) - low) / (high - low) * 255
+    return np.round(scaled).astype(np.uint8)
 
 
 def box_from_label(label: np.ndarray) -> np.ndarray:

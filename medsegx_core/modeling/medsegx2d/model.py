@@ -48,11 +48,20 @@ class MedSegX2D(nn.Module):
         one ContextIndices per sample (None: the unknown rows). ``trace`` receives every intermediate."""
         normalised = self.preprocess(image)
         embedding = self.image_encoder(normalised, context, trace=trace)
-        sparse, dense = self.prompt_encoder(boxes.to(normalised.device))
-        image_pe = self.prompt_encoder.get_dense_pe()
-        out = self.mask_decoder(embedding, image_pe, sparse, dense, multimask_output)
+        out, sparse, dense, image_pe = self.decode(embedding, boxes, multimask_output)
         if trace is not None:
             trace.update(img_normalized=normalised, image_embedding=embedding, sparse_embeddings=sparse,
                          dense_embeddings=dense, image_pe=image_pe, decoder_tokens_out=out.tokens,
                          decoder_image_out=out.image_tokens, iou_all4=out.iou_all)
         return out
+
+    def encode(self, image: torch.Tensor, context: Context = None) -> torch.Tensor:
+        """image (B, 3, S, S) 0..255 -> image embedding (B, D, g, g), routed by ``context``."""
+        return self.image_encoder(self.preprocess(image), context)
+
+    def decode(self, embedding: torch.Tensor, boxes: torch.Tensor, multimask_output: bool = True):
+        """(decoder output, sparse and dense prompt embeddings, image PE) for boxes (B, 4) in input pixels on an
+        embedding from ``encode``: a new box on the same image re-runs only this."""
+        sparse, dense = self.prompt_encoder(boxes.to(embedding.device))
+        image_pe = self.prompt_encoder.get_dense_pe()
+        return self.mask_decoder(embedding, image_pe, sparse, dense, multimask_output), sparse, dense, image_pe
