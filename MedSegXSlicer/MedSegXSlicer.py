@@ -418,13 +418,16 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateModels()
 
     def _updateModels(self) -> None:
+        entries = []
         try:
+            entries = self.logic.availableModels()
             _path, explanation = self.logic.describeWeights()
-        except MedSegXError as exc:
-            self.ui.weightsStatusLabel.text = str(exc)
-        else:
             self.ui.weightsStatusLabel.text = explanation[:1].upper() + explanation[1:]
-        entries = self.logic.availableModels()
+        except ImportError:  # the engine's packages are installed on the first Segment
+            self.ui.weightsStatusLabel.text = _("MedSegX's Python packages are not installed yet: press Segment.")
+            return
+        except MedSegXError as exc:  # e.g. chosen weights that are gone: say so, still list what exists
+            self.ui.weightsStatusLabel.text = str(exc)
         self.ui.modelsListLabel.text = "\n".join(entry.describe() for entry in entries)
         packs = [entry for entry in entries if entry.kind == "expert pack" and entry.path.parent.name != "starter"]
         combo = self.ui.expertPackComboBox

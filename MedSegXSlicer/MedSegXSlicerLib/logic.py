@@ -102,7 +102,7 @@ def _load_model(spec):
         bundled.detach()
         del model.conmoae
     if pack != models.NO_EXPERTS:
-        models.expert_pack_module().load_expert_pack(model, pack)   # WeightsError: another base or hierarchy
+        models.load_expert_pack(model, pack)   # WeightsError: another base or another hierarchy
     return model
 
 

@@ -132,19 +132,13 @@ def pack_source(path: Path) -> str:
 
 
 def read_pack_metadata(path):
-    try:
-        from medsegx_core.weights.expert_pack import read_pack_metadata as read
-    except ImportError:  # the engine before expert packs moved to weights/
-        from medsegx_core.training.expert_pack import read_pack_metadata as read
+    from medsegx_core.weights.expert_pack import read_pack_metadata as read
     return read(path)
 
 
-def expert_pack_module():
-    try:
-        from medsegx_core.weights import expert_pack
-    except ImportError:
-        from medsegx_core.training import expert_pack
-    return expert_pack
+def load_expert_pack(model, path):
+    from medsegx_core.weights.expert_pack import load_expert_pack as load
+    return load(model, path)
 
 
 def download_offer(name: str = "segvol") -> str:
