@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fixture_paths import DATA, FIXTURES, MEDSEGX_FIXTURE, REFERENCE_CT, SEGVOL_FIXTURE
+from fixture_paths import DATA, FIXTURES, MEDSEGX_FIXTURE, REFERENCE_CT, SEGVOL_FIXTURE, fixture_record
 
 
 def _require(path: Path) -> Path:
@@ -42,6 +42,17 @@ def segvol_fixture() -> Path:
 def medsegx_fixture() -> Path:
     """The MedSegX parity fixture folder (``$MEDSEGX_MEDSEGX_FIXTURE`` swaps in another made the same way)."""
     return _require(MEDSEGX_FIXTURE)
+
+
+@pytest.fixture(scope="session")
+def medsegx_public(medsegx_fixture) -> Path:
+    return medsegx_fixture / "public"
+
+
+@pytest.fixture(scope="session")
+def medsegx_record(medsegx_fixture) -> dict:
+    """Its ``public/fixtures.json``."""
+    return fixture_record(medsegx_fixture)
 
 
 @pytest.fixture(autouse=True, scope="session")

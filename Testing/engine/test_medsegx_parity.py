@@ -62,40 +62,31 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope="module")
-def public(medsegx_fixture):
-    return medsegx_fixture / "public"
-
-
-@pytest.fixture(scope="module")
-def record(medsegx_fixture):
-    return fixture_record(medsegx_fixture)
-
-
-@pytest.fixture(scope="module")
-def window(record):
+def window(medsegx_record):
     """The HU window of the fixture's slice convention (README 5 step 1, fixtures.json)."""
-    convention = next(v for k, v in record.items() if k.startswith("slice_preprocessing"))
+    convention = next(v for k, v in medsegx_record.items() if k.startswith("slice_preprocessing"))
     low, high = re.search(r"clip HU to \[(-?[\d.]+), (-?[\d.]+)\]", convention).groups()
     return float(low), float(high)
 
 
 @pytest.fixture(scope="module")
-def architecture(public):
-    return json.loads((public / "config.json").read_text())["architecture"]
+def architecture(medsegx_public):
+    return json.loads((medsegx_public / "config.json").read_text())["architecture"]
 
 
 @pytest.fixture(scope="module")
-def models(public, architecture):
+def models(medsegx_public, architecture):
     """Each checkpoint layout loaded once (architecture inferred from the shapes; the decoder head count is the
     one thing no shape records)."""
     heads = architecture["mask_decoder"]["num_heads"]
-    return {name: load_medsegx(public / weights, public / trained if trained else None, decoder_heads=heads)
+    return {name: load_medsegx(medsegx_public / weights, medsegx_public / trained if trained else None,
+                               decoder_heads=heads)
             for name, (weights, trained) in LAYOUTS.items()}
 
 
 @pytest.fixture(scope="module")
-def references(public, record):
-    return {case: dict(np.load(public / f"case_{case}.npz")) for case in evaluation_cases(record)}
+def references(medsegx_public, medsegx_record):
+    return {case: dict(np.load(medsegx_public / f"case_{case}.npz")) for case in evaluation_cases(medsegx_record)}
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +123,14 @@ def outputs_of(evaluation) -> dict:
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
-def test_split_pair_loads_like_the_official_code(public):
+def test_split_pair_loads_like_the_official_code(medsegx_public):
     """The official two-step load, rebuilt: copied tensors bit-exact, resized ones within the README bounds."""
-    layout, state = read_medsegx_state(public / "sam_base.pth", public / "medsegx_trained.pth")
+    layout, state = read_medsegx_state(medsegx_public / "sam_base.pth", medsegx_public / "medsegx_trained.pth")
     assert layout == "split"
     config = infer_config(state, image_size=256)
     assert config.token_grid == 16 and state["image_encoder.pos_embed"].shape[1] == 64     # SAM's 1024 input
     fitted = fit_to_config(state, config)
-    merged = torch.load(public / "full_model.pth", map_location="cpu", weights_only=True)
+    merged = torch.load(medsegx_public / "full_model.pth", map_location="cpu", weights_only=True)
     assert set(fitted) == set(merged)
     resized = {"image_encoder.pos_embed": 1e-6}
     resized.update({f"image_encoder.blocks.{b}.attn.rel_pos_{a}": 2e-6 for b in config.global_attn_indexes
@@ -178,10 +169,10 @@ def test_inferred_architecture_is_the_fixture_one(models, architecture):
     assert config.conmoae.scale == experts["scale"]
 
 
-def test_medsegx_context_tables_land_in_our_first_rows(models, public):
+def test_medsegx_context_tables_land_in_our_first_rows(models, medsegx_public):
     """MedSegDB keeps its indices in our hierarchy: MedSegX's tables fill our tables row for row; our extra rows
     (other structures, the "unknown" rows) stay untrained (zero)."""
-    merged = torch.load(public / "full_model.pth", map_location="cpu", weights_only=True)
+    merged = torch.load(medsegx_public / "full_model.pth", map_location="cpu", weights_only=True)
     tables = models["safetensors"].conmoae.context_tables.tables
     official = {"root": "organ_embed.0", "level1": "organ_embed.1", "level2": "organ_embed.2",
                 "level3": "organ_embed.3", "task": "organ_embed.4", "modality": "modal_embed"}
@@ -193,13 +184,13 @@ def test_medsegx_context_tables_land_in_our_first_rows(models, public):
         assert not table[rows.shape[0]:].any(), ours
 
 
-def test_incomplete_or_swapped_weights_are_refused(public):
+def test_incomplete_or_swapped_weights_are_refused(medsegx_public):
     with pytest.raises(WeightsError, match="trained-only"):
-        load_medsegx(public / "medsegx_trained.pth")
+        load_medsegx(medsegx_public / "medsegx_trained.pth")
     with pytest.raises(WeightsError, match="no MedSegX experts"):
-        load_medsegx(public / "sam_base.pth")
+        load_medsegx(medsegx_public / "sam_base.pth")
     with pytest.raises(WeightsError, match="not that pair"):
-        load_medsegx(public / "medsegx_trained.pth", public / "sam_base.pth")
+        load_medsegx(medsegx_public / "medsegx_trained.pth", medsegx_public / "sam_base.pth")
 
 
 # ---- data steps ------------------------------------------------------------------------------------------------
@@ -240,10 +231,10 @@ def test_case_reproduces_the_official_numbers(layout, case, evaluate):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_spare_task_row(layout, spare_case, models, references, public):
+def test_spare_task_row(layout, spare_case, models, references, medsegx_public):
     """A case's sample routed through the task table's spare row (README 6.3): the context the npz records
     (its case's ancestors, the spare task row), on the inputs of the case it is named after."""
-    spare = dict(np.load(public / f"case_{spare_case}.npz"))
+    spare = dict(np.load(medsegx_public / f"case_{spare_case}.npz"))
     base = references[spare_case[: -len(SPARE_SUFFIX)]]
     level1, level2, level3, task = (int(v) for v in spare["organ_indices"][0])
     context = ContextIndices(level1, level2, level3, task, modality=int(spare["modal_index"][0]))

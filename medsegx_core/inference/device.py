@@ -200,6 +200,6 @@ def warn(message: str, progress=None, fraction: float = 0.0) -> None:
         progress(fraction, f"warning: {message}")
 
 
-__all__ = ["DEVICES", "PRECISIONS", "Runtime", "resolve_device", "resolve_precision", "cpu_has_native_bf16", "is_out_of_memory",
-           "release_cuda_memory", "release_freed_memory", "use_fused_attention", "use_matmul_transposed_convolutions",
-           "cast_matmul_weights", "warn"]
+__all__ = ["DEVICES", "PRECISIONS", "Runtime", "resolve_device", "resolve_precision", "cpu_has_native_bf16",
+           "is_out_of_memory", "release_cuda_memory", "release_freed_memory", "use_fused_attention",
+           "use_matmul_transposed_convolutions", "cast_matmul_weights", "warn"]
