@@ -87,7 +87,7 @@ def available_models() -> List[ModelEntry]:
     expert packs (the starter's bundled pack and those in ``experts/``)."""
     from medsegx_core.weights.default import OFFICIAL_NAME, starter_weights_dir
     from medsegx_core.weights.hub import weights_dir
-    from medsegx_core.weights.store import is_medsegx_folder
+    from medsegx_core.weights.store import SEGVOL_KIND, is_medsegx_folder, weights_kind
 
     devices = available_devices()
     entries = []
@@ -104,7 +104,8 @@ def available_models() -> List[ModelEntry]:
                               size_of(official) if installed else 0, published.licence, devices))
     if weights_dir().is_dir():
         for folder in sorted(p for p in weights_dir().iterdir() if p.is_dir() and p.name != OFFICIAL_NAME
-                             and not p.name.startswith(".") and is_medsegx_folder(p)):
+                             and not p.name.startswith(".") and is_medsegx_folder(p)
+                             and weights_kind(p) == SEGVOL_KIND):   # MedSegX 2D folders serve the slice mode
             entries.append(ModelEntry("imported", folder.name, folder, True, _record_source(folder),
                                       size_of(folder), "as its source's", devices))
     packs = [starter / EXPERTS_FILE] if (starter / EXPERTS_FILE).is_file() else []
