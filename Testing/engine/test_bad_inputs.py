@@ -67,7 +67,7 @@ def test_bad_volume(capfd, tmp_path, good, tiny, case, entry):
     if entry == "info" and case in corpus.INFO_ACCEPTS:
         assert code == 0 and corpus.INFO_ACCEPTS[case] in stdout and err == "", (stdout, err)
     else:
-        corpus.check_refusal(code, err, PREFIX, bad, corpus.VOLUMES[case].problem)
+        corpus.check_refusal(code, err, PREFIX, bad, corpus.VOLUMES[case].problems(entry))
     assert corpus.folder_state(out) == before
 
 

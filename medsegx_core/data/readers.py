@@ -301,8 +301,8 @@ def is_2d_image(path: PathLike) -> bool:
     except RuntimeError:
         return False        # read_volume says why
     size = list(reader.GetSize())
-    if not (len(size) == 2 or (len(size) == 3 and size[2] == 1)):
-        return False
+    if not (len(size) == 2 or (len(size) == 3 and size[2] == 1)) or min(size[:2]) < 2:
+        return False        # a volume, or a single voxel or line of voxels: read_volume says which
     return not is_dicom_file(path) or len(dicom_series_files(path.parent, path)) == 1
 
 
