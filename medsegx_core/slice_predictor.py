@@ -94,6 +94,43 @@ def box_of_mask(mask: np.ndarray, margin: float = 0.0) -> Optional[np.ndarray]:
     return np.clip(box, 0, high).astype(np.float32)
 
 
+def box_on_slice(volume: Volume, prompts: Prompts, slice_index: Optional[int] = None) -> Tuple[int, np.ndarray]:
+    """(slice k, box [i_min, j_min, i_max, j_max]) of a prompt set on ``volume``: a box on one slice of the k axis
+    (a flat box, or one slice thick), or any box reaching ``slice_index``; PromptError for anything else."""
+    if prompts.points:
+        raise PromptError("MedSegX's slice model takes a box only (its published model has no point prompts): "
+                          "drop the points, or use SegVol weights for clicks")
+    if prompts.box is None:
+        raise PromptError("MedSegX's slice mode needs a box: give two opposite corners of a box drawn on one "
+                          "slice (--box), with --text naming the structure")
+    name = volume.source or "the volume"
+    slices = volume.array.shape[0]
+    if slice_index is not None and not 0 <= int(slice_index) < slices:
+        raise PromptError(f"slice {slice_index} is not in {name} (slices 0..{slices - 1})")
+    lo, hi = prompts.to_voxel(volume).box_ijk
+    extent = hi - lo
+    if min(extent[0], extent[1]) < 0.5:
+        raise PromptError(f"{prompts.box.describe()} has no width or height on the volume's slices (drawn on "
+                          f"another view?); MedSegX segments slices of the k axis: draw the box on one of them")
+    covered = list(range(math.ceil(lo[2] - EPS), math.floor(hi[2] + EPS) + 1))
+    if slice_index is not None:
+        slice_index = int(slice_index)
+        if not lo[2] - 0.5 - EPS <= slice_index <= hi[2] + 0.5 + EPS:
+            raise PromptError(f"{prompts.box.describe()} lies on slices {lo[2]:.1f}..{hi[2]:.1f} of {name} and "
+                              f"does not reach slice {slice_index}; draw it on that slice or drop --slice")
+        k = slice_index
+    elif not covered:
+        raise PromptError(f"{prompts.box.describe()} lies between slices {math.floor(lo[2])} and "
+                          f"{math.ceil(hi[2])} of {name}, on no slice; draw it on a slice or pass --slice K")
+    elif len(covered) > 1:
+        raise PromptError(f"{prompts.box.describe()} spans slices {covered[0]}..{covered[-1]} of {name}: a 3D box, "
+                          f"but MedSegX's model is 2D; draw the box on one slice (one slice thick), or pass "
+                          f"--slice K to use its outline on slice K")
+    else:
+        k = covered[0]
+    return k, np.array([lo[0], lo[1], hi[0], hi[1]], dtype=np.float32)
+
+
 class SlicePredictor:
     def __init__(self, model: MedSegX2D, device: Union[str, torch.device] = "auto", choice: Union[str, int] = "iou",
                  propagation_margin: float = 2.0, cached_slices: int = 16):
@@ -166,41 +203,8 @@ class SlicePredictor:
         return context_indices(term, self.modality), term.name
 
     def locate(self, prompts: Prompts, slice_index: Optional[int] = None) -> Tuple[int, np.ndarray]:
-        """(slice k, box [i_min, j_min, i_max, j_max]) of a prompt set: a box on one slice of the volume's k axis
-        (a flat box, or one slice thick), or any box reaching ``slice_index``."""
-        volume = self._require_volume()
-        if prompts.points:
-            raise PromptError("MedSegX's slice model takes a box only (its published model has no point prompts): "
-                              "drop the points, or use SegVol weights for clicks")
-        if prompts.box is None:
-            raise PromptError("MedSegX's slice mode needs a box: give two opposite corners of a box drawn on one "
-                              "slice (--box), with --text naming the structure")
-        name = volume.source or "the volume"
-        slices = volume.array.shape[0]
-        if slice_index is not None and not 0 <= int(slice_index) < slices:
-            raise PromptError(f"slice {slice_index} is not in {name} (slices 0..{slices - 1})")
-        lo, hi = prompts.to_voxel(volume).box_ijk
-        extent = hi - lo
-        if min(extent[0], extent[1]) < 0.5:
-            raise PromptError(f"{prompts.box.describe()} has no width or height on the volume's slices (drawn on "
-                              f"another view?); MedSegX segments slices of the k axis: draw the box on one of them")
-        covered = list(range(math.ceil(lo[2] - EPS), math.floor(hi[2] + EPS) + 1))
-        if slice_index is not None:
-            slice_index = int(slice_index)
-            if not lo[2] - 0.5 - EPS <= slice_index <= hi[2] + 0.5 + EPS:
-                raise PromptError(f"{prompts.box.describe()} lies on slices {lo[2]:.1f}..{hi[2]:.1f} of {name} and "
-                                  f"does not reach slice {slice_index}; draw it on that slice or drop --slice")
-            k = slice_index
-        elif not covered:
-            raise PromptError(f"{prompts.box.describe()} lies between slices {math.floor(lo[2])} and "
-                              f"{math.ceil(hi[2])} of {name}, on no slice; draw it on a slice or pass --slice K")
-        elif len(covered) > 1:
-            raise PromptError(f"{prompts.box.describe()} spans slices {covered[0]}..{covered[-1]} of {name}: a 3D box, "
-                              f"but MedSegX's model is 2D; draw the box on one slice (one slice thick), or pass "
-                              f"--slice K to use its outline on slice K")
-        else:
-            k = covered[0]
-        return k, np.array([lo[0], lo[1], hi[0], hi[1]], dtype=np.float32)
+        """``box_on_slice`` on this predictor's volume."""
+        return box_on_slice(self._require_volume(), prompts, slice_index)
 
     # ---- inference ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -253,7 +257,7 @@ class SlicePredictor:
                         break
                     mask[index] = current.mask
                     previous, index = current, index + step
-        report(progress, 1.0, f"{len([o for o in outputs if o.mask.any()])} slices")
+        report(progress, 1.0, "done")
         runtime = f"{self.device.type} fp32, {time.perf_counter() - started:.1f} s"
         return SliceResult(mask, name, context, outputs, runtime, notes)
 
@@ -281,4 +285,4 @@ class SlicePredictor:
         return embedding
 
 
-__all__ = ["SlicePredictor", "SliceResult", "SliceOutput", "box_of_mask", "INTENSITY_RULE"]
+__all__ = ["SlicePredictor", "SliceResult", "SliceOutput", "box_of_mask", "box_on_slice", "INTENSITY_RULE"]

@@ -18,16 +18,17 @@ from typing import List
 import numpy as np
 
 from ..data.hierarchy import resolve_term
-from ..data.readers import read_volume
 from ..data.segments import Segment
-from ..data.validation import check_image, check_outputs, make_output_folders
+from ..data.validation import check_outputs, make_output_folders
 from ..data.writers import FORMATS, dicom_seg_sources, output_format, write_nifti_labelmap, write_segmentation
 from ..errors import OutputError
 from ..inference.device import DEVICES, PRECISIONS
 from ..inference.preprocessing import PROFILES
 from ..progress import scaled
 from ..prompts import BoxPrompt, PointPrompt, Prompts, prompt_sets, text_list
+from ..slice_predictor import box_on_slice
 from ._progress import progress_bar
+from ._slice_mode import read_input, segment_slices, slice_weights
 
 
 def _prompt_sets(args) -> List[Prompts]:
@@ -64,34 +65,42 @@ def run(args: argparse.Namespace) -> int:
     for prompts in prompt_sets:
         if prompts.text:
             resolve_term(prompts.text)
-    volume = check_image(read_volume(args.volume, series_uid=args.series_uid))
+    slices = slice_weights(args)   # MedSegX's 2D model (slice mode), else None: SegVol on the volume
+    volume, rgb = read_input(args, slices is not None)
     for prompts in prompt_sets:
         prompts.to_voxel(volume)
+        if slices is not None:
+            box_on_slice(volume, prompts, args.slice)
     if kind == "dicom-seg":
         dicom_seg_sources(volume, headers_only=True)
-    weights = _weights(args)
+    weights = slices or _weights(args)
     make_output_folders(outputs)   # "-o out/x.seg.nrrd" just works
 
     bar, update = progress_bar("segment")
     segments, notes = [], []
     try:
-        update(0.0, "loading the weights")
-        model = load_model(weights, tokenizer=args.tokenizer)
-        if args.experts:   # adapter experts fine-tuned on this base (medsegx finetune); refused on another base
-            from ..weights.expert_pack import load_expert_pack
+        if slices is not None:
+            segments, notes, runtime = segment_slices(args, slices, volume, rgb, prompt_sets, update)
+        else:
+            update(0.0, "loading the weights")
+            model = load_model(weights, tokenizer=args.tokenizer)
+            # adapter experts fine-tuned on this base (medsegx finetune); refused on another base
+            if args.experts:
+                from ..weights.expert_pack import load_expert_pack
 
-            update(0.02, "loading the expert pack")
-            load_expert_pack(model, Path(args.experts).expanduser())
-        predictor = Predictor(model, device=args.device, precision=args.precision,
-                              preprocessing=args.preprocessing)
-        predictor.set_volume(volume, modality=args.modality, progress=scaled(update, 0.05, 0.3))
-        share = 0.7 / len(prompt_sets)
-        for index, prompts in enumerate(prompt_sets):
-            result = predictor.segment(prompts, progress=scaled(update, 0.3 + index * share,
-                                                                0.3 + (index + 1) * share))
-            name = args.name or result.name or "segment"
-            segments.append(Segment(name=name, mask=result.mask))
-            notes.append(f"{name!r} {int(result.mask.sum())} voxels ({result.windows} windows)")
+                update(0.02, "loading the expert pack")
+                load_expert_pack(model, Path(args.experts).expanduser())
+            predictor = Predictor(model, device=args.device, precision=args.precision,
+                                  preprocessing=args.preprocessing)
+            predictor.set_volume(volume, modality=args.modality, progress=scaled(update, 0.05, 0.3))
+            share = 0.7 / len(prompt_sets)
+            for index, prompts in enumerate(prompt_sets):
+                result = predictor.segment(prompts, progress=scaled(update, 0.3 + index * share,
+                                                                    0.3 + (index + 1) * share))
+                name = args.name or result.name or "segment"
+                segments.append(Segment(name=name, mask=result.mask))
+                notes.append(f"{name!r} {int(result.mask.sum())} voxels ({result.windows} windows)")
+            runtime = result.runtime
     finally:
         bar.close()
     for segment in segments:
@@ -109,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         from ..data.figure import save_overlay_figure
 
         written.append(save_overlay_figure(args.figure, volume, segments, overwrite=args.overwrite))
-    print(f"wrote {', '.join(map(str, written))}: {'; '.join(notes)}; {result.runtime}")
+    print(f"wrote {', '.join(map(str, written))}: {'; '.join(notes)}; {runtime}")
     return 0
 
 
@@ -166,5 +175,11 @@ def register(subparsers) -> None:
     parser.add_argument("--labelmap", help="also write the segments as one NIfTI labelmap (.nii.gz + .json names)")
     parser.add_argument("--figure", help="also write a PNG overview (axial, coronal, sagittal slices)")
     parser.add_argument("--series-uid", help="which DICOM series, when the folder holds several")
+    parser.add_argument("--slice", type=int, metavar="K",
+                        help="MedSegX slice mode: segment slice K (k index) with the box's outline on it (default: "
+                             "the slice the box is drawn on)")
+    parser.add_argument("--propagate", action="store_true",
+                        help="MedSegX slice mode: from the box's slice, segment the neighbouring slices one after "
+                             "another (box from the previous slice's mask) until the mask vanishes")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.set_defaults(func=run)

@@ -40,6 +40,7 @@ SAM_MLP, MEDSEGX_MLP = ".mlp.lin", ".mlp.mlp.lin"
 MEDSEGX_EXPERT_KEY = re.compile(r"^image_encoder\.(blocks\.\d+\.mlp\.adapter_|modal_embed\.|organ_embed\.)")
 SAM_KEPT_PREFIXES = ("image_encoder.", "prompt_encoder.")   # SAM's mask decoder is replaced by the trained one
 MEDSEGX_INPUT_SIZE = 256
+SAM_PATCH_KEY = "image_encoder.patch_embed.proj.weight"
 REL_POS_KEY = re.compile(r"^image_encoder\.blocks\.(\d+)\.attn\.rel_pos_[hw]$")
 
 
@@ -128,10 +129,11 @@ def read_medsegx_state(path: PathLike, trained: Optional[PathLike] = None) -> Tu
     if trained is None:
         if is_trained:
             raise WeightsError(f"{path} is MedSegX's trained-only file ({{'model': ...}}): give the SAM checkpoint "
-                               f"as the weights and this file as the trained ones")
+                               f"as the weights and this file as the trained ones ('medsegx weights import "
+                               f"SAM_CHECKPOINT --trained {path.name}')")
         if not any(MEDSEGX_EXPERT_KEY.match(k) for k in state):
             raise WeightsError(f"{path} has no MedSegX experts (a SAM checkpoint?): give MedSegX's trained file "
-                               f"(medsegx_trained.pth) with it")
+                               f"with it ('medsegx weights import {path.name} --trained medsegx_vit_b.pth')")
         return "merged", state
     trained_path = Path(trained)
     trained_is_trained, trained_state = _flat_state(read_tensors(trained_path), trained_path)
@@ -212,7 +214,9 @@ def is_medsegx_checkpoint(path: PathLike, trained: Optional[PathLike] = None) ->
         return is_medsegx_checkpoint(path.parent)
     raw = read_tensors(path)
     tensors = raw.get("model") if isinstance(raw, Mapping) and isinstance(raw.get("model"), Mapping) else raw
-    return isinstance(tensors, Mapping) and any(isinstance(k, str) and MEDSEGX_EXPERT_KEY.match(k) for k in tensors)
+    # MedSegX's adapters, or SAM's ViT (alone it is refused with a note that the trained file is missing)
+    return isinstance(tensors, Mapping) and any(
+        isinstance(k, str) and (MEDSEGX_EXPERT_KEY.match(k) or k == SAM_PATCH_KEY) for k in tensors)
 
 
 def load_medsegx_weights(path: PathLike, trained: Optional[PathLike] = None, decoder_heads: int = 8,
