@@ -55,6 +55,19 @@ def medsegx_record(medsegx_fixture) -> dict:
     return fixture_record(medsegx_fixture)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module of tiny-model forwards (``pytestmark = pytest.mark.usefixtures(
+    "one_torch_thread")``): a second thread only adds synchronisation, which on a loaded 2-core runner made each
+    forward 30-50x slower (0.1 s -> 5 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _few_threads():
     # CI has 2 cores; keep torch from oversubscribing them.

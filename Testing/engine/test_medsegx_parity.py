@@ -36,14 +36,7 @@ TOLERANCES = {
 NEAR_THRESHOLD = 1e-3   # mask pixels whose reference logit is this close to 0 may flip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The model is tiny: a second intra-op thread only adds synchronisation, which on a loaded 2-core runner
-    # made each forward 30-50x slower (0.1 s -> 5 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny model: see Testing/conftest.py
 
 
 def evaluation_cases(record: dict) -> list:

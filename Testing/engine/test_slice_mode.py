@@ -32,12 +32,7 @@ LAYOUTS = {"split": ("sam_base.pth", "medsegx_trained.pth"), "merged": ("full_mo
 NEAR_THRESHOLD = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # the model is tiny: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny model: see Testing/conftest.py
 
 
 def evaluation_cases() -> list:

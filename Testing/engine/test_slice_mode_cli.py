@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-import torch
 
 from medsegx_core.cli import main
 from medsegx_core.data.readers import read_image_2d
@@ -21,12 +20,7 @@ from medsegx_core.slice_predictor import SlicePredictor
 from medsegx_core.weights.medsegx2d import load_medsegx_weights
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny model: see Testing/conftest.py
 
 
 @pytest.fixture()
