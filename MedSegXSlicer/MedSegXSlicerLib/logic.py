@@ -305,6 +305,22 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         ids = self.segment(volumeNode, segmentationNode, text=structureNames, **kwargs)
         return ids if isinstance(ids, list) else [ids]
 
+    def segmentSlice(self, volumeNode, roiNode, segmentationNode=None, text=None, propagate: bool = False,
+                     sliceIndex: Optional[int] = None, **kwargs) -> str:
+        """MedSegX slice mode (``slice_mode.SliceModeLogic``): the ROI's slice, or its neighbours too with
+        ``propagate``; the chosen weights when they are MedSegX's 2D model, else the installed one."""
+        from medsegx_core.weights.store import MEDSEGX2D_KIND, weights_kind
+
+        from .slice_mode import SliceModeLogic
+
+        chosen = self._weightsPath if self._weightsPath and weights_kind(self._weightsPath) == MEDSEGX2D_KIND \
+            else None
+        if getattr(self, "_sliceMode", None) is None or self._sliceMode.weightsPath != chosen \
+                or self._sliceMode.device != self.device:
+            self._sliceMode = SliceModeLogic(chosen, self.device)
+        return self._sliceMode.segment(volumeNode, roiNode, segmentationNode, text=text, propagate=propagate,
+                                       sliceIndex=sliceIndex, **kwargs)
+
     # ---- the two halves (widget) ------------------------------------------------------------------------------
     def startSegmentation(self, volumeNode, segmentationNode=None, text=None, pointsNode=None,
                           roiNode=None, segmentId: Optional[str] = None, cancel: Optional[CancelToken] = None,

@@ -25,7 +25,7 @@ SETTINGS_PREFIX = "MedSegX/"
 class ModelEntry:
     """One line of the Models panel."""
 
-    kind: str                 # "starter", "official", "imported", "expert pack"
+    kind: str                 # "starter", "official", "imported", "MedSegX 2D", "expert pack"
     name: str
     path: Optional[Path]      # None: not installed (the official weights before their download)
     installed: bool
@@ -108,6 +108,8 @@ def available_models() -> List[ModelEntry]:
                              and weights_kind(p) == SEGVOL_KIND):   # MedSegX 2D folders serve the slice mode
             entries.append(ModelEntry("imported", folder.name, folder, True, _record_source(folder),
                                       size_of(folder), "as its source's", devices))
+    from .slice_mode import model_entries
+    entries += model_entries(devices)   # MedSegX's 2D model (slice mode), when one is installed
     packs = [starter / EXPERTS_FILE] if (starter / EXPERTS_FILE).is_file() else []
     packs += sorted(experts_dir().glob("*.safetensors")) if experts_dir().is_dir() else []
     for pack in packs:
