@@ -187,11 +187,8 @@ def _check_even_slices(folder: Path, files: List[str]) -> None:
 def _read_itk_file(path: Path, progress, cancel) -> Volume:
     import SimpleITK as sitk
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
-        with _quiet_native_output():
-            reader.ReadImageInformation()
+        reader = _header(path)
     except RuntimeError as exc:
         reason = _itk_reason(exc)
         if "Unable to determine ImageIO reader" in reason:
@@ -291,17 +288,11 @@ def is_2d_image(path: PathLike) -> bool:
         return False
     if _lower_name(path).endswith(PICTURE_SUFFIXES):
         return True
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
-        with _quiet_native_output():
-            reader.ReadImageInformation()
+        reader = _header(path)
     except RuntimeError:
         return False        # read_volume says why
-    size = list(reader.GetSize())
-    if not (len(size) == 2 or (len(size) == 3 and size[2] == 1)) or min(size[:2]) < 2:
+    if not _is_one_slice(list(reader.GetSize())):
         return False        # a volume, or a single voxel or line of voxels: read_volume says which
     return not is_dicom_file(path) or len(dicom_series_files(path.parent, path)) == 1
 
@@ -316,16 +307,13 @@ def read_image_2d(path: PathLike) -> tuple:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file; give a 2D image ({SUPPORTED_2D})")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
-        with _quiet_native_output():
-            reader.ReadImageInformation()
+        reader = _header(path)
     except RuntimeError as exc:
         raise InputError(f"{path}: cannot read this image ({_itk_reason(exc)}); give a 2D image "
                          f"({SUPPORTED_2D})") from None
     size = list(reader.GetSize())
-    if not (len(size) == 2 or (len(size) == 3 and size[2] == 1)) or min(size[:2]) < 2:
+    if not _is_one_slice(size):
         raise InputError(f"{path}: not a 2D image (size {' x '.join(map(str, size))}); give one picture or one "
                          f"slice ({SUPPORTED_2D})")
     image = _execute_with_progress(reader, path, None, None)
@@ -354,6 +342,22 @@ def read_image_2d(path: PathLike) -> tuple:
         raise InputError(f"{path}: every pixel is {blank_value(volume.array):g} (a blank image); there is nothing "
                          f"to segment, check that this is the image you meant")
     return volume, rgb
+
+
+def _is_one_slice(size: List[int]) -> bool:
+    """A 2D image's size: two axes of at least 2 pixels, and no third axis or one of a single slice."""
+    return (len(size) == 2 or (len(size) == 3 and size[2] == 1)) and min(size[:2]) >= 2
+
+
+def _header(path: Path):
+    """SimpleITK's reader for ``path`` with the header read (ITK's RuntimeError passes through; its chatter not)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    with _quiet_native_output():
+        reader.ReadImageInformation()
+    return reader
 
 
 def _with_pixels(image, array: np.ndarray):
