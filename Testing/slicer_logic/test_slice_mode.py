@@ -25,14 +25,7 @@ from MedSegXSlicerLib.slice_mode import SliceModeLogic, installed_models
 FIRST, LAST = (40, 25), (100, 80)     # in-plane voxels of the box
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # the model is tiny: a second thread only adds synchronisation (30x slower)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny model: see Testing/conftest.py
 
 
 @pytest.fixture()
