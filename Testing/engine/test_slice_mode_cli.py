@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import slicerio
 
 from medsegx_core.cli import main
-from medsegx_core.data.readers import read_image_2d
+from medsegx_core.data.readers import dicom_series_files, read_image_2d
 from medsegx_core.prompts import BoxPrompt, Prompts
 from medsegx_core.slice_predictor import SlicePredictor
 from medsegx_core.weights.medsegx2d import load_medsegx_weights
@@ -149,3 +149,19 @@ def test_refusals(imported, data_dir, fixtures_dir, ct_png, tmp_path, capsys):
     out.write_text("the user's file")
     assert segment(imported, ct, out, "--ijk", "--box", "40", "25", "5", "100", "80", "5") == 1
     assert "already exists" in refusal(capsys) and out.read_text() == "the user's file"
+
+
+def test_dicom_seg_for_a_slice_of_a_dicom_series(imported, data_dir, tmp_path):
+    import pydicom
+
+    series = data_dir / "dicom" / "ct_3slice"
+    out = tmp_path / "liver.dcm"
+    assert segment(imported, series, out, "--ijk", "--box", "150", "150", "1", "350", "350", "1", "--text",
+                   "liver") == 0
+    seg = pydicom.dcmread(out)
+    assert seg.Modality == "SEG" and [s.SegmentLabel for s in seg.SegmentSequence] == ["liver"]
+    slices = dicom_series_files(series)                                 # in the volume's k order
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in slices]
+    referenced = {frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+                  for frame in seg.PerFrameFunctionalGroupsSequence}
+    assert referenced == {uids[1]}                                      # only slice k = 1 holds the segment

@@ -212,11 +212,25 @@ def is_medsegx_checkpoint(path: PathLike, trained: Optional[PathLike] = None) ->
         return is_medsegx_folder(path) and read_config_record(path).get(KIND_KEY) == MEDSEGX2D_KIND
     if path.name == WEIGHTS_FILE and is_medsegx_folder(path.parent):
         return is_medsegx_checkpoint(path.parent)
-    raw = read_tensors(path)
-    tensors = raw.get("model") if isinstance(raw, Mapping) and isinstance(raw.get("model"), Mapping) else raw
+    if path.suffix == ".safetensors":
+        tensors = dict.fromkeys(_safetensors_keys(path))      # the names only: a large file is not read
+    else:
+        raw = read_tensors(path)                               # torch files are memory-mapped
+        tensors = raw.get("model") if isinstance(raw, Mapping) and isinstance(raw.get("model"), Mapping) else raw
     # MedSegX's adapters, or SAM's ViT (alone it is refused with a note that the trained file is missing)
     return isinstance(tensors, Mapping) and any(
         isinstance(k, str) and (MEDSEGX_EXPERT_KEY.match(k) or k == SAM_PATCH_KEY) for k in tensors)
+
+
+def _safetensors_keys(path: Path) -> list:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception:  # noqa: BLE001 - read_tensors gives the one-line reason
+        read_tensors(path)
+        raise
 
 
 def load_medsegx_weights(path: PathLike, trained: Optional[PathLike] = None, decoder_heads: int = 8,
