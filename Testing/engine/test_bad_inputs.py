@@ -136,6 +136,7 @@ def test_hostile_request_is_refused_before_any_work(capfd, tmp_path, good, tiny,
     code, _, err = run_cli(capfd, make(good, tiny, out))
     lines = corpus.visible_lines(err)
     assert code == 1 and len(lines) == 1 and lines[0].startswith("medsegx: error: ") and problem in lines[0], err
+    assert "overwrite=True" not in err and "Traceback" not in err
     assert "zoom-out" not in err and "loading" not in err  # refused before the weights were read
     assert corpus.folder_state(out) == before
 
@@ -184,10 +185,21 @@ def test_an_interrupted_resume_keeps_the_training_state_it_continued(tmp_path):
 def jpeg2000_series_with_empty_sop_class(source: Path, folder: Path) -> Path:
     """The real CT series re-encoded as JPEG 2000 (GDCM, lossless) with the SOPClassUID element emptied, the file
     meta's MediaStorageSOPClassUID kept: how some PACS export series."""
+    import locale
+
     import pydicom
     import SimpleITK as sitk
 
     folder.mkdir()
+    saved_locale = locale.setlocale(locale.LC_ALL)  # ITK's GDCM writer sets the C locale and leaves it so
+    try:
+        _write_jpeg2000_series(source, folder, sitk, pydicom)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+    return folder
+
+
+def _write_jpeg2000_series(source: Path, folder: Path, sitk, pydicom) -> None:
     for file in sorted(source.glob("0*.dcm")):
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(file))
@@ -207,7 +219,6 @@ def jpeg2000_series_with_empty_sop_class(source: Path, folder: Path) -> Path:
         assert dataset.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"  # JPEG 2000 lossless
         dataset.SOPClassUID = ""
         dataset.save_as(folder / file.name)
-    return folder
 
 
 @pytest.fixture
