@@ -257,6 +257,9 @@ class SlicePredictor:
                         break
                     mask[index] = current.mask
                     previous, index = current, index + step
+                end = "the volume's end" if not 0 <= index < volume.array.shape[0] else \
+                    f"slice {index}, where the mask vanished"
+                notes.append(f"propagated {'up' if step > 0 else 'down'} from slice {k} to {end}")
         report(progress, 1.0, "done")
         runtime = f"{self.device.type} fp32, {time.perf_counter() - started:.1f} s"
         return SliceResult(mask, name, context, outputs, runtime, notes)

@@ -182,6 +182,12 @@ def test_a_real_ct_slice_saved_as_png_is_a_one_slice_volume(predictors, case_vol
         assert any("modality unknown" in note for note in result.notes)
         np.testing.assert_array_equal(predictor.slice_pixels(0), rgb[0] if rgb is not None
                                       else np.repeat(grey[..., None], 3, axis=-1))
+    # JPEG and TIFF through the same reader (SimpleITK's ITK IO): one slice, colours kept (JPEG is lossy)
+    for name in ("colour.jpg", "colour.tif"):
+        sitk.WriteImage(sitk.GetImageFromArray(colour, isVector=True), str(tmp_path / name))
+        volume, rgb = read_image_2d(tmp_path / name)
+        assert is_2d_image(tmp_path / name) and volume.array.shape == (1,) + grey.shape
+        assert rgb.shape == (1,) + colour.shape and np.abs(rgb[0].astype(int) - colour).mean() < 8
     # the grey PNG given as CT: 8-bit values are taken as they are (no HU window on a picture)
     volume, _ = read_image_2d(tmp_path / "slice.png")
     predictor.set_volume(volume, modality="CT")
@@ -225,6 +231,8 @@ def test_propagation_fills_neighbouring_slices_on_the_volume_grid(predictors, sm
     # this random model never gives an empty mask: propagation runs to both ends of the volume, one slice at a
     # time, each box taken from the previous slice's mask
     assert result.slice_indices == list(range(small_ct.array.shape[0]))
+    assert [n for n in result.notes if n.startswith("propagated")] == [
+        f"propagated up from slice {k} to the volume's end", f"propagated down from slice {k} to the volume's end"]
     by_slice = {o.slice_index: o for o in result.slices}
     np.testing.assert_array_equal(by_slice[k + 1].box, box_of_mask(by_slice[k].mask, predictor.propagation_margin))
     np.testing.assert_array_equal(by_slice[k - 1].box, box_of_mask(by_slice[k].mask, predictor.propagation_margin))
