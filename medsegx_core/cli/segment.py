@@ -7,6 +7,10 @@ Points and boxes are RAS millimetres (what Slicer shows), or voxel indices (i, j
 ``--ijk``. Text, points and a box may be combined. ``--weights`` takes a published SegVol checkpoint file or
 folder (tokenizer files beside it, or ``--tokenizer``) or a folder made by ``medsegx weights import``.
 An existing output is kept unless ``--overwrite``; the file appears only when complete.
+
+With MedSegX's 2D weights (``medsegx weights import SAM_CHECKPOINT --trained medsegx_vit_b.pth``) it runs MedSegX
+slice mode: a box on one slice (``--slice K`` to use another box on slice K) of a volume or of a 2D image (PNG,
+JPEG, TIFF, a single DICOM image), and with ``--propagate`` the neighbouring slices too.
 """
 from __future__ import annotations
 
