@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     import torch
 
     from medsegx_core.predictor import Predictor
-    from medsegx_core.training.starter_eval import (EVALUATION_GROUPS, PROMPT_KINDS, dice_table, evaluate,
+    from medsegx_core.training.starter_eval import (EVALUATION_GROUPS, EVALUATION_KINDS, dice_table, evaluate,
                                                     select_volumes, summary_table)
     from medsegx_core.weights.default import starter_weights_dir
     from medsegx_core.weights.store import load_model
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=starter_weights_dir())
     parser.add_argument("--data", type=Path, default=SHARED / "data")
-    parser.add_argument("--kinds", nargs="*", default=list(PROMPT_KINDS), choices=PROMPT_KINDS)
+    parser.add_argument("--kinds", nargs="*", default=list(EVALUATION_KINDS), choices=EVALUATION_KINDS)
     parser.add_argument("--structures", nargs="*", default=None, help="only these (raw or canonical names)")
     parser.add_argument("--groups", nargs="*", default=None, choices=EVALUATION_GROUPS,
                         help="evaluation volume groups (default: all)")

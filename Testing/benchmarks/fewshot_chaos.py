@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from medsegx_core.training.finetune import FinetuneSettings, base_sha256, finetune, write_pack
     from medsegx_core.training.prompt_simulation import PromptSettings
     from medsegx_core.training.starter_data import CHAOS_ADAPTATION_PATIENTS, CHAOS_CASES, load_case
-    from medsegx_core.training.starter_eval import FILLED_BOX, PROMPT_KINDS, evaluate, select_volumes
+    from medsegx_core.training.starter_eval import FILLED_BOX, EVALUATION_KINDS, evaluate, select_volumes
     from medsegx_core.weights.default import starter_weights_dir
     from medsegx_core.weights.store import load_model
 
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
     def score(model, arm, k, seed):
         predictor = Predictor(model, device="cpu")
-        rows = evaluate(predictor, args.data, volumes=volumes, kinds=PROMPT_KINDS, source=record.get("source"))
+        rows = evaluate(predictor, args.data, volumes=volumes, kinds=EVALUATION_KINDS, source=record.get("source"))
         return [dict(asdict(row), arm=arm, k=k, seed=seed) for row in rows]
 
     results = []
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                 results += score(model, arm, k, seed)
     print(f"weights: {args.weights} | {len(results)} rows in {time.perf_counter() - start:.0f} s | steps "
           f"{args.steps}, batch {args.batch_size}, seeds {args.seeds}, lr {ARM_LR}")
-    print(fewshot_table(results, [FILLED_BOX] + list(PROMPT_KINDS)))
+    print(fewshot_table(results, [FILLED_BOX] + list(EVALUATION_KINDS)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0

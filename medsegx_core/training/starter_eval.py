@@ -15,7 +15,6 @@ own, so the model sees the same organs with the field of view of a scan that cov
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -28,9 +27,9 @@ from ..data.readers import read_labelmap, read_volume
 from ..data.volume import Volume
 from ..progress import CancelToken, ProgressCallback, check, report
 from ..prompts import BoxPrompt, PointPrompt, Prompts
-from .starter_data import CASES, CHAOS_CASES, CHAOS_EVALUATION_PATIENTS, CLASS_MAP_FILE
+from .starter_data import CASES, CHAOS_CASES, CHAOS_EVALUATION_PATIENTS, CaseSpec, label_names
 
-PROMPT_KINDS = ("box", "point", "text")
+EVALUATION_KINDS = ("box", "point", "text")
 # The trivial baseline a box prompt must beat: the user's box itself, filled in (scored like a prompt kind).
 FILLED_BOX = "filled box"
 
@@ -45,44 +44,41 @@ ABDOMINAL_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right")
 
 @dataclass(frozen=True)
 class EvaluationVolume:
-    """A labelled volume to evaluate on and which of its structures to score. Whether a structure was seen in
-    training is not written here but read from the weights' own record (``design``)."""
+    """A labelled volume to evaluate on (a training case spec of ``starter_data``: its image, labels, names,
+    patient and modality) and which of its structures to score. Whether a structure was seen in training is not
+    written here but read from the weights' own record (``design``)."""
 
     key: str
-    patient: str                # the patient key of starter_data's case specs
-    image: str                  # relative to the data folder
-    labels: str
-    names: str                  # JSON beside the labels, or "class_map:<key>"
+    case: str                    # the key of a CaseSpec in starter_data.CASES or CHAOS_CASES
     structures: Tuple[str, ...]  # raw label names to score
     slices: Optional[Tuple[int, int]] = None    # only slices first <= k < stop, as a volume of their own
-    group: str = "base"         # "base": the base model's evaluation; "chaos": the few-shot MR domain
-    modality: str = "CT"        # routes the experts (as the file or the user would say)
+    group: str = "base"          # "base": the base model's evaluation; "chaos": the few-shot MR domain
+
+    @property
+    def spec(self) -> CaseSpec:
+        return CASE_SPECS[self.case]
+
+    @property
+    def patient(self) -> str:
+        return self.spec.patient
+
+    @property
+    def modality(self) -> str:   # routes the experts (as the file or the user would say)
+        return self.spec.modality
 
 
+CASE_SPECS = {spec.key: spec for spec in CASES + CHAOS_CASES}
 EVALUATION_VOLUMES = (
-    EvaluationVolume("ct-patient-1 abdomen", "ct-patient-1", "ct/totalseg_ct.nii.gz", "ct/totalseg_ct_labels.nii.gz",
-                     "class_map:total", ABDOMINAL_ORGANS + ("stomach", "gallbladder", "urinary_bladder",
-                                                             "duodenum")),
-    EvaluationVolume("ct-patient-1 20-slice slab", "ct-patient-1", "ct/totalseg_ct.nii.gz",
-                     "ct/totalseg_ct_labels.nii.gz", "class_map:total", ABDOMINAL_ORGANS, slices=(77, 97)),
-    EvaluationVolume("ct-patient-2 chest", "ct-patient-2", "ct/chest_ct_aorta_crop.nii.gz",
-                     "ct/chest_ct_aorta_crop_labels.nii.gz", "ct/chest_ct_aorta_crop_labels.json",
-                     ("aorta", "vertebrae_T12")),
-    EvaluationVolume("ct-patient-2 heart", "ct-patient-2", "ct/chest_ct_pulmonary_crop.nii.gz",
-                     "ct/chest_ct_pulmonary_crop_labels.nii.gz", "ct/chest_ct_pulmonary_crop_labels.json",
-                     ("heart",)),
-    EvaluationVolume("ct-patient-3 thorax-abdomen", "ct-patient-3", "ct/thorax_abdomen_ct.nii.gz",
-                     "ct/thorax_abdomen_ct_labels.nii.gz", "ct/thorax_abdomen_ct_labels.json",
-                     ABDOMINAL_ORGANS + ("stomach", "aorta")),
-    EvaluationVolume("ct-patient-4 spleen", "ct-patient-4", "ct/msd_spleen_8_ct.nii.gz",
-                     "ct/msd_spleen_8_ct_labels.nii.gz", "ct/msd_spleen_8_ct_labels.json", ("spleen",)),
-    EvaluationVolume("mr-patient-1 abdomen", "mr-patient-1", "mri/totalseg_mr.nii.gz", "mri/totalseg_mr_labels.nii.gz",
-                     "class_map:total_mr", ABDOMINAL_ORGANS, modality="MR"),
-) + tuple(
-    EvaluationVolume(f"chaos-{nn} T2-SPIR", f"chaos-{nn}", f"mri/chaos_t2spir/chaos_t2_{nn}_mr.nii.gz",
-                     f"mri/chaos_t2spir/chaos_t2_{nn}_label.nii.gz", "mri/chaos_t2spir/labels.json",
-                     ABDOMINAL_ORGANS, group="chaos", modality="MR")
-    for nn in CHAOS_EVALUATION_PATIENTS)
+    EvaluationVolume("ct-patient-1 abdomen", "ct_abdomen",
+                     ABDOMINAL_ORGANS + ("stomach", "gallbladder", "urinary_bladder", "duodenum")),
+    EvaluationVolume("ct-patient-1 20-slice slab", "ct_abdomen", ABDOMINAL_ORGANS, slices=(77, 97)),
+    EvaluationVolume("ct-patient-2 chest", "ct_chest_aorta", ("aorta", "vertebrae_T12")),
+    EvaluationVolume("ct-patient-2 heart", "ct_chest_heart", ("heart",)),
+    EvaluationVolume("ct-patient-3 thorax-abdomen", "ct_thorax_abdomen", ABDOMINAL_ORGANS + ("stomach", "aorta")),
+    EvaluationVolume("ct-patient-4 spleen", "ct_spleen_msd", ("spleen",)),
+    EvaluationVolume("mr-patient-1 abdomen", "mr_abdomen", ABDOMINAL_ORGANS),
+) + tuple(EvaluationVolume(f"chaos-{nn} T2-SPIR", f"mr_chaos_{nn}", ABDOMINAL_ORGANS, group="chaos")
+          for nn in CHAOS_EVALUATION_PATIENTS)
 EVALUATION_GROUPS = tuple(sorted({spec.group for spec in EVALUATION_VOLUMES}))
 
 
@@ -91,8 +87,7 @@ def trained_patients(source: Optional[dict]) -> Optional[set]:
     (``source``: train_starter's; each stage continues the previous one and re-uses its cases), or None."""
     if not source or "cases" not in source:
         return None
-    by_key = {spec.key: spec.patient for spec in CASES + CHAOS_CASES}
-    return {by_key[key] for key in source["cases"] if key in by_key}
+    return {CASE_SPECS[key].patient for key in source["cases"] if key in CASE_SPECS}
 
 
 def design(spec: EvaluationVolume, raw_name: str, source: Optional[dict]) -> str:
@@ -144,16 +139,12 @@ def evaluation_prompts(volume: Volume, mask_kji: np.ndarray, name: str, kind: st
     if kind == "point":
         point = interior_voxel_ijk(mask_kji, volume.spacing)
         return Prompts(points=(PointPrompt(tuple(float(v) for v in point), positive=True, space="ijk"),))
-    raise ValueError(f"unknown prompt kind {kind!r}; choose from {', '.join(PROMPT_KINDS)}")
+    raise ValueError(f"unknown prompt kind {kind!r}; choose from {', '.join(EVALUATION_KINDS)}")
 
 
-def read_names(data_dir: Path, spec: str) -> Dict[str, int]:
-    """raw name -> label value for an evaluation volume."""
-    if spec.startswith("class_map:"):
-        table = json.loads((data_dir / CLASS_MAP_FILE).read_text(encoding="utf-8"))[spec.split(":", 1)[1]]
-    else:
-        table = json.loads((data_dir / spec).read_text(encoding="utf-8"))
-    return {name: int(value) for value, name in table.items()}
+def read_names(data_dir: Path, spec: CaseSpec) -> Dict[str, int]:
+    """raw name -> label value of a case."""
+    return {name: value for value, name in label_names(Path(data_dir), spec).items()}
 
 
 def filled_box(mask_kji: np.ndarray) -> np.ndarray:
@@ -174,7 +165,7 @@ def select_volumes(groups: Optional[Sequence[str]] = None,
 
 
 def evaluate(predictor, data_dir: Path, volumes: Iterable[EvaluationVolume] = EVALUATION_VOLUMES,
-             kinds: Sequence[str] = PROMPT_KINDS, structures: Optional[Sequence[str]] = None,
+             kinds: Sequence[str] = EVALUATION_KINDS, structures: Optional[Sequence[str]] = None,
              source: Optional[dict] = None, baseline: bool = True,
              progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> List[DiceRow]:
     """Dice per (volume, structure, prompt kind) with ``predictor`` (a ``Predictor`` around the model), plus the
@@ -192,11 +183,11 @@ def evaluate(predictor, data_dir: Path, volumes: Iterable[EvaluationVolume] = EV
         if not wanted:
             continue
         report(progress, number / len(volumes), f"evaluating {spec.key}")
-        volume = read_volume(data_dir / spec.image)
-        labels = read_labelmap(data_dir / spec.labels, volume).array
+        volume = read_volume(data_dir / spec.spec.image)
+        labels = read_labelmap(data_dir / spec.spec.labels, volume).array
         if spec.slices is not None:
             volume, labels = volume.slab(*spec.slices), labels[spec.slices[0]:spec.slices[1]]
-        values = read_names(data_dir, spec.names)
+        values = read_names(data_dir, spec.spec)
         predictor.set_volume(volume, modality=spec.modality)
         for raw in wanted:
             truth = labels == values[raw]
@@ -219,7 +210,7 @@ def evaluate(predictor, data_dir: Path, volumes: Iterable[EvaluationVolume] = EV
 def summary_table(rows: Sequence[DiceRow]) -> str:
     """Mean Dice per (modality, design, structure) and prompt kind, and how often a box prompt beat the filled
     box."""
-    kinds = [k for k in (FILLED_BOX,) + PROMPT_KINDS if any(r.kind == k for r in rows)]
+    kinds = [k for k in (FILLED_BOX,) + EVALUATION_KINDS if any(r.kind == k for r in rows)]
     groups: Dict[tuple, Dict[str, List[float]]] = {}
     for row in rows:
         groups.setdefault((row.modality, row.design, row.structure), {}).setdefault(row.kind, []).append(row.dice)
@@ -236,7 +227,7 @@ def summary_table(rows: Sequence[DiceRow]) -> str:
 
 def dice_table(rows: Sequence[DiceRow]) -> str:
     """A Markdown table: one line per (volume, structure), one column per prompt kind."""
-    kinds = [k for k in (FILLED_BOX,) + PROMPT_KINDS if any(r.kind == k for r in rows)]
+    kinds = [k for k in (FILLED_BOX,) + EVALUATION_KINDS if any(r.kind == k for r in rows)]
     lines = ["| volume | structure | held out as | " + " | ".join(f"Dice ({k})" for k in kinds) + " |",
              "|---|---|---|" + "---|" * len(kinds)]
     seen: Dict[tuple, Dict[str, float]] = {}

@@ -293,8 +293,8 @@ def _as_is(batch):
 
 def save_starter(run: TrainingRun, folder: Path, source: Dict) -> Path:
     """Our weights folder: the base model, plus its expert pack when experts were trained (one SHA256SUMS)."""
-    from ..weights.store import EXPERT_STATE_PREFIX, EXPERTS_FILE, save_model
-    from ..weights.expert_pack import base_state, save_expert_pack, weights_sha256
+    from ..weights.expert_pack import EXPERT_STATE_PREFIX, base_state, save_expert_pack, weights_sha256
+    from ..weights.store import EXPERTS_FILE, save_model
 
     model = run.model.to("cpu")
     experts = getattr(model, "conmoae", None)
