@@ -125,3 +125,26 @@ def test_clicks_with_several_texts_are_refused(paths, tmp_path, capsys):
     assert segment(paths, output, "--text", "liver", "--text", "spleen", "--point", "1", "2", "3") == 1
     assert "single --text" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_min_confidence_leaves_out_what_the_model_is_unsure_of(paths, tmp_path, capsys):
+    """Each written structure reports its presence confidence; --min-confidence above it leaves the structure
+    out and says so, and when nothing is left nothing is written."""
+    kept = tmp_path / "kept.seg.nrrd"
+    assert segment(paths, kept, "--text", "liver", "--text", "spleen", "--min-confidence", "0") == 0
+    out = capsys.readouterr().out
+    confidences = [float(part.split("confidence ")[1].split(")")[0]) for part in out.split("; ")
+                   if "confidence " in part]
+    assert len(confidences) == 2 and all(0.5 <= c <= 1.0 for c in confidences)
+    threshold = (min(confidences) + max(confidences)) / 2 if min(confidences) < max(confidences) else None
+    if threshold is not None:     # the less confident of the two is left out, the other written
+        some = tmp_path / "some.seg.nrrd"
+        assert segment(paths, some, "--text", "liver", "--text", "spleen", "--min-confidence", str(threshold)) == 0
+        assert "left out" in capsys.readouterr().err
+        assert len(slicerio.read_segmentation(str(some))["segments"]) == 1
+    none = tmp_path / "none.seg.nrrd"
+    assert segment(paths, none, "--text", "liver", "--min-confidence", "1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("medsegx: error: nothing written") and not none.exists()
+    assert segment(paths, none, "--text", "liver", "--min-confidence", "1.5") == 1
+    assert "between 0 and 1" in capsys.readouterr().err and not none.exists()

@@ -25,7 +25,8 @@ from ..data.hierarchy import resolve_term
 from ..data.segments import Segment
 from ..data.validation import check_outputs, make_output_folders
 from ..data.writers import FORMATS, dicom_seg_sources, output_format, write_nifti_labelmap, write_segmentation
-from ..errors import OutputError
+from ..errors import InputError, OutputError, PromptError
+from ..inference.confidence import PRESENCE_WARNING_BELOW
 from ..inference.device import DEVICES, PRECISIONS
 from ..inference.preprocessing import PROFILES
 from ..progress import scaled
@@ -65,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     kind = args.format or output_format(args.output)
     outputs = [args.output, args.labelmap, args.figure]
     check_outputs([(args.output, kind), args.labelmap], args.overwrite, new_folders=True, others=[args.figure])
+    if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
+        raise InputError(f"--min-confidence {args.min_confidence}: give a number between 0 and 1 (e.g. "
+                         f"{PRESENCE_WARNING_BELOW}, the level below which a structure is reported as maybe absent)")
     prompt_sets = _prompt_sets(args)
     for prompts in prompt_sets:
         if prompts.text:
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     make_output_folders(outputs)   # "-o out/x.seg.nrrd" just works
 
     bar, update = progress_bar("segment")
-    segments, notes = [], []
+    segments, notes, dropped = [], [], []
     try:
         if slices is not None:
             segments, notes, runtime = segment_slices(args, slices, volume, rgb, prompt_sets, update)
@@ -102,11 +106,21 @@ def run(args: argparse.Namespace) -> int:
                 result = predictor.segment(prompts, progress=scaled(update, 0.3 + index * share,
                                                                     0.3 + (index + 1) * share))
                 name = args.name or result.name or "segment"
+                if args.min_confidence is not None and result.confidence < args.min_confidence:
+                    dropped.append(f"{name!r} (confidence {result.confidence:.2f})")
+                    continue
                 segments.append(Segment(name=name, mask=result.mask))
-                notes.append(f"{name!r} {int(result.mask.sum())} voxels ({result.windows} windows)")
+                notes.append(f"{name!r} {int(result.mask.sum())} voxels ({result.windows} windows, confidence "
+                             f"{result.confidence:.2f})")
             runtime = result.runtime
     finally:
         bar.close()
+    if dropped:
+        print(f"medsegx: warning: left out {', '.join(dropped)}: below --min-confidence {args.min_confidence}",
+              file=sys.stderr)
+    if not segments:
+        raise PromptError(f"nothing written: every structure was below --min-confidence {args.min_confidence} "
+                          f"({', '.join(dropped)}); the model does not find them in {args.volume}")
     for segment in segments:
         if not segment.mask.any():
             print(f"medsegx: warning: the segmentation of {segment.name!r} is empty", file=sys.stderr)
@@ -185,5 +199,9 @@ def register(subparsers) -> None:
     parser.add_argument("--propagate", action="store_true",
                         help="MedSegX slice mode: from the box's slice, segment the neighbouring slices one after "
                              "another (box from the previous slice's mask) until the mask vanishes")
+    parser.add_argument("--min-confidence", type=float, metavar="C",
+                        help="leave out a structure whose presence confidence (the model's mean probability inside "
+                             f"its zoom-out mask, 0-1) is below C; below {PRESENCE_WARNING_BELOW} it is always "
+                             "reported as maybe not in the volume")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.set_defaults(func=run)
