@@ -13,10 +13,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections import deque
+from typing import Any, Callable, Deque, Optional
 
 from medsegx_core.errors import Cancelled
 from medsegx_core.progress import CancelToken
+
+#: Progress reports a Job keeps for wait() between two polls (older ones are dropped first).
+UNSEEN_REPORTS_KEPT = 1000
 
 #: ``fn(progress, cancel) -> result``: the engine work; runs on the worker thread, must not touch MRML or Qt.
 JobFunction = Callable[[Callable[[float, str], None], CancelToken], Any]
@@ -35,6 +39,10 @@ class Job:
         self._finished = threading.Event()
         self._state = Job.QUEUED
         self._progress = (0.0, "waiting for the engine")
+        # Every report since the last wait() poll, so a console caller sees each message (a validation Dice,
+        # a finished structure) even when the engine reports faster than it polls; bounded for callers that
+        # only read ``progress`` (the widget).
+        self._unseen: Deque[tuple] = deque(maxlen=UNSEEN_REPORTS_KEPT)
         self._result: Any = None
         self._error: Optional[BaseException] = None
 
@@ -79,21 +87,28 @@ class Job:
         Used by the console and batch paths; the widget polls instead so that Qt keeps processing events.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last = None
         while not self._finished.wait(poll_s):
-            if on_progress is not None and self.progress != last:
-                last = self.progress
-                on_progress(*last)
+            self._forward(on_progress)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.description!r} did not finish within {timeout_s} s")
+        self._forward(on_progress)
         if on_progress is not None and self.state == Job.DONE:
             on_progress(1.0, "done")
         return self.result()
+
+    def _forward(self, on_progress: Optional[Callable[[float, str], None]]) -> None:
+        with self._lock:
+            reports = list(self._unseen)
+            self._unseen.clear()
+        if on_progress is not None:
+            for report in reports:
+                on_progress(*report)
 
     # ---- called on the worker thread --------------------------------------------------------------------------
     def _report(self, fraction: float, message: str = "") -> None:
         with self._lock:
             self._progress = (min(max(float(fraction), 0.0), 1.0), message)
+            self._unseen.append(self._progress)
 
     def _run(self) -> None:
         with self._lock:

@@ -86,3 +86,14 @@ def test_result_before_the_end_is_an_error(worker):
         job.result()
     gate.set()
     assert job.wait(timeout_s=10) is True
+
+
+def test_wait_forwards_every_report_even_when_the_engine_reports_faster_than_it_polls(worker):
+    def run(progress, cancel):
+        for step in range(1, 201):
+            progress(step / 200, f"step {step}/200")
+        return "done"
+
+    seen = []
+    assert worker.submit(run).wait(on_progress=lambda fraction, message: seen.append(message), poll_s=0.5) == "done"
+    assert seen == [f"step {step}/200" for step in range(1, 201)] + ["done"]
