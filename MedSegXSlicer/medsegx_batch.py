@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "official weights, else the bundled starter model)")
     parser.add_argument("--tokenizer", help="folder of tokenizer files when they are not beside the weights")
     parser.add_argument("--experts", metavar="PACK",
-                        help="expert pack from 'medsegx finetune' (.safetensors) to load on top of the weights")
+                        help="expert pack to load on top of the weights: a .safetensors file from 'medsegx finetune' "
+                             "or the name of a bundled pack (e.g. abdominal_mr)")
     parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when present, else CPU")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16/fp16 where the hardware is fast at it; fp32 for exact results")
@@ -99,10 +100,7 @@ def _engine_prompts(args):
 
 
 def _expert_pack_module():
-    try:
-        from medsegx_core.weights import expert_pack
-    except ImportError:  # older layout
-        from medsegx_core.training import expert_pack
+    from medsegx_core.weights import expert_pack
     return expert_pack
 
 
@@ -114,7 +112,8 @@ def engine_factories(args):
         weights = spec[0] if isinstance(spec, tuple) else spec
         model = load_model(weights, tokenizer=args.tokenizer)
         if args.experts:  # refused (WeightsError) when fine-tuned on another base
-            _expert_pack_module().load_expert_pack(model, Path(args.experts).expanduser())
+            packs = _expert_pack_module()
+            packs.load_expert_pack(model, packs.find_expert_pack(args.experts))
         return model
 
     def make_predictor(model, device):

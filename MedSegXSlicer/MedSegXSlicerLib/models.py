@@ -110,7 +110,10 @@ def available_models() -> List[ModelEntry]:
                                       size_of(folder), "as its source's", devices))
     from .slice_mode import model_entries
     entries += model_entries(devices)   # MedSegX's 2D model (slice mode), when one is installed
+    from medsegx_core.weights.expert_pack import bundled_packs
+
     packs = [starter / EXPERTS_FILE] if (starter / EXPERTS_FILE).is_file() else []
+    packs += list(bundled_packs().values())     # e.g. abdominal_mr, for the starter model
     packs += sorted(experts_dir().glob("*.safetensors")) if experts_dir().is_dir() else []
     for pack in packs:
         entries.append(ModelEntry("expert pack", pack_label(pack), pack, True, pack_source(pack), size_of(pack),
@@ -119,7 +122,9 @@ def available_models() -> List[ModelEntry]:
 
 
 def pack_label(path: Path) -> str:
-    return "starter experts (bundled)" if path.parent.name == "starter" else Path(path).stem
+    if path.parent.name == "starter":
+        return "starter experts (bundled)"
+    return f"{Path(path).stem} (bundled)" if path.parent.name == "expert_packs" else Path(path).stem
 
 
 def pack_source(path: Path) -> str:

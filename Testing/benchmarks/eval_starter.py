@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--groups", nargs="*", default=None, choices=EVALUATION_GROUPS,
                         help="evaluation volume groups (default: all)")
     parser.add_argument("--volumes", nargs="*", default=None, help="only volumes whose key contains one of these")
+    parser.add_argument("--experts", type=Path, help="load this expert pack on top of the weights first")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--zoom-in", choices=("model", "on", "off"), default="model",
@@ -56,6 +57,9 @@ def main(argv=None) -> int:
         return 1
     torch.set_num_threads(args.threads)
     model = load_model(args.weights, verify=True)
+    if args.experts:
+        from medsegx_core.weights.expert_pack import load_expert_pack
+        load_expert_pack(model, args.experts)       # refused when trained on another base
     record = json.loads((args.weights / "config.json").read_text(encoding="utf-8")) if args.weights.is_dir() else {}
     zoom_in = {"model": None, "on": True, "off": False}[args.zoom_in]
     predictor = Predictor(model, device="cpu", precision=args.precision, zoom_in=zoom_in)

@@ -3,13 +3,16 @@ measures it. The base model stays as it is; each arm fine-tunes one set of weigh
 with the same data, steps, batch and seed, and is scored on five other CHAOS patients:
 
 * zero-shot: the base model as shipped (no adaptation);
-* experts: MedSegX's ConMoAE (adapter experts, gates and context tables; the base frozen);
+* experts+decoder: MedSegX's recipe (ConMoAE adapter experts, gates and context tables, and the mask decoder;
+  the image encoder frozen);
+* experts: the ConMoAE part alone;
 * decoder: the mask decoder only;
 * all: every weight except the frozen text tower.
 
 Adaptation patients: the first k of 01 02 03 05 08; evaluation patients: 10 13 15 19 20
 (``training.starter_data``). Prompts: box, point and text per organ (``training.starter_eval``), with the
-filled-box baseline. The k = --save-k experts arm is written as an expert pack when --save-pack is given.
+filled-box baseline. The k = --save-k arm named by --save-arm (default MedSegX's, experts+decoder) is written as
+an expert pack when --save-pack is given.
 
     OMP_NUM_THREADS=2 python Testing/benchmarks/fewshot_chaos.py [--weights DIR] [--k 1 3 5]
         [--arms zero-shot experts decoder all] [--steps 300] [--seeds 0] [--save-pack FILE --save-k 5] [--json F]
@@ -26,10 +29,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("MEDSEGX_SHARED", ROOT.parent / "shared"))
-ARMS = ("zero-shot", "experts", "decoder", "all")
+ARMS = ("zero-shot", "experts+decoder", "experts", "decoder", "all")
 # Learning rate per arm: adapters start from a small residual and take a larger step than weights that already
 # carry the base model's knowledge (set once, before any evaluation on the evaluation patients).
-ARM_LR = {"experts": 5e-4, "decoder": 2e-4, "all": 1e-4}
+ARM_LR = {"experts+decoder": 3e-4, "experts": 5e-4, "decoder": 2e-4, "all": 1e-4}
 
 
 def main(argv=None) -> int:
@@ -54,8 +57,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--zoom-in-share", type=float, default=0.5, help="share of zoom-in training windows")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--save-pack", type=Path, help="write the experts arm of k = --save-k (first seed) here")
+    parser.add_argument("--save-pack", type=Path, help="write the --save-arm arm of k = --save-k (first seed) here")
     parser.add_argument("--save-k", type=int, default=5)
+    parser.add_argument("--save-arm", default="experts+decoder", choices=("experts+decoder", "experts"))
     parser.add_argument("--json", type=Path, help="also write every row as JSON")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
@@ -86,14 +90,14 @@ def main(argv=None) -> int:
                 settings = FinetuneSettings(steps=args.steps, batch_size=args.batch_size, lr=ARM_LR[arm], seed=seed,
                                             trainable=arm, val_fraction=0.0, val_every=args.steps,
                                             prompts=PromptSettings(zoom_in_probability=args.zoom_in_share))
+                base = base_sha256(model)     # before fine-tuning: a decoder arm changes what it hashes
                 began = time.perf_counter()
                 run = finetune(model, adaptation[:k], settings)
                 print(f"[{time.perf_counter() - start:.0f} s] k={k} {arm} seed {seed}: {args.steps} steps in "
                       f"{time.perf_counter() - began:.0f} s, last-20 loss "
                       f"{np.mean([h['loss'] for h in run.history[-20:]]):.3f}", file=sys.stderr, flush=True)
-                if arm == "experts" and args.save_pack and k == args.save_k and seed == args.seeds[0]:
-                    write_pack(args.save_pack, model, settings, base_sha256(model), adaptation[:k], run,
-                               overwrite=True)
+                if arm == args.save_arm and args.save_pack and k == args.save_k and seed == args.seeds[0]:
+                    write_pack(args.save_pack, model, settings, base, adaptation[:k], run, overwrite=True)
                     print(f"wrote {args.save_pack}", file=sys.stderr)
                 results += score(model, arm, k, seed)
     print(f"weights: {args.weights} | {len(results)} rows in {time.perf_counter() - start:.0f} s | steps "

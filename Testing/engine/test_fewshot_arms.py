@@ -51,3 +51,30 @@ def test_only_expert_arms_are_saved_as_packs(chaos_case, tmp_path):
     assert not (tmp_path / "pack.safetensors").exists()
     with pytest.raises(InputError, match="unknown trainable set"):
         finetune(tiny_model(), [chaos_case], FinetuneSettings(steps=1, trainable="encoder"))
+
+
+def test_expert_packs_are_found_by_file_or_bundled_name(tmp_path):
+    from medsegx_core.errors import WeightsError
+    from medsegx_core.weights.expert_pack import bundled_packs, find_expert_pack
+
+    pack = tmp_path / "mine.safetensors"
+    pack.write_bytes(b"")
+    assert find_expert_pack(str(pack)) == pack
+    with pytest.raises(WeightsError, match="no bundled pack of that name"):
+        find_expert_pack("no_such_pack")
+    for name, path in bundled_packs().items():
+        assert find_expert_pack(name) == path
+
+
+def test_every_bundled_pack_loads_on_the_starter_model():
+    """A bundled pack was trained on the shipped starter weights (its recorded base hash matches them)."""
+    from medsegx_core.weights.default import starter_weights_dir
+    from medsegx_core.weights.expert_pack import bundled_packs, load_expert_pack
+    from medsegx_core.weights.store import load_model
+
+    for name, path in bundled_packs().items():
+        model = load_model(starter_weights_dir())
+        before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("conmoae.")}
+        load_expert_pack(model, path)
+        after = model.state_dict()
+        assert any(not torch.equal(v, after[k]) for k, v in before.items()), f"{name} changed no expert"

@@ -123,7 +123,10 @@ def test_listing_offline_instructions_and_remembered_choice(home, imported_weigh
     assert starter.path == starter_weights_dir() and starter.size_bytes > 1e5 and "MODEL_CARD" in starter.source
     assert starter.licence and starter.devices[-1] == "cpu"
     assert not next(e for e in listed if e.kind == "official").installed
-    assert [e.name for e in listed if e.kind == "expert pack"] == ["starter experts (bundled)"]
+    from medsegx_core.weights.expert_pack import bundled_packs
+    assert [e.name for e in listed if e.kind == "expert pack"] == (
+        ["starter experts (bundled)"] + [f"{name} (bundled)" for name in bundled_packs()])
+    assert "abdominal_mr" in bundled_packs()
     assert "experts trained on" in next(e for e in listed if e.kind == "expert pack").source
 
     shutil.copytree(imported_weights, home / "weights" / "tiny")

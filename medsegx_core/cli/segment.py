@@ -94,10 +94,10 @@ def run(args: argparse.Namespace) -> int:
             model = load_model(weights, tokenizer=args.tokenizer)
             # adapter experts fine-tuned on this base (medsegx finetune); refused on another base
             if args.experts:
-                from ..weights.expert_pack import load_expert_pack
+                from ..weights.expert_pack import find_expert_pack, load_expert_pack
 
                 update(0.02, "loading the expert pack")
-                load_expert_pack(model, Path(args.experts).expanduser())
+                load_expert_pack(model, find_expert_pack(args.experts))
             predictor = Predictor(model, device=args.device, precision=args.precision,
                                   preprocessing=args.preprocessing)
             predictor.set_volume(volume, modality=args.modality, progress=scaled(update, 0.05, 0.3))
@@ -176,7 +176,8 @@ def register(subparsers) -> None:
                              "(default: $MEDSEGX_WEIGHTS, installed official weights, else the bundled starter "
                              "model)")
     parser.add_argument("--experts", metavar="PACK",
-                        help="expert pack from 'medsegx finetune' (.safetensors) to load on top of the weights")
+                        help="expert pack to load on top of the weights: a .safetensors file from 'medsegx finetune' "
+                             "or the name of a bundled pack (e.g. abdominal_mr, for the starter model)")
     parser.add_argument("--tokenizer", help="folder of tokenizer files when they are not beside the weights")
     parser.add_argument("--preprocessing", choices=PROFILES, default="canonical",
                         help="canonical (default): reorient to RAS+ first, so storage order does not matter; "

@@ -24,6 +24,28 @@ from ..modeling.conmoae import ConMoAE, ConMoAEConfig, attach_experts_to_model
 PACK_FORMAT = "medsegx-expert-pack"
 PACK_VERSION = "1"
 EXPERT_STATE_PREFIX = "conmoae."   # attached experts' state-dict keys (model.conmoae): never base weights
+# Packs shipped with the engine for the bundled starter model, named by their file's stem ("abdominal_mr").
+BUNDLED_PACKS_DIR = Path(__file__).resolve().parents[1] / "resources" / "expert_packs"
+
+
+def bundled_packs() -> Dict[str, Path]:
+    """name -> file of every expert pack shipped with the engine."""
+    if not BUNDLED_PACKS_DIR.is_dir():
+        return {}
+    return {path.stem: path for path in sorted(BUNDLED_PACKS_DIR.glob("*.safetensors"))}
+
+
+def find_expert_pack(name_or_path: Union[str, Path]) -> Path:
+    """An expert pack given as a file, or by the name of a bundled pack (``medsegx segment --experts
+    abdominal_mr``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    packs = bundled_packs()
+    if str(name_or_path) in packs:
+        return packs[str(name_or_path)]
+    raise WeightsError(f"expert pack {name_or_path}: no such file, and no bundled pack of that name (bundled: "
+                       f"{', '.join(packs) or 'none'}); give the .safetensors file 'medsegx finetune' wrote")
 
 
 def base_state(model: nn.Module) -> Dict[str, torch.Tensor]:
