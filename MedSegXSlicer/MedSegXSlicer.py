@@ -118,6 +118,8 @@ class MedSegXSlicerParameterNode:
     text - structure name, or a list of them.
     device - auto / cuda / cpu.
     autoSegment - segment again after each click.
+    sliceMode - MedSegX's 2D model on the box's slice (the box one slice thick) instead of SegVol on the volume.
+    propagate - in slice mode, go on to the neighbouring slices until the structure ends.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -128,6 +130,8 @@ class MedSegXSlicerParameterNode:
     text: str = ""
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     autoSegment: bool = True
+    sliceMode: bool = False
+    propagate: bool = False
 
 
 #
@@ -370,7 +374,8 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             task = self.logic.startSegmentation(
                 p.inputVolume, p.outputSegmentation, text=p.text, pointsNode=p.positivePoints,
                 negativePointsNode=p.negativePoints, roiNode=p.boxRoi,
-                segmentId=self.ui.segmentSelector.currentSegmentID() or None)
+                segmentId=self.ui.segmentSelector.currentSegmentID() or None, sliceMode=p.sliceMode,
+                propagate=p.propagate)
             for warning in task.warnings:
                 slicer.util.showStatusMessage(f"MedSegX: {warning}", 5000)
             self._runInBackground(task, self._finishSegmentation, _("Segmenting..."))

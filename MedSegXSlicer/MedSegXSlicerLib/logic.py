@@ -306,9 +306,17 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         return ids if isinstance(ids, list) else [ids]
 
     def segmentSlice(self, volumeNode, roiNode, segmentationNode=None, text=None, propagate: bool = False,
-                     sliceIndex: Optional[int] = None, **kwargs) -> str:
+                     sliceIndex: Optional[int] = None, progress: Optional[ProgressCallback] = None,
+                     cancel: Optional[CancelToken] = None, **kwargs) -> str:
         """MedSegX slice mode (``slice_mode.SliceModeLogic``): the ROI's slice, or its neighbours too with
-        ``propagate``; the chosen weights when they are MedSegX's 2D model, else the installed one."""
+        ``propagate``; the chosen weights when they are MedSegX's 2D model, else the installed one. Console:
+        start + wait + finish; the widget uses ``startSegmentation(..., sliceMode=True)``."""
+        task = self._sliceModeLogic().start(self.worker, volumeNode, roiNode, segmentationNode, text=text,
+                                            propagate=propagate, sliceIndex=sliceIndex, cancel=cancel, **kwargs)
+        task.job.wait(on_progress=progress)
+        return self._sliceMode.finish(task)
+
+    def _sliceModeLogic(self):
         from medsegx_core.weights.store import MEDSEGX2D_KIND, weights_kind
 
         from .slice_mode import SliceModeLogic
@@ -318,15 +326,20 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         if getattr(self, "_sliceMode", None) is None or self._sliceMode.weightsPath != chosen \
                 or self._sliceMode.device != self.device:
             self._sliceMode = SliceModeLogic(chosen, self.device)
-        return self._sliceMode.segment(volumeNode, roiNode, segmentationNode, text=text, propagate=propagate,
-                                       sliceIndex=sliceIndex, **kwargs)
+        return self._sliceMode
 
     # ---- the two halves (widget) ------------------------------------------------------------------------------
     def startSegmentation(self, volumeNode, segmentationNode=None, text=None, pointsNode=None,
                           roiNode=None, segmentId: Optional[str] = None, cancel: Optional[CancelToken] = None,
                           negativePointsNode=None, segmentName: Optional[str] = None,
-                          modality: Optional[str] = None) -> SegmentationTask:
-        """Check the inputs, convert them, and queue the engine work; returns at once (main thread)."""
+                          modality: Optional[str] = None, sliceMode: bool = False,
+                          propagate: bool = False) -> SegmentationTask:
+        """Check the inputs, convert them, and queue the engine work; returns at once (main thread).
+        ``sliceMode``: MedSegX's 2D model on the box's slice (``propagate``: and its neighbours) instead."""
+        if sliceMode:
+            return self._sliceModeLogic().start(self.worker, volumeNode, roiNode, segmentationNode, text=text,
+                                                modality=modality, propagate=propagate, segmentName=segmentName,
+                                                cancel=cancel)
         mrml_conversion.check_volume_node(volumeNode)
         if segmentationNode is not None and not segmentationNode.IsA("vtkMRMLSegmentationNode"):
             raise InputError(f"output '{segmentationNode.GetName()}' is a {segmentationNode.GetClassName()}, "
@@ -395,6 +408,8 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         """Write a finished job's masks into their segments (main thread); returns the segment ID (a list for
         several structures). Re-raises the job's error; ``Cancelled`` after writing the structures that had
         finished, if any (the message names what was kept)."""
+        if not isinstance(task, SegmentationTask):     # a slice-mode task (startSegmentation(sliceMode=True))
+            return self._sliceMode.finish(task)
         cancelled = None
         try:
             task.job.result()

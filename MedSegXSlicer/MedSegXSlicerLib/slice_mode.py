@@ -12,6 +12,7 @@ for the Models panel.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -119,28 +120,72 @@ class SliceModeLogic:
                 segmentName: Optional[str] = None, progress: Optional[ProgressCallback] = None,
                 cancel: Optional[CancelToken] = None) -> str:
         """Segment the ROI's slice (or ``sliceIndex``; with ``propagate`` its neighbours too) into a new segment
-        of ``segmentationNode`` (created when None); returns the segment ID. ``self.lastResult`` keeps the
-        engine's result (per-slice outputs, notes)."""
+        of ``segmentationNode`` (created when None), in the calling thread; returns the segment ID.
+        ``self.lastResult`` keeps the engine's result (per-slice outputs, notes)."""
+        run, task = self._prepare(volumeNode, roiNode, segmentationNode, text, modality, sliceIndex, propagate,
+                                  segmentName)
+        task.result = run(progress, cancel)
+        return self.finish(task)
+
+    def start(self, worker, volumeNode, roiNode, segmentationNode=None, text: Optional[str] = None,
+              modality: Optional[str] = None, sliceIndex: Optional[int] = None, propagate: bool = False,
+              segmentName: Optional[str] = None, cancel: Optional[CancelToken] = None) -> "SliceTask":
+        """As ``segment``, with the engine work queued on ``worker`` (the Logic's thread, so Slicer keeps
+        responding during a propagation); ``finish`` writes the result (main thread)."""
+        run, task = self._prepare(volumeNode, roiNode, segmentationNode, text, modality, sliceIndex, propagate,
+                                  segmentName)
+        what = "propagate" if propagate else "segment a slice"
+        task.job = worker.submit(run, cancel, description=f"MedSegX: {what} of '{volumeNode.GetName()}'")
+        return task
+
+    def _prepare(self, volumeNode, roiNode, segmentationNode, text, modality, sliceIndex, propagate, segmentName):
+        """Main thread: read the volume and the box from their nodes; returns the engine work and its task."""
         if roiNode is None:
             raise InputError("MedSegX slice mode needs a box: place an ROI one slice thick on the structure (or "
                              "draw it on a slice view)")
-        predictor = self._requirePredictor()
         volume, rgb = slice_volume_from_node(volumeNode, modality)
         prompts = mrml_conversion.prompts_from_nodes(volume, volumeNode.GetName(), text=text,
                                                      roi_node=roiNode).prompts
         key = (mrml_conversion.volume_key(volumeNode), modality)
-        if key != self._volume_key:
-            predictor.set_volume(volume, modality=modality, rgb=rgb)
-            self._volume_key = key
-        result = predictor.segment(prompts, slice_index=sliceIndex, propagate=propagate, progress=progress,
-                                   cancel=cancel)
+
+        def run(progress: Optional[ProgressCallback], cancel: Optional[CancelToken]):
+            predictor = self._requirePredictor()
+            if key != self._volume_key:
+                predictor.set_volume(volume, modality=modality, rgb=rgb)
+                self._volume_key = key
+            return predictor.segment(prompts, slice_index=sliceIndex, propagate=propagate, progress=progress,
+                                     cancel=cancel)
+
+        return run, SliceTask(volumeNode, segmentationNode, segmentName)
+
+    def finish(self, task: "SliceTask") -> str:
+        """Write the engine's result as a new segment (main thread); re-raises the engine's error."""
+        result = task.job.result() if task.job is not None else task.result
+        volumeNode, segmentationNode = task.volume_node, task.segmentation_node
         if segmentationNode is None:
             segmentationNode = volumeNode.GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                                        f"{volumeNode.GetName()} MedSegX")
             segmentationNode.CreateDefaultDisplayNodes()
-        name = segmentName or result.name or "segment"
+            task.segmentation_node = segmentationNode
+        name = task.segment_name or result.name or "segment"
         color, terminology = segment_appearance(name, segmentationNode.GetSegmentation().GetNumberOfSegments())
         self.lastResult = result
-        return segment_writer.write_segment(
+        segment_id = segment_writer.write_segment(
             segmentationNode, result.mask, mrml_conversion.world_ijk_to_ras(volumeNode), segment_id=None,
             name=name, color=color, terminology=terminology, reference_volume_node=volumeNode)
+        task.status = f"MedSegX slice mode: '{name}' written"
+        return segment_id
+
+
+@dataclass
+class SliceTask:
+    """A slice-mode request in flight: the engine job (None when run in the calling thread) and where its
+    result goes."""
+
+    volume_node: object
+    segmentation_node: Optional[object]
+    segment_name: Optional[str]
+    job: Optional[object] = None
+    result: Optional[object] = None
+    status: str = ""
+    warnings: list = field(default_factory=list)

@@ -130,3 +130,30 @@ def test_the_module_logic_delegates_to_slice_mode(home, ct):
         assert segmentation.GetSegmentation().GetSegment(segment_id).GetName() == "spleen"
     finally:
         logic.cleanup()
+
+
+def test_the_widget_path_runs_slice_mode_on_the_worker_thread(home, ct):
+    """startSegmentation(sliceMode=True) returns at once with the engine job on the Logic's worker thread (so
+    Slicer keeps responding while a propagation runs); finishSegmentation writes what segmentSlice writes."""
+    import threading
+
+    from MedSegXSlicerLib import MedSegXSlicerLogic
+
+    logic = MedSegXSlicerLogic(weightsPath=home / "weights" / "medsegx", device="cpu")
+    try:
+        roi = sb.add_roi_on_voxels(ct.GetScene(), ct, (*FIRST, 20), (*LAST, 20))
+        engine_threads = []
+        task = logic.startSegmentation(ct, None, text="spleen", roiNode=roi, sliceMode=True, propagate=True)
+        logic.worker.submit(lambda progress, cancel: engine_threads.append(threading.get_ident())).wait()
+        messages = []
+        task.job.wait(on_progress=lambda fraction, message: messages.append(message))
+        assert engine_threads and engine_threads[0] != threading.get_ident()
+        assert any("slice" in m for m in messages)
+        segment_id = logic.finishSegmentation(task)
+        threaded = segment_mask(task.segmentation_node, segment_id, ct)
+        direct = segment_mask(task.segmentation_node, logic.segmentSlice(ct, roi, task.segmentation_node,
+                                                                         text="spleen", propagate=True), ct)
+        assert threaded.any() and np.array_equal(threaded, direct)
+        assert "written" in task.status
+    finally:
+        logic.cleanup()
