@@ -6,23 +6,15 @@ import pytest
 import torch
 
 from medsegx_core.errors import InputError
-from medsegx_core.modeling.build import build_model
-from medsegx_core.modeling.config import preset
 from medsegx_core.training.finetune import FinetuneSettings, base_sha256, finetune, prepare_model, write_pack
 from medsegx_core.training.starter_data import CHAOS_ADAPTATION_PATIENTS, CHAOS_CASES, load_case
+from test_finetune import tiny_model      # the fine-tuning tests' tiny model (seed 0)
 
 
 @pytest.fixture(scope="module")
 def chaos_case(data_dir):
     first = next(spec for spec in CHAOS_CASES if spec.patient == f"chaos-{CHAOS_ADAPTATION_PATIENTS[0]}")
     return load_case(data_dir, first).labelled
-
-
-def tiny_model():
-    config = preset("tiny-minilm")
-    config.name, config.image_size = "test-16x64x64", (16, 64, 64)
-    torch.manual_seed(0)
-    return build_model(config)
 
 
 @pytest.mark.parametrize("arm, expected", [("experts", {"conmoae"}), ("decoder", {"mask_decoder"}),

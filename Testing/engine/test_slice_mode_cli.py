@@ -140,6 +140,8 @@ def test_refusals(imported, data_dir, fixtures_dir, ct_png, tmp_path, capsys):
         ([tmp_path / "rgb.nrrd", "--ijk", "--box", "2", "2", "1", "20", "15", "1"], imported, "RGB"),
         ([ct_png, "--ijk", "--box", "40", "25", "0", "100", "80", "0"], segvol, "not MedSegX's 2D model"),
         ([ct, "--ijk", "--box", "40", "25", "5", "100", "80", "5", "--propagate"], segvol, "not MedSegX's 2D model"),
+        ([ct, "--ijk", "--box", "40", "25", "5", "100", "80", "5", "--min-confidence", "0.5"], imported,
+         "--min-confidence applies to the volumetric"),
     ]
     for arguments, weights, message in cases:
         assert main(["segment", *map(str, arguments), "--weights", str(weights), "-o", str(out)]) == 1, message

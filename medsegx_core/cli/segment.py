@@ -74,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         if prompts.text:
             resolve_term(prompts.text)
     slices = slice_weights(args)   # MedSegX's 2D model (slice mode), else None: SegVol on the volume
+    if slices is not None and args.min_confidence is not None:
+        raise InputError("--min-confidence applies to the volumetric (SegVol) model; MedSegX slice mode reports no "
+                         "presence confidence: drop the option")
     volume, rgb = read_input(args, slices is not None)
     for prompts in prompt_sets:
         prompts.to_voxel(volume)
