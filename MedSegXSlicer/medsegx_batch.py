@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # MedSegXSlicerLib beside this script
 
-EXIT_OK, EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_CANCELLED = 0, 1, 2, 130
+# 0 written, 1 user error and 130 cancelled are medsegx's own codes (medsegx_core.cli); 2 is for a bug here
+EXIT_OK, EXIT_USER_ERROR, EXIT_INTERNAL_ERROR = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,17 +86,15 @@ def _box_node(scene, corners):
 
 def _engine_prompts(args):
     """The prompt sets, checked by the engine's rules (the same as ``medsegx segment``'s) before any work."""
-    from medsegx_core.data.hierarchy import resolve_term
-    from medsegx_core.prompts import BoxPrompt, PointPrompt, prompt_sets, text_list
+    from medsegx_core.data.hierarchy import resolve_structures
+    from medsegx_core.prompts import BoxPrompt, PointPrompt, prompt_sets
 
     points = [PointPrompt(tuple(p)) for p in args.point] + \
         [PointPrompt(tuple(p), positive=False) for p in args.negative_point]
     box = BoxPrompt(tuple(args.box[:3]), tuple(args.box[3:])) if args.box else None
-    sets = prompt_sets(text_list(args.text), points, box, args.name)
-    for prompts in sets:
-        if prompts.text:
-            resolve_term(prompts.text)  # an unknown structure is refused before the volume is read
-    return sets
+    # an unknown structure is refused before the volume is read
+    texts = [term.name for term in resolve_structures(args.text)] or [None]
+    return prompt_sets(texts, points, box, args.name)
 
 
 def _expert_pack_module():
@@ -191,27 +189,19 @@ def _print_progress(fraction: float, message: str) -> None:
 
 
 def main(argv=None) -> int:
-    from medsegx_core.errors import Cancelled, MedSegXError
+    from medsegx_core.cli import exit_code_of
 
     args = build_parser().parse_args(argv)
-    try:
+
+    def segment_and_report() -> int:
         names = run(args)
-    except Cancelled as exc:
-        print(f"medsegx_batch: {exc}", file=sys.stderr)
-        return EXIT_CANCELLED
-    except KeyboardInterrupt:
-        print("medsegx_batch: interrupted; nothing was written", file=sys.stderr)
-        return EXIT_CANCELLED
-    except MedSegXError as exc:
-        print(f"medsegx_batch: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except Exception:  # noqa: BLE001 - a bug: keep the traceback, distinct exit code
-        traceback.print_exc()
-        return EXIT_INTERNAL_ERROR
-    listing = ", ".join(repr(n) for n in names)
-    print(f"medsegx_batch: wrote segment{'s' if len(names) > 1 else ''} {listing} to {args.output}",
-          file=sys.stderr)
-    return EXIT_OK
+        listing = ", ".join(repr(n) for n in names)
+        print(f"medsegx_batch: wrote segment{'s' if len(names) > 1 else ''} {listing} to {args.output}",
+              file=sys.stderr)
+        return EXIT_OK
+
+    # the same outcomes and wording as 'medsegx segment', plus a distinct code for a bug
+    return exit_code_of("medsegx_batch", segment_and_report, internal_error=EXIT_INTERNAL_ERROR)
 
 
 def _exit(code: int) -> None:

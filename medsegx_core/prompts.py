@@ -2,8 +2,10 @@
 
 A user clicks in patient space; the model works in voxel space. The conversion goes through the volume's own
 RASToIJK matrix, so it is exact on oblique and mirrored grids. Anything that cannot be segmented (no prompt at
-all, a point or box outside the volume, a malformed coordinate) is a ``PromptError`` naming the prompt and the
-volume's RAS bounds.
+all, a point or box outside the volume, a malformed coordinate) is a ``PromptError`` naming the prompt, the volume
+(its ``source``: the file, or the Slicer node's name) and its RAS bounds. This is the one check of what the user
+gave: the command line, the Slicer batch script and the Slicer Logic call ``to_voxel`` before any work, and the
+predictor calls it again on every request.
 
 Voxel indices are ``(i, j, k)`` (ITK order); arrays are indexed ``[k, j, i]``.
 """
@@ -40,6 +42,12 @@ def _space(space: str, what: str) -> str:
 
 def _fmt(triple) -> str:
     return "(" + ", ".join(f"{v:g}" for v in triple) + ")"
+
+
+def _the_volume(volume: Volume) -> str:
+    """"the volume 'NAME'" when the volume knows where it came from (a file, a Slicer node's name): the user may
+    have several open."""
+    return f"the volume '{volume.source}'" if volume.source else "the volume"
 
 
 @dataclass(frozen=True)
@@ -141,10 +149,11 @@ class Prompts:
             raise PromptError(f"nothing to segment ({what}): give a structure name, a positive point or a box")
         points = np.array([p.to_ijk(volume) for p in self.points], dtype=float).reshape(-1, 3)
         inside = volume.contains_ijk(points)
+        last_voxel = _fmt(np.subtract(volume.shape_ijk, 1))
         for point, ok in zip(self.points, inside):
             if not ok:
-                raise PromptError(f"{point.describe()} is outside the volume ({volume.describe_ras_bounds()}, "
-                                  f"voxels 0..{_fmt(np.subtract(volume.shape_ijk, 1))}); click inside the image")
+                raise PromptError(f"{point.describe()} is outside {_the_volume(volume)} "
+                                  f"({volume.describe_ras_bounds()}, voxels 0..{last_voxel}); click inside the image")
         labels = np.array([1 if p.positive else 0 for p in self.points], dtype=np.int64)
         return VoxelPrompts(self.text, points, labels, None if self.box is None else _box_in(self.box, volume))
 
@@ -159,8 +168,8 @@ def _box_in(box: BoxPrompt, volume: Volume) -> np.ndarray:
     lo, hi = box.to_ijk(volume)
     last = np.asarray(volume.shape_ijk, dtype=float) - 1
     if np.any(hi < -0.5) or np.any(lo > last + 0.5):
-        raise PromptError(f"{box.describe()} is outside the volume ({volume.describe_ras_bounds()}); draw the box "
-                          f"over the image")
+        raise PromptError(f"{box.describe()} is outside {_the_volume(volume)} ({volume.describe_ras_bounds()}); "
+                          f"draw the box over the image")
     clipped = np.stack([np.clip(lo, 0, last), np.clip(hi, 0, last)])
     if np.count_nonzero(clipped[1] - clipped[0] >= 0.5) < 2:
         raise PromptError(f"{box.describe()} has no size inside the volume (it is a point or a line); give two "
@@ -168,20 +177,12 @@ def _box_in(box: BoxPrompt, volume: Volume) -> np.ndarray:
     return clipped
 
 
-def text_list(values) -> List[Optional[str]]:
-    """Structure names from repeated options and/or comma lists (``"liver, spleen, left kidney"``), in order.
-
-    ``[None]`` when no name was given (one prompt set made of clicks and/or a box)."""
-    names = [part.strip() for value in (values or []) for part in str(value).split(",")]
-    names = [name for name in names if name]
-    return names or [None]
-
-
 def prompt_sets(texts: Sequence[Optional[str]], points: Sequence[PointPrompt] = (), box: Optional[BoxPrompt] = None,
                 name: Optional[str] = None) -> List[Prompts]:
     """One prompt set per structure: each text alone, or one set holding the clicks and the box (with at most one
-    text). ``name`` (a segment name chosen by the user) is refused with several structures. The command line and
-    the Slicer batch script share this rule (and its wording: their options are the same)."""
+    text). ``texts``: the structures of ``hierarchy.resolve_structures`` (``[None]`` for none). ``name`` (a segment
+    name chosen by the user) is refused with several structures. The command line and the Slicer batch script
+    share this rule (and its wording: their options are the same)."""
     texts = list(texts) or [None]
     if len(texts) > 1 and (points or box is not None):
         raise PromptError(f"{len(texts)} structure names (--text) with points or a box: clicks and boxes "
@@ -192,4 +193,4 @@ def prompt_sets(texts: Sequence[Optional[str]], points: Sequence[PointPrompt] = 
     return [Prompts(text=text, points=tuple(points), box=box) for text in texts]
 
 
-__all__ = ["PointPrompt", "BoxPrompt", "Prompts", "VoxelPrompts", "SPACES", "text_list", "prompt_sets"]
+__all__ = ["PointPrompt", "BoxPrompt", "Prompts", "VoxelPrompts", "SPACES", "prompt_sets"]

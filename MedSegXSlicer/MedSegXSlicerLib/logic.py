@@ -35,6 +35,7 @@ from typing import List, Mapping, Optional
 
 import numpy as np
 
+from medsegx_core.data.hierarchy import resolve_structures
 from medsegx_core.errors import Cancelled, GeometryError, InputError, WeightsError
 from medsegx_core.inference.choices import DEVICES  # torch-free: the engine's own device names
 from medsegx_core.progress import CancelToken, ProgressCallback, report, scaled
@@ -344,7 +345,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         if segmentationNode is not None and not segmentationNode.IsA("vtkMRMLSegmentationNode"):
             raise InputError(f"output '{segmentationNode.GetName()}' is a {segmentationNode.GetClassName()}, "
                              f"not a segmentation: choose or create a segmentation node")
-        terms = structures.resolve_structures(text)
+        terms = resolve_structures(text, presets=structures.PRESET_STRUCTURES)
         if len(terms) > 1:
             _check_list_request(terms, pointsNode, negativePointsNode, roiNode, segmentId, segmentName)
         self._requirePackages()
@@ -533,7 +534,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def structurePresets() -> dict:
         """Preset name -> its structures, for the text field's menu."""
-        return {name: list(preset.structures) for name, preset in structures.PRESETS.items()}
+        return {name: list(names) for name, names in structures.PRESET_STRUCTURES.items()}
 
     # ---- models panel -----------------------------------------------------------------------------------------
     @staticmethod

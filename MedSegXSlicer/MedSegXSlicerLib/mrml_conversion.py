@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import numpy as np
 import slicer
@@ -130,20 +130,14 @@ def mark_points_node(points_node, label: str) -> None:
     points_node.SetAttribute(POINT_LABEL_ATTRIBUTE, label)
 
 
-@dataclass(frozen=True)
-class MarkupPoint:
-    """One defined control point in world RAS, with where it came from (for error messages)."""
-
-    ras: tuple
-    positive: bool
-    node_name: str
-    point_label: str
-
-
 def markup_points(points_node, positive: Optional[bool] = None) -> list:
-    """Defined control points of a fiducial node in world RAS; ``positive`` overrides the node's attribute.
+    """Defined control points of a fiducial node as engine ``PointPrompt``s in world RAS; ``positive`` overrides
+    the node's attribute. Points still being placed (preview / undefined position) are skipped.
 
-    Points still being placed (preview / undefined position) are skipped."""
+    Whether they lie inside the volume is the engine's check (``Prompts.to_voxel``), run in ``prompts_from_nodes``.
+    """
+    from medsegx_core.prompts import PointPrompt
+
     if not points_node.IsA("vtkMRMLMarkupsFiducialNode"):
         raise PromptError(f"points node {_node_label(points_node)} is a {points_node.GetClassName()}, "
                           f"not a point list (markups fiducial node)")
@@ -155,21 +149,8 @@ def markup_points(points_node, positive: Optional[bool] = None) -> list:
         if points_node.GetNthControlPointPositionStatus(n) != points_node.PositionDefined:
             continue
         points_node.GetNthControlPointPositionWorld(n, position)
-        points.append(MarkupPoint(tuple(float(v) for v in position), is_positive, points_node.GetName(),
-                                  points_node.GetNthControlPointLabel(n)))
+        points.append(PointPrompt(position=tuple(float(v) for v in position), positive=is_positive))
     return points
-
-
-def check_points_inside(points: Sequence[MarkupPoint], volume: Volume, volume_name: str) -> None:
-    if not points:
-        return
-    inside = volume.contains_ijk(volume.ras_to_ijk_points(np.array([p.ras for p in points])))
-    for point, ok in zip(points, inside):
-        if not ok:
-            raise PromptError(
-                f"point '{point.point_label}' of '{point.node_name}' at RAS "
-                f"({', '.join(f'{v:.1f}' for v in point.ras)}) is outside volume '{volume_name}' "
-                f"({volume.describe_ras_bounds()}): move or delete it")
 
 
 # ---- box ------------------------------------------------------------------------------------------------------
@@ -227,7 +208,6 @@ class PromptsFromScene:
     """The engine's ``Prompts`` plus what the user should be told about how the markups were read."""
 
     prompts: object  # medsegx_core.prompts.Prompts
-    points: list
     box: Optional[RoiBox]
     warnings: list
 
@@ -235,20 +215,22 @@ class PromptsFromScene:
 def prompts_from_nodes(volume: Volume, volume_name: str, text: Optional[str] = None,
                        points_nodes: Iterable = (), negative_nodes: Iterable = (),
                        roi_node=None) -> PromptsFromScene:
-    """Text + clicks + box in world RAS, checked against the volume; raises ``PromptError`` when there is none."""
-    from medsegx_core.prompts import BoxPrompt, PointPrompt, Prompts
+    """Text + clicks + box in world RAS, checked against the volume; raises ``PromptError`` when there is none.
+
+    The clicks and the box are checked by the engine (``Prompts.to_voxel``: something to segment, every point
+    inside the volume), here on the main thread so that the user hears of a misplaced click before any work."""
+    from medsegx_core.prompts import BoxPrompt, Prompts
 
     text = (text or "").strip() or None
     points = [p for node in points_nodes if node is not None for p in markup_points(node)]
     points += [p for node in negative_nodes if node is not None for p in markup_points(node, positive=False)]
-    check_points_inside(points, volume, volume_name)
     box = roi_box(roi_node, volume, volume_name) if roi_node is not None else None
     if text is None and not points and box is None:
         raise PromptError(f"no prompt for volume '{volume_name}': type a structure name, click points, or place "
                           f"an ROI box")
     prompts = Prompts(
-        text=text,
-        points=tuple(PointPrompt(position=p.ras, positive=p.positive) for p in points),
-        box=None if box is None else BoxPrompt(corner_a=tuple(box.ijk_min.tolist()), corner_b=tuple(box.ijk_max.tolist()),
-                                               space="ijk"))
-    return PromptsFromScene(prompts, points, box, list(box.warnings) if box is not None else [])
+        text=text, points=tuple(points),
+        box=None if box is None else BoxPrompt(corner_a=tuple(box.ijk_min.tolist()),
+                                               corner_b=tuple(box.ijk_max.tolist()), space="ijk"))
+    prompts.to_voxel(volume)
+    return PromptsFromScene(prompts, box, list(box.warnings) if box is not None else [])

@@ -1,18 +1,17 @@
-"""Several structures in one request: the text field's list ("liver, spleen, left kidney") and its presets.
+"""Several structures in one request: the text field's presets ("abdominal organs") and how a list is described.
 
-A list is split on commas, semicolons and new lines; a preset name ("abdominal organs") stands for its
-structures. Every name resolves through the anatomy hierarchy (synonyms, typos with suggestions), duplicates
-(after resolution: "liver, Liver" or "kidney_left, left kidney") are dropped, and an unknown name is a
-``UnknownTermError`` naming it before any work starts.
+The list itself ("liver, spleen; left kidney") is the engine's: ``medsegx_core.data.hierarchy.resolve_structures``
+splits it, expands the presets given to it (``PRESET_STRUCTURES``), resolves every name through the anatomy
+hierarchy (synonyms, typos with suggestions), drops duplicates after resolution and refuses an unknown name
+(``UnknownTermError`` naming it) before any work starts; ``medsegx segment`` uses the same rule.
 
 Presets are lists of hierarchy nodes grouped by the region the hierarchy files them under (``region``): a
 test checks that every structure of a preset resolves exactly and lies under that region.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -29,39 +28,8 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("pelvic organs", "pelvis", ("urinary bladder", "prostate")),
 )}
 
-_SEPARATORS = re.compile(r"[,;\n]+")
-
-
-def preset_names() -> List[str]:
-    return list(PRESETS)
-
-
-def split_structure_list(text: Union[str, Sequence[str], None]) -> List[str]:
-    """The names in a text field or a list, presets expanded, blanks dropped (not resolved yet)."""
-    if text is None:
-        return []
-    items = _SEPARATORS.split(text) if isinstance(text, str) else [part for item in text
-                                                                   for part in _SEPARATORS.split(str(item))]
-    names: List[str] = []
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        preset = PRESETS.get(item.lower())
-        names.extend(preset.structures if preset is not None else (item,))
-    return names
-
-
-def resolve_structures(text: Union[str, Sequence[str], None]) -> list:
-    """``ResolvedTerm`` of every structure named (order kept, duplicates dropped); [] for no text."""
-    from medsegx_core.data.hierarchy import resolve_term
-
-    terms, seen = [], set()
-    for name in split_structure_list(text):
-        term = resolve_term(name)
-        if term.name not in seen:
-            seen.add(term.name)
-            terms.append(term)
-    return terms
+#: preset name -> its structures: what the engine's list rule (``hierarchy.resolve_structures``) expands
+PRESET_STRUCTURES: Dict[str, Tuple[str, ...]] = {name: preset.structures for name, preset in PRESETS.items()}
 
 
 def describe(names: Sequence[str], limit: Optional[int] = None) -> str:

@@ -13,7 +13,7 @@ import slicerio
 from medsegx_core.cli import main
 from medsegx_core.data.readers import read_volume
 
-CT, CT_LABELS = "ct/totalseg_ct.nii.gz", "ct/totalseg_ct_labels.nii.gz"
+CT_LABELS = "ct/totalseg_ct_labels.nii.gz"   # the reference CT's labels
 
 
 def run_cli(capsys, *argv):
@@ -22,17 +22,17 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-def test_info_text_and_json_agree_with_the_volume(capsys, data_dir):
-    volume = read_volume(data_dir / CT)
-    code, out, _ = run_cli(capsys, "info", data_dir / CT)
+def test_info_text_and_json_agree_with_the_volume(capsys, reference_ct):
+    volume = read_volume(reference_ct)
+    code, out, _ = run_cli(capsys, "info", reference_ct)
     assert code == 0
     assert "size (ijk):  122 x 101 x 112 voxels of int32" in out and "spacing:     3 x 3 x 3 mm" in out
     assert f"intensity:   {volume.array.min():g} .. {volume.array.max():g}" in out
     assert "axes:        RAS" in out and "modality:    unknown" in out
-    code, out, _ = run_cli(capsys, "info", data_dir / CT, "--json")
+    code, out, _ = run_cli(capsys, "info", reference_ct, "--json")
     info = json.loads(out)
     assert info["size_ijk"] == [122, 101, 112] and info["intensity_max"] == float(volume.array.max())
-    assert np.allclose(info["origin_lps"], sitk.ReadImage(str(data_dir / CT)).GetOrigin(), atol=1e-5)
+    assert np.allclose(info["origin_lps"], sitk.ReadImage(str(reference_ct)).GetOrigin(), atol=1e-5)
     assert np.allclose(info["ijk_to_ras"], volume.ijk_to_ras, atol=1e-5)
 
 
@@ -50,9 +50,9 @@ def test_info_on_a_bad_file_is_one_line_and_exit_1(capsys, tmp_path):
     assert err.count("\n") == 1 and err.startswith("medsegx: error: ") and "notes.txt: unsupported" in err
 
 
-def test_convert_totalsegmentator_labels_to_seg_nrrd(capsys, data_dir, tmp_path):
+def test_convert_totalsegmentator_labels_to_seg_nrrd(capsys, data_dir, reference_ct, tmp_path):
     out_path = tmp_path / "ct.seg.nrrd"
-    code, out, err = run_cli(capsys, "convert", data_dir / CT_LABELS, "--reference", data_dir / CT,
+    code, out, err = run_cli(capsys, "convert", data_dir / CT_LABELS, "--reference", reference_ct,
                              "--names", data_dir / "totalsegmentator_class_map.json", "--names-key", "total",
                              "-o", out_path)
     assert code == 0, err
@@ -110,8 +110,8 @@ def test_existing_output_needs_overwrite(capsys, data_dir, tmp_path):
     ("names", "no such names file"),
     ("extension", "unknown output type"),
 ])
-def test_convert_errors_exit_1_and_write_nothing(capsys, data_dir, tmp_path, case, message):
-    labelmap, reference, output = data_dir / CT_LABELS, data_dir / CT, tmp_path / "out.seg.nrrd"
+def test_convert_errors_exit_1_and_write_nothing(capsys, data_dir, reference_ct, tmp_path, case, message):
+    labelmap, reference, output = data_dir / CT_LABELS, reference_ct, tmp_path / "out.seg.nrrd"
     extra = []
     if case == "grid":
         labelmap = data_dir / "ct/totalseg_ct_small_labels.nii.gz"

@@ -14,9 +14,9 @@ from medsegx_core.weights.store import load_model
 
 
 @pytest.fixture(scope="module")
-def ct_predictor(data_dir):
+def ct_predictor(reference_ct):
     predictor = Predictor(load_model(starter_weights_dir()), device="cpu")
-    predictor.set_volume(read_volume(data_dir / "ct" / "totalseg_ct.nii.gz"))
+    predictor.set_volume(read_volume(reference_ct))
     return predictor
 
 

@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from medsegx_core.data.hierarchy import (LEVEL_NAMES, context_indices, guess_modality, load_hierarchy,
-                                         normalise, resolve_modality, resolve_task_folder, resolve_term, word_key)
+                                         normalise, resolve_modality, resolve_structures, resolve_task_folder,
+                                         resolve_term, word_key)
 from medsegx_core.errors import PromptError, UnknownTermError
 
 H = load_hierarchy()
@@ -232,6 +233,25 @@ def test_close_but_ambiguous_names_get_suggestions():
     with pytest.raises(UnknownTermError) as info:
         resolve_term("pancreatic")
     assert "pancreas" in info.value.suggestions
+
+
+# ------------------------------------------------------------------------------------- lists of structures
+def test_a_list_splits_resolves_and_drops_duplicates_after_resolution():
+    """The one list rule (command line, batch script, Slicer text field): commas, semicolons and new lines,
+    repeated options, order kept, one structure per meaning ("Liver, liver", "kidney_left, left kidney")."""
+    assert [t.name for t in resolve_structures("Liver, liver;kidney_left\nleft kidney, ")] == \
+        ["liver", "left kidney"]
+    assert [t.name for t in resolve_structures(["spleen", "liver, L kidney"])] == ["spleen", "liver", "left kidney"]
+    assert resolve_structures("  ") == [] and resolve_structures(None) == [] and resolve_structures([]) == []
+    groups = {"upper abdomen": ("liver", "spleen")}
+    assert [t.name for t in resolve_structures("stomach, Upper Abdomen, liver", groups)] == \
+        ["stomach", "liver", "spleen"]
+
+
+def test_a_list_with_an_unknown_name_is_refused_naming_it():
+    with pytest.raises(UnknownTermError, match="unknown structure 'splen kidnee xyz'") as info:
+        resolve_structures("liver, splen kidnee xyz, spleen")
+    assert info.value.text == "splen kidnee xyz"
 
 
 @pytest.mark.parametrize("text", ["", "   ", None])

@@ -22,9 +22,9 @@ class NotWeights:
 
 
 @pytest.fixture(scope="module")
-def paths(data_dir, fixtures_dir):
+def paths(reference_ct, fixtures_dir):
     segvol = fixtures_dir / "segvol_parity"
-    return {"ct": data_dir / "ct" / "totalseg_ct.nii.gz", "weights": segvol / "public" / "model.safetensors",
+    return {"ct": reference_ct, "weights": segvol / "public" / "model.safetensors",
             "tokenizer": segvol / "tokenizer"}
 
 

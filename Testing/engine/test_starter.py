@@ -39,8 +39,8 @@ def starter_model():
 
 
 @pytest.fixture(scope="module")
-def ct(data_dir):
-    volume = read_volume(data_dir / "ct" / "totalseg_ct.nii.gz")
+def ct(data_dir, reference_ct):
+    volume = read_volume(reference_ct)
     labels = read_labelmap(data_dir / "ct" / "totalseg_ct_labels.nii.gz", volume).array
     return volume, labels
 

@@ -21,8 +21,8 @@ from medsegx_core.errors import GeometryError, InputError, OutputError
 
 
 @pytest.fixture(scope="module")
-def totalseg(data_dir):
-    ct = read_volume(data_dir / "ct/totalseg_ct.nii.gz")
+def totalseg(data_dir, reference_ct):
+    ct = read_volume(reference_ct)
     labels = read_labelmap(data_dir / "ct/totalseg_ct_labels.nii.gz", ct)
     names, _ = read_label_names(str(data_dir / "totalsegmentator_class_map.json"), key="total")
     return ct, labels, names

@@ -210,6 +210,20 @@ def test_no_prompt(ct, logic, unchanged):
         logic.segment(ct, unchanged, text="  ", pointsNode=empty)
 
 
+def test_clicks_are_checked_by_the_engine_before_any_work(ct, logic, unchanged):
+    """A click outside the volume, or only exclude clicks: the engine's PromptError (Prompts.to_voxel) from
+    startSegmentation itself, so nothing is queued; the message names the volume and what to do."""
+    scene = ct.GetScene()
+    far = sb.add_points(scene, "include", [sb.world_of_voxel(ct, (300, 5, 5))])
+    with pytest.raises(PromptError, match=r"positive point \(.*\) \(RAS mm\) is outside the volume "
+                                          r"'totalseg_ct_small' \(RAS bounds .*\); click inside the image") as error:
+        logic.startSegmentation(ct, unchanged, text="liver", pointsNode=far)
+    assert "\n" not in str(error.value)
+    exclude_only = sb.add_points(scene, "exclude", [sb.world_of_voxel(ct, NEGATIVE_VOXEL)])
+    with pytest.raises(PromptError, match=r"nothing to segment \(only negative points\): give a structure name"):
+        logic.startSegmentation(ct, unchanged, negativePointsNode=exclude_only)
+
+
 def test_unknown_text(ct, logic, unchanged):
     with pytest.raises(UnknownTermError, match="unknown structure 'livr tumr xyz'") as error:
         logic.segment(ct, unchanged, text="livr tumr xyz")

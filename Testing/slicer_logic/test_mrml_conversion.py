@@ -128,7 +128,9 @@ def test_bad_inputs_raise_one_line_errors(ct):
     with pytest.raises(PromptError, match="no prompt for volume 'ct'"):
         mc.prompts_from_nodes(volume, "ct", text="  ", points_nodes=[None], roi_node=None)
     far = sb.add_points(scene, "clicks", [sb.world_of_voxel(ct, (300, 5, 5))])
-    with pytest.raises(PromptError, match=r"point 'clicks-1' of 'clicks' at RAS .* is outside volume 'ct'"):
+    # the engine's check (Prompts.to_voxel), naming the volume by its node's name
+    outside = rf"positive point \(.*\) \(RAS mm\) is outside the volume '{ct.GetName()}' \(RAS bounds .*\); click"
+    with pytest.raises(PromptError, match=outside):
         mc.prompts_from_nodes(volume, "ct", points_nodes=[far])
     with pytest.raises(InputError, match="no input volume"):
         mc.volume_from_node(None)

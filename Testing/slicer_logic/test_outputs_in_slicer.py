@@ -10,13 +10,12 @@ from medsegx_core.data.readers import read_labelmap, read_volume
 from medsegx_core.data.segments import Segment, complete, read_label_names, segments_from_labelmap
 from medsegx_core.data.writers import write_nifti_labelmap, write_seg_nrrd
 
-CT = "ct/totalseg_ct.nii.gz"
 LABELS = "ct/totalseg_ct_labels.nii.gz"
 
 
 @pytest.fixture(scope="module")
-def totalseg(data_dir):
-    ct = read_volume(data_dir / CT)
+def totalseg(data_dir, reference_ct):
+    ct = read_volume(reference_ct)
     labels = read_labelmap(data_dir / LABELS, ct)
     names, _ = read_label_names(str(data_dir / "totalsegmentator_class_map.json"), key="total")
     return ct, labels, segments_from_labelmap(labels.array, names)
@@ -39,12 +38,12 @@ def test_next_test_does_not_see_the_previous_tests_nodes(slicer_app):
     assert slicer_app.scene.GetFirstNodeByName("left over") is None
 
 
-def test_seg_nrrd_loads_in_slicer_voxel_for_voxel_with_names_colours_and_geometry(slicer_app, totalseg, data_dir,
+def test_seg_nrrd_loads_in_slicer_voxel_for_voxel_with_names_colours_and_geometry(slicer_app, totalseg, reference_ct,
                                                                                 tmp_path):
     ct, labels, segments = totalseg
     path = write_seg_nrrd(tmp_path / "totalseg.seg.nrrd", ct, segments)
 
-    ct_node = slicer.util.loadVolume(str(data_dir / CT))
+    ct_node = slicer.util.loadVolume(str(reference_ct))
     assert np.allclose(matrix(ct_node.GetIJKToRASMatrix), ct.ijk_to_ras, atol=1e-4)  # Slicer agrees on the CT
     node = slicer.util.loadSegmentation(str(path))  # vtkSlicerSegmentationsModuleLogic -> storage node
     segmentation = node.GetSegmentation()
@@ -67,13 +66,13 @@ def test_seg_nrrd_loads_in_slicer_voxel_for_voxel_with_names_colours_and_geometr
     assert list(extent[1::2]) == [n - 1 for n in ct.shape_ijk] and list(extent[::2]) == [0, 0, 0]
 
 
-def test_overlapping_seg_nrrd_loads_in_slicer(slicer_app, totalseg, data_dir, tmp_path):
+def test_overlapping_seg_nrrd_loads_in_slicer(slicer_app, totalseg, reference_ct, tmp_path):
     ct, labels, _ = totalseg
     liver = labels.array == 5
     core = liver & (np.indices(liver.shape)[0] > np.median(np.nonzero(liver)[0]))
     path = write_seg_nrrd(tmp_path / "overlap.seg.nrrd", ct, [Segment("liver", mask=liver),
                                                              Segment("tumor", mask=core, color=(1.0, 1.0, 0.0))])
-    ct_node = slicer.util.loadVolume(str(data_dir / CT))
+    ct_node = slicer.util.loadVolume(str(reference_ct))
     node = slicer.util.loadSegmentation(str(path))
     segmentation = node.GetSegmentation()
     assert segmentation.GetNumberOfLayers() == 2
@@ -83,7 +82,7 @@ def test_overlapping_seg_nrrd_loads_in_slicer(slicer_app, totalseg, data_dir, tm
     assert np.allclose(segmentation.GetSegment("tumor").GetColor(), (1, 1, 0))
 
 
-def test_nifti_labelmap_loads_in_slicer_on_the_ct_grid(slicer_app, totalseg, data_dir, tmp_path):
+def test_nifti_labelmap_loads_in_slicer_on_the_ct_grid(slicer_app, totalseg, tmp_path):
     ct, labels, segments = totalseg
     path = write_nifti_labelmap(tmp_path / "totalseg_labels.nii.gz", ct, segments)
     node = slicer.util.loadVolume(str(path), {"labelmap": True})

@@ -1,7 +1,7 @@
 """Several structures in one request through the Logic on a real CT (slicer-core scene, tiny parity model):
 one segment per structure, named, coloured and tagged, from one reading and encoding of the volume; Cancel keeps
-exactly the structures finished before it; lists and presets resolve through the hierarchy; misuse is refused
-before any work."""
+exactly the structures finished before it; the module's presets expand through the engine's list rule; misuse is
+refused before any work."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +12,7 @@ import scene_builders as sb
 from scene_builders import ct, imported_weights  # noqa: F401 (fixtures)
 from test_logic import engine_mask, mask_in, reference_predictor, segmentation_with_other_segment  # noqa: F401
 from MedSegXSlicerLib import MedSegXSlicerLogic, structures
-from medsegx_core.data.hierarchy import resolve_term
+from medsegx_core.data.hierarchy import resolve_structures, resolve_term
 from medsegx_core.data.terminology import lookup
 from medsegx_core.errors import Cancelled, InputError, UnknownTermError
 from medsegx_core.modeling.image_encoder import ImageEncoderViT3D
@@ -130,14 +130,15 @@ def test_list_misuse_is_refused_before_any_work(ct, logic):
     assert logic.worker.thread is None  # nothing was queued
 
 
-def test_lists_and_presets_resolve_through_the_hierarchy():
-    assert [t.name for t in structures.resolve_structures("Liver, liver;kidney_left\nleft kidney, ")] == \
-        ["liver", "left kidney"]
-    assert [t.name for t in structures.resolve_structures(["spleen", "abdominal organs"])][:3] == \
+def test_presets_expand_through_the_engines_list_rule():
+    """The module's presets, given to the engine's list rule (hierarchy.resolve_structures, tested in
+    Testing/engine/test_hierarchy.py), stand for their structures; each resolves exactly, under its region."""
+    presets = structures.PRESET_STRUCTURES
+    assert [t.name for t in resolve_structures(["spleen", "abdominal organs"], presets)][:3] == \
         ["spleen", "liver", "left kidney"]
-    assert structures.resolve_structures("  ") == [] and structures.resolve_structures(None) == []
+    assert [t.name for t in resolve_structures("Thoracic Organs; liver", presets)][-1] == "liver"
     for preset in structures.PRESETS.values():
-        assert [t.name for t in structures.resolve_structures(preset.name)] == list(preset.structures)
+        assert [t.name for t in resolve_structures(preset.name, presets)] == list(preset.structures)
         for name in preset.structures:
             term = resolve_term(name)
             assert term.match == "exact" and preset.region in term.path, (preset.name, name, term.path)

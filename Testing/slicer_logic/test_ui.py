@@ -126,7 +126,7 @@ def test_extension_index_requirements():
     assert "Apache License" in licence and "Version 2.0, January 2004" in licence and len(licence) > 10000
 
 
-def test_sample_ct_registration_matches_the_project_ct(data_dir):
+def test_sample_ct_registration_matches_the_project_ct(reference_ct):
     import hashlib
 
     from MedSegXSlicerLib import sample_data
@@ -134,8 +134,7 @@ def test_sample_ct_registration_matches_the_project_ct(data_dir):
 
     source = sample_data.ABDOMINAL_CT
     assert source.uri.startswith("https://") and source.file_name.endswith(".nii.gz")
-    assert source.checksum == "SHA256:" + hashlib.sha256(
-        (data_dir / "ct" / "totalseg_ct.nii.gz").read_bytes()).hexdigest()
+    assert source.checksum == "SHA256:" + hashlib.sha256(reference_ct.read_bytes()).hexdigest()
     assert Path(resource_path(source.thumbnail)).is_file()
     assert source.node_name == source.sample_name
 

@@ -10,9 +10,10 @@ import argparse
 import importlib
 import pkgutil
 import sys
-from typing import Optional, Sequence
+import traceback
+from typing import Callable, Optional, Sequence
 
-from ..errors import MedSegXError
+from ..errors import Cancelled, MedSegXError
 
 EXIT_USER_ERROR = 1
 EXIT_CANCELLED = 130
@@ -34,22 +35,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..errors import Cancelled
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def exit_code_of(program: str, work: Callable[[], Optional[int]], internal_error: Optional[int] = None) -> int:
+    """Run ``work`` and turn its outcome into an exit code: its own (None = 0); a cancel, Ctrl+C or a user error
+    (``MedSegXError``) as one line on stderr prefixed with ``program``. Any other exception is a bug: it
+    propagates with its traceback, or with ``internal_error`` its traceback is printed and that code returned
+    (the Slicer batch script, which must tell Slicer how to exit). Shared by ``medsegx`` and that script."""
     try:
-        return int(args.func(args) or 0)
+        return int(work() or 0)
     except Cancelled as exc:
-        print(f"medsegx: {exc}", file=sys.stderr)
+        print(f"{program}: {exc}", file=sys.stderr)
         return EXIT_CANCELLED
     except MedSegXError as exc:
-        print(f"medsegx: error: {exc}", file=sys.stderr)
+        print(f"{program}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("medsegx: interrupted; nothing was written", file=sys.stderr)
+        print(f"{program}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
+    except Exception:  # noqa: BLE001 - a bug: keep the traceback
+        if internal_error is None:
+            raise
+        traceback.print_exc()
+        return internal_error
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return exit_code_of("medsegx", lambda: args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,7 +21,7 @@ from typing import List
 
 import numpy as np
 
-from ..data.hierarchy import resolve_term
+from ..data.hierarchy import resolve_structures
 from ..data.segments import Segment
 from ..data.validation import check_outputs, make_output_folders
 from ..data.writers import FORMATS, dicom_seg_sources, output_format, write_nifti_labelmap, write_segmentation
@@ -30,19 +30,21 @@ from ..inference.confidence import PRESENCE_WARNING_BELOW
 from ..inference.device import DEVICES, PRECISIONS
 from ..inference.preprocessing import PROFILES
 from ..progress import scaled
-from ..prompts import BoxPrompt, PointPrompt, Prompts, prompt_sets, text_list
+from ..prompts import BoxPrompt, PointPrompt, Prompts, prompt_sets
 from ..slice_predictor import box_on_slice
 from ._progress import progress_bar
 from ._slice_mode import read_input, segment_slices, slice_weights
 
 
 def _prompt_sets(args) -> List[Prompts]:
-    """One prompt set per structure: each ``--text`` alone, or one set holding the clicks and the box."""
+    """One prompt set per structure: each ``--text`` alone, or one set holding the clicks and the box. The
+    structures are resolved here (the hierarchy's list rule), so an unknown one is refused before any reading."""
     space = "ijk" if args.ijk else "ras"
     points = [PointPrompt(tuple(p), positive=True, space=space) for p in args.point or []]
     points += [PointPrompt(tuple(p), positive=False, space=space) for p in args.negative_point or []]
     box = None if args.box is None else BoxPrompt(tuple(args.box[:3]), tuple(args.box[3:]), space=space)
-    return prompt_sets(text_list(args.text), points, box, args.name)
+    texts = [term.name for term in resolve_structures(args.text)] or [None]
+    return prompt_sets(texts, points, box, args.name)
 
 
 def _weights(args) -> str:
@@ -70,9 +72,6 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--min-confidence {args.min_confidence}: give a number between 0 and 1 (e.g. "
                          f"{PRESENCE_WARNING_BELOW}, the level below which a structure is reported as maybe absent)")
     prompt_sets = _prompt_sets(args)
-    for prompts in prompt_sets:
-        if prompts.text:
-            resolve_term(prompts.text)
     slices = slice_weights(args)   # MedSegX's 2D model (slice mode), else None: SegVol on the volume
     if slices is not None and args.min_confidence is not None:
         raise InputError("--min-confidence applies to the volumetric (SegVol) model; MedSegX slice mode reports no "
@@ -164,8 +163,8 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("volume", help="CT/MRI volume (NIfTI, NRRD, MHA, .mgz, or a DICOM folder)")
     parser.add_argument("--text", action="append",
-                        help="structure name, e.g. 'liver' (see 'medsegx categories'); repeat it for several "
-                             "structures (one segment each)")
+                        help="structure name, e.g. 'liver' (see 'medsegx categories'); repeat it or give a comma "
+                             "list ('liver, spleen') for several structures (one segment each)")
     parser.add_argument("--point", action="append", metavar=("R", "A", "S"), **_triples(3),
                         help="a positive click (repeatable); RAS mm, or i j k with --ijk")
     parser.add_argument("--negative-point", action="append", metavar=("R", "A", "S"), **_triples(3),

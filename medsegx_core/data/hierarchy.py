@@ -15,6 +15,9 @@ Resolution of free text, in order:
    British spellings, plurals, word order);
 3. fuzzy: the closest name when it is clearly the closest and names the same side; otherwise
    ``UnknownTermError`` with the closest names as suggestions.
+
+A list of structures ("liver, spleen; left kidney", repeated ``--text`` options, the Slicer module's text field
+and its presets) resolves through ``resolve_structures``, the one rule every entry point shares.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -439,6 +442,32 @@ def load_hierarchy(path: Union[str, Path, None] = None) -> Hierarchy:
 def resolve_term(text: str) -> ResolvedTerm:
     """Free text -> ResolvedTerm (.name, .context, .path); raises UnknownTermError with suggestions."""
     return load_hierarchy().resolve(text)
+
+
+# names in a list are separated by commas, semicolons or new lines (a multi-line text field)
+_LIST_SEPARATORS = re.compile(r"[,;\n]+")
+
+
+def resolve_structures(text: Union[str, Sequence[str], None],
+                       presets: Optional[Mapping[str, Sequence[str]]] = None) -> list[ResolvedTerm]:
+    """Every structure a free-text list names, resolved: order kept, duplicates after resolution dropped
+    ("liver, Liver" or "kidney_left, left kidney" is one structure); [] when it names none.
+
+    ``text``: one string or several (repeated command-line options), each split on commas, semicolons and new
+    lines. ``presets`` maps a lower-case name ("abdominal organs") to the structures it stands for. The first
+    unknown name raises ``UnknownTermError`` naming it (with suggestions), before any work starts."""
+    items = [text] if isinstance(text, str) else list(text or [])
+    terms, seen = [], set()
+    for item in (part.strip() for value in items for part in _LIST_SEPARATORS.split(str(value))):
+        if not item:
+            continue
+        preset = (presets or {}).get(item.lower())
+        for name in (preset if preset is not None else (item,)):
+            term = resolve_term(name)
+            if term.name not in seen:
+                seen.add(term.name)
+                terms.append(term)
+    return terms
 
 
 def resolve_modality(text_or_dicom_modality: Optional[str], strict: bool = False) -> Modality:
