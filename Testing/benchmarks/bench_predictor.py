@@ -58,11 +58,21 @@ def _volume(scale: float, shape_ijk):
         return volume
     image = sitk.ReadImage(str(CT))
     if shape_ijk or scale != 1.0:
-        size = list(shape_ijk) if shape_ijk else [round(n * scale) for n in image.GetSize()]
-        spacing = [sp * n / m for sp, n, m in zip(image.GetSpacing(), image.GetSize(), size)]
-        image = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
-                              image.GetDirection(), -1024.0, sitk.sitkInt16)
+        image = resampled_image(image, scale, shape_ijk)
     return Volume.from_sitk(image, modality="CT", source=f"{CT.name} x{scale}" if not shape_ijk else "large")
+
+
+def resampled_image(image, scale: float = 1.0, shape_ijk=None, interpolator=None, default: float = -1024.0,
+                    pixel=None):
+    """A SimpleITK image resampled over the same extent to ``scale`` times its size or to ``shape_ijk``
+    (linear, int16, -1024 outside by default; also used by bench_official.py)."""
+    import SimpleITK as sitk
+
+    size = list(shape_ijk) if shape_ijk else [round(n * scale) for n in image.GetSize()]
+    spacing = [sp * n / m for sp, n, m in zip(image.GetSpacing(), image.GetSize(), size)]
+    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear if interpolator is None else interpolator,
+                         image.GetOrigin(), spacing, image.GetDirection(), default,
+                         sitk.sitkInt16 if pixel is None else pixel)
 
 
 def _prompts(volume):
