@@ -25,7 +25,7 @@ and the blending. Prompt rules and cache keys are documented in DESIGN.md ("Pred
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,19 +33,22 @@ import torch
 from .data.hierarchy import context_indices, guess_modality, resolve_modality, resolve_term
 from .data.volume import Volume
 from .errors import PromptError
-from .inference.cache import EmbeddingCache
+from .inference.cache import DECODED, WINDOW, EmbeddingCache
 from .inference.confidence import absence_warning, presence_confidence
 from .inference.device import warn
 from .inference.preprocessing import PreprocessedVolume, preprocess
 from .inference.prompt_mapping import CropPrompts, to_crop
 from .inference.runner import ModelRunner
 from .inference.zoom import ZoomMaps, foreground
-from .inference.zoom_in import WindowPlan, WindowPrompts, plan_windows, window_prompts, zoom_in
+from .inference.zoom_in import WindowPlan, WindowPrompts, is_idle, plan_windows, window_prompts, zoom_in
 from .progress import CancelToken, ProgressCallback, check, report, scaled
 from .prompts import Prompts
 
 # Logit written outside the foreground crop, where the model never looked (only with return_logits).
 OUTSIDE_CROP_LOGIT = -1.0e4
+# Windows per encoder/decoder pass: enough to fill the matrix units, small enough that a batch's activations
+# (about 60 MB per window in the decoder at SegVol's widths, bf16) stay well inside the memory target.
+WINDOW_BATCH = 4
 
 
 @dataclass
@@ -56,6 +59,7 @@ class SegmentationResult:
     windows: int = 0                   # zoom-in windows over the region of interest
     windows_encoded: int = 0           # of which had to be encoded (the others came from the cache)
     windows_decoded: int = 0           # of which had to be decoded (same window and same window prompts: cached)
+    windows_skipped: int = 0           # of which held neither coarse foreground nor a click (default mode only)
     runtime: str = ""                  # e.g. "cpu bf16"
     notes: list = field(default_factory=list)   # warnings given during the call
     confidence: float = 0.0            # presence confidence of the coarse pass (inference/confidence.py)
@@ -77,32 +81,51 @@ class WindowResult:
     logits_lowres: torch.Tensor        # (1, 1, d, h, w) / 4 in h and w, float32
     encoded: bool                      # the window's embedding was computed by this call
     decoded: bool                      # the decoder ran for it in this call
+    key: tuple = ()                    # what its logits depend on (window, context, text, window prompts)
+
+
+@dataclass(frozen=True)
+class LastZoomIn:
+    """The zoom-in result of the previous call, so that the next re-blends only the rows of windows it
+    changes (a click changes the prompts of a few windows; the others give the same logits)."""
+
+    plan: WindowPlan
+    keys: tuple                        # per window: ``WindowResult.key``, None for a skipped window
+    mask: np.ndarray                   # uint8, the region of interest of the crop
+    logits: Optional[np.ndarray]       # float32, the same region, when that call returned logits
 
 
 class Predictor:
     """Zoom-out-zoom-in segmentation of one volume at a time with cached image embeddings."""
 
     def __init__(self, model, device: str = "auto", precision: str = "auto", preprocessing: str = "canonical",
-                 cache_megabytes: float = 192, fast_kernels: bool = True, zoom_in: Optional[bool] = None):
+                 cache_megabytes: Optional[float] = None, fast_kernels: bool = True, zoom_in: Optional[bool] = None,
+                 skip_idle_windows: Optional[bool] = None):
         """``model``: a SegVol-API model (``encode_image``, ``encode_text``, ``decode_with_details``).
         ``precision``: "auto" (bf16/fp16 where the hardware does it fast), "fp32", "bf16", "fp16".
         ``preprocessing``: "canonical" (reorient to RAS+ first) or "official" (voxel order as stored).
-        ``cache_megabytes``: room for zoom-in window embeddings.
+        ``cache_megabytes``: room for window embeddings and decoded windows; None = as much as the region of
+        interest needs, from 192 MB up to 1 GB (``inference/cache.py``).
         ``fast_kernels``: fused SDPA attention in the encoder and the decoder's non-overlapping transposed
         convolutions as matrix products (same mathematics within the parity tolerance, about 2x faster on CPU).
         Under bf16/fp16 the model's linear/convolution weights are converted to that dtype (the model then
         belongs to this Predictor; give it a copy if you need the float32 weights elsewhere).
         ``zoom_in``: run zoom-in windows over the zoom-out result; None = what the model's config says
-        (``SegVolConfig.zoom_in``: True for SegVol, False for the bundled starter model)."""
+        (``SegVolConfig.zoom_in``: True for SegVol, False for the bundled starter model).
+        ``skip_idle_windows``: leave out zoom-in windows that hold neither coarse foreground nor a click (the
+        coarse logits stand in for them in the blend); None = in canonical preprocessing only, so "official"
+        stays SegVol's algorithm."""
         self.runner = ModelRunner(model, device, precision, fast_kernels)
-        self.cache = EmbeddingCache(int(cache_megabytes * (1 << 20)))
+        self.cache = EmbeddingCache(None if cache_megabytes is None else int(cache_megabytes * (1 << 20)))
         self.runner.on_move = self.cache.move_to
         self.preprocessing = preprocessing
         self.window = tuple(int(n) for n in model.config.image_size)
         self.zoom_in = bool(getattr(model.config, "zoom_in", True) if zoom_in is None else zoom_in)
+        self.skip_idle_windows = (preprocessing == "canonical") if skip_idle_windows is None else skip_idle_windows
         self.volume: Optional[Volume] = None
         self.prepared: Optional[PreprocessedVolume] = None
         self.maps: Optional[ZoomMaps] = None
+        self._last: Optional[LastZoomIn] = None
 
     @property
     def model(self):
@@ -124,6 +147,7 @@ class Predictor:
         No float copy of the volume is kept: windows are read from ``volume.array`` and normalised as they are
         encoded, so the array must not be changed in place while it is set (replace it and call again)."""
         self.cache.clear()
+        self._last = None
         self.volume = None
         name = volume.source or "volume"
         self.prepared = preprocess(volume.array, volume.direction_ras, self.preprocessing, name=name,
@@ -166,38 +190,25 @@ class Predictor:
         if absent:
             notes.append(absent)
             warn(absent, progress, 0.05)
-        encoded = decoded = 0
+        windows: List[Optional[WindowResult]] = []
         if plan is None and not self.zoom_in:
             notes.append("coarse pass only: this model's configuration turns zoom-in off")
         elif plan is None:
             notes.append("the zoom-out result has no foreground: kept it without zooming in (as SegVol does)")
             warn(notes[-1], progress, 0.1)
         else:
-            def write_final(d_start: int, d_stop: int, logits: np.ndarray) -> None:
-                region = (slice(plan.region_lo[0] + d_start, plan.region_lo[0] + d_stop),) + tuple(
-                    slice(lo, hi) for lo, hi in zip(plan.region_lo[1:], plan.region_hi[1:]))
-                mask_crop[region] = foreground(logits)
-                if logits_crop is not None:
-                    logits_crop[region] = logits
-
-            def decode(index: int, window_prompts: WindowPrompts) -> np.ndarray:
-                nonlocal encoded, decoded
-                window = self._window_logits(plan, index, crop_prompts, window_prompts, progress)
-                encoded += window.encoded
-                decoded += window.decoded
-                return self.runner.upsample(window.logits_lowres, self.window)
-
-            zoom_in(plan, crop_prompts, coarse.foreground, self.maps, decode, write_final,
-                    scaled(progress, 0.1, 0.95), cancel)
+            windows = self.refine(plan, crop_prompts, coarse, scaled(progress, 0.1, 0.8), cancel)
+            self._blend(plan, windows, mask_crop, logits_crop, scaled(progress, 0.8, 0.95), cancel)
 
         report(progress, 0.95, "assembling the mask")
         mask = self.prepared.to_stored(mask_full)
         logits = self.prepared.to_stored(logits_full) if return_logits else None
         report(progress, 1.0, "done")
         return SegmentationResult(mask=mask, name=crop_prompts.text, logits=logits,
-                                  windows=0 if plan is None else len(plan), windows_encoded=encoded,
-                                  windows_decoded=decoded, runtime=self.runner.describe(), notes=notes,
-                                  confidence=confidence)
+                                  windows=len(windows), windows_encoded=sum(w.encoded for w in windows if w),
+                                  windows_decoded=sum(w.decoded for w in windows if w),
+                                  windows_skipped=sum(w is None for w in windows),
+                                  runtime=self.runner.describe(), notes=notes, confidence=confidence)
 
     # ---- the steps of segment() -------------------------------------------------------------------------
     def map_prompts(self, prompts: Prompts) -> CropPrompts:
@@ -224,29 +235,130 @@ class Predictor:
         """The zoom-in windows, or None (zoom-in off, or no coarse foreground and no positive click)."""
         return plan_windows(coarse.foreground, self.maps, self.window, prompts) if self.zoom_in else None
 
+    def refine(self, plan: WindowPlan, prompts: CropPrompts, coarse: CoarseResult,
+               progress: Optional[ProgressCallback] = None,
+               cancel: Optional[CancelToken] = None) -> List[Optional["WindowResult"]]:
+        """Every window of ``plan`` (None for a skipped idle window), from the caches where they hold it; the
+        others are encoded and decoded in batches."""
+        window_prompt = [window_prompts(plan, i, prompts, coarse.foreground, self.maps) for i in range(len(plan))]
+        run = [i for i in range(len(plan)) if not (
+            self.skip_idle_windows and is_idle(plan, i, window_prompt[i], coarse.foreground, self.maps))]
+        self.cache.fit(len(plan) * self._window_entry_bytes())
+        found = self._window_results(plan, run, prompts, window_prompt, progress, cancel)
+        return [found.get(i) for i in range(len(plan))]
+
     def decode_window(self, plan: WindowPlan, index: int, prompts: CropPrompts,
                       coarse: CoarseResult) -> WindowResult:
         """Window ``index`` of ``plan``: its prompts and low-resolution logits (from the caches when they hold
         them)."""
-        window_prompt = window_prompts(plan, index, prompts, coarse.foreground, self.maps)
-        return self._window_logits(plan, index, prompts, window_prompt, None)
+        window_prompt = {index: window_prompts(plan, index, prompts, coarse.foreground, self.maps)}
+        return self._window_results(plan, [index], prompts, window_prompt, None, None)[index]
+
+    # ---- blending ---------------------------------------------------------------------------------------
+    def _blend(self, plan: WindowPlan, windows: List[Optional[WindowResult]], mask_crop: np.ndarray,
+               logits_crop: Optional[np.ndarray], progress, cancel) -> None:
+        """The windows' average written over the region of interest of the crop canvases (voxels that only
+        skipped windows cover keep the coarse result). Rows of windows whose logits are those of the previous
+        call on the same plan are copied from it instead of being upsampled and averaged again."""
+        region = tuple(slice(lo, hi) for lo, hi in zip(plan.region_lo, plan.region_hi))
+        keys = tuple(None if w is None else w.key for w in windows)
+        last, self._last = self._last, None
+        slices = None
+        if last is not None and last.plan == plan and (logits_crop is None or last.logits is not None):
+            changed = [i for i, (key, before) in enumerate(zip(keys, last.keys)) if key != before]
+            self._copy_unchanged(plan, windows, last, mask_crop, logits_crop)
+            rows = [plan.readable(i)[0][0] for i in changed]
+            slices = (min((r.start for r in rows), default=0) - plan.region_lo[0],
+                      max((r.stop for r in rows), default=0) - plan.region_lo[0])
+
+        def readable_logits(index: int) -> Optional[np.ndarray]:
+            if windows[index] is None:   # skipped: adds nothing
+                return None
+            return self.runner.upsample(windows[index].logits_lowres, self.window)[plan.readable(index)[1]]
+
+        def write_final(d_start: int, d_stop: int, logits: np.ndarray, covered: Optional[np.ndarray]) -> None:
+            rows = (slice(plan.region_lo[0] + d_start, plan.region_lo[0] + d_stop),) + region[1:]
+            if covered is None:
+                mask_crop[rows] = foreground(logits)
+                if logits_crop is not None:
+                    logits_crop[rows] = logits
+            else:
+                mask_crop[rows][covered] = foreground(logits[covered])
+                if logits_crop is not None:
+                    logits_crop[rows][covered] = logits[covered]
+
+        if slices is None or slices[0] < slices[1]:
+            zoom_in(plan, readable_logits, write_final, progress, cancel, slices=slices)
+        self._last = LastZoomIn(plan, keys, mask_crop[region].copy(),
+                                None if logits_crop is None else logits_crop[region].copy())
+
+    @staticmethod
+    def _copy_unchanged(plan: WindowPlan, windows, last: LastZoomIn, mask_crop, logits_crop) -> None:
+        """The previous result wherever a window covered it (the changed rows are blended again after)."""
+        region = tuple(slice(lo, hi) for lo, hi in zip(plan.region_lo, plan.region_hi))
+        if all(w is not None for w in windows):
+            boxes = [tuple(slice(0, hi - lo) for lo, hi in zip(plan.region_lo, plan.region_hi))]
+        else:   # voxels only skipped windows cover show this call's coarse result, already on the canvas
+            boxes = [tuple(slice(c.start - lo, c.stop - lo) for c, lo in zip(plan.readable(i)[0], plan.region_lo))
+                     for i, w in enumerate(windows) if w is not None]
+        for box in boxes:
+            mask_crop[region][box] = last.mask[box]
+            if logits_crop is not None:
+                logits_crop[region][box] = last.logits[box]
 
     # ---- model calls through the cache ------------------------------------------------------------------
-    def _window_logits(self, plan: WindowPlan, index: int, prompts: CropPrompts, window_prompt: WindowPrompts,
-                       progress) -> WindowResult:
+    def _window_results(self, plan: WindowPlan, indices: Sequence[int], prompts: CropPrompts, window_prompt,
+                        progress, cancel) -> Dict[int, WindowResult]:
         context_key = _context_key(prompts.context)
-        window_key = (context_key, plan.cache_key(index))
-        encoded = False
+        window_key = {i: (context_key, plan.cache_key(i)) for i in indices}
+        decoded_key = {i: window_key[i] + (prompts.text,) + window_prompt[i].cache_key() for i in indices}
+        results: Dict[int, WindowResult] = {}
+        todo: Dict[tuple, List[int]] = {}   # windows to decode, by what lets them share a decoder pass
+        for i in indices:
+            lowres = self.cache.get(DECODED, decoded_key[i])
+            if lowres is not None:
+                results[i] = WindowResult(window_prompt[i], lowres, False, False, decoded_key[i])
+            else:
+                todo.setdefault((len(window_prompt[i].points), window_prompt[i].box is None), []).append(i)
+        batches = [group[start:start + WINDOW_BATCH] for group in todo.values()
+                   for start in range(0, len(group), WINDOW_BATCH)]
+        text = self._text_embedding(prompts.text)
+        done, total = 0, sum(len(batch) for batch in batches)
+        for batch in batches:
+            check(cancel)
+            report(progress, done / max(total, 1), f"zoom-in windows {done + 1}-{done + len(batch)} of {total}")
+            embeddings, encoded = self._window_embeddings(plan, batch, window_key, prompts.context, progress)
+            wps = [window_prompt[i] for i in batch]
+            boxes = None if wps[0].box is None else np.stack([wp.box for wp in wps])
+            lowres = self.runner.decode_many(embeddings, text, np.stack([wp.points for wp in wps]),
+                                             np.stack([wp.labels for wp in wps]), boxes, progress)
+            for i, logits, fresh in zip(batch, lowres, encoded):
+                logits = logits[None].clone()   # its own storage: a view would keep the whole batch alive
+                self.cache.put(DECODED, decoded_key[i], logits)
+                results[i] = WindowResult(window_prompt[i], logits, fresh, True, decoded_key[i])
+            done += len(batch)
+        return results
 
-        def compute() -> torch.Tensor:
-            nonlocal encoded
-            embedding, encoded = self.cache.window(window_key, lambda: self.runner.encode_image(
-                plan.window_image(self.prepared.crop_reader, index), prompts.context, progress))
-            return self.runner.decode(embedding, self._text_embedding(prompts.text), window_prompt.points,
-                                      window_prompt.labels, window_prompt.box, progress)
+    def _window_embeddings(self, plan: WindowPlan, batch: Sequence[int], window_key, context,
+                           progress) -> tuple[torch.Tensor, List[bool]]:
+        """The embeddings of windows ``batch`` (B, C, ...), the missing ones encoded in one pass; and which."""
+        cached = {i: self.cache.get(WINDOW, window_key[i]) for i in batch}
+        missing = [i for i in batch if cached[i] is None]
+        if missing:
+            fresh = self.runner.encode_images(
+                [plan.window_image(self.prepared.crop_reader, i) for i in missing], context, progress)
+            for i, embedding in zip(missing, fresh):
+                cached[i] = embedding[None].clone()
+                self.cache.put(WINDOW, window_key[i], cached[i])
+        return torch.cat([cached[i] for i in batch]), [i in missing for i in batch]
 
-        lowres, decoded = self.cache.decoded(window_key + (prompts.text,) + window_prompt.cache_key(), compute)
-        return WindowResult(window_prompt, lowres, encoded, decoded)
+    def _window_entry_bytes(self) -> int:
+        """Bytes one window keeps in the cache: its embedding and one decoded result."""
+        config = self.model.config
+        embedding = config.embed_dim * int(np.prod(config.embedding_grid))
+        embedding *= torch.tensor([], dtype=self.runner.runtime.storage_dtype).element_size()
+        decoded = int(np.prod(self.window)) // 16 * 4
+        return embedding + decoded
 
     def _text_embedding(self, text: Optional[str]) -> Optional[torch.Tensor]:
         return None if text is None else self.cache.text(text, lambda: self.runner.encode_text(text))

@@ -163,8 +163,8 @@ def test_rolling_blend_equals_the_plain_average():
         count[target] += 1
     result = np.full(shape, np.nan, np.float32)
 
-    def receive(start, stop, slab):
-        assert np.isnan(result[start:stop]).all()      # each slice handed over exactly once
+    def receive(start, stop, slab, covered):
+        assert np.isnan(result[start:stop]).all() and covered is None   # each slice once, every voxel covered
         result[start:stop] = slab
 
     blender = RegionBlender(plan, receive)

@@ -13,6 +13,7 @@ import torch
 from medsegx_core.data.metrics import dice
 from medsegx_core.data.readers import read_volume
 from medsegx_core.errors import Cancelled, InputError, PromptError, UnknownTermError, WeightsError
+from medsegx_core.inference.cache import AUTO_CAP_BYTES, AUTO_FLOOR_BYTES, DECODED, WINDOW
 from medsegx_core.inference.device import (Runtime, cpu_has_native_bf16, release_freed_memory,
                                            resolve_precision)
 from medsegx_core.modeling.conmoae import attach_experts_to_model
@@ -40,14 +41,18 @@ def predictor(model, volume):
 
 
 class EncoderCalls:
-    """Counts real forwards of a module through a forward hook."""
+    """Counts what a module really ran, through a forward hook: ``count`` batch items (windows are encoded and
+    decoded in batches), ``calls`` forward calls."""
 
     def __init__(self, module):
         self.count = 0
+        self.calls = 0
         self._handle = module.register_forward_hook(self._seen)
 
-    def _seen(self, *_):
-        self.count += 1
+    def _seen(self, module, args, kwargs_or_output=None):
+        self.calls += 1
+        first = args[0] if args else None
+        self.count += first.shape[0] if isinstance(first, torch.Tensor) and first.ndim == 5 else 1
 
     def close(self):
         self._handle.remove()
@@ -227,7 +232,7 @@ def test_cancel_between_windows_keeps_the_predictor_usable(predictor):
 
     def progress(fraction, message):
         messages.append((fraction, message))
-        if message.startswith("zoom-in window 2"):
+        if message.startswith("blending window 2"):
             token.cancel()
 
     with pytest.raises(Cancelled):
@@ -304,16 +309,40 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu(model, volume):
 
 
 def test_a_region_larger_than_the_cache_keeps_its_first_windows(model, volume):
-    # 1 MB: room for two tiny-model window embeddings (64 x 8 x 16 x 16 float32 each)
-    predictor = Predictor(model, device="cpu", precision="fp32", cache_megabytes=2 * 64 * 8 * 16 * 16 * 4 / 2**20)
+    # One budget for everything: room for the zoom-out embedding, the text embedding (64 floats) and two
+    # tiny-model window embeddings (64 x 8 x 16 x 16 float32 each), and nothing left for decoded windows.
+    embedding = 64 * 8 * 16 * 16 * 4
+    predictor = Predictor(model, device="cpu", precision="fp32", cache_megabytes=(3 * embedding + 4096) / 2**20)
     predictor.set_volume(volume)
     prompts = Prompts(text="liver", box=BOX_IJK)
     first = predictor.segment(prompts)
     assert first.windows > 2 and first.windows_encoded == first.windows
-    predictor.cache.forget_decoded()                            # force decoding again: embeddings needed
+    assert predictor.cache.bytes <= predictor.cache.budget_bytes
+    assert predictor.cache.count(WINDOW) == 2 and predictor.cache.count(DECODED) == 0
     again = predictor.segment(prompts)
     assert again.windows_encoded == first.windows - 2           # the first two stayed cached
     np.testing.assert_array_equal(again.mask, first.mask)
+
+
+def test_the_automatic_cache_budget_holds_the_whole_region(model, volume):
+    predictor = Predictor(model, device="cpu", precision="fp32")      # cache_megabytes None: automatic
+    predictor.set_volume(volume)
+    first = predictor.segment(Prompts(text="liver", box=BOX_IJK))
+    assert first.windows > 2 and predictor.cache.count(WINDOW) == first.windows
+    assert predictor.cache.count(DECODED) == first.windows - first.windows_skipped
+    assert predictor.cache.budget_bytes == AUTO_FLOOR_BYTES           # a small region: the floor
+    # A click encodes only windows the region did not have before (it may move the coarse result and so the
+    # region) and decodes only windows whose prompts changed.
+    plans = []
+    for prompts in (Prompts(text="liver", box=BOX_IJK), Prompts(text="liver", box=BOX_IJK, points=(point(LIVER_IJK),))):
+        crop = predictor.map_prompts(prompts)
+        plans.append(predictor.plan_zoom_in(predictor.zoom_out(crop), crop))
+    again = predictor.segment(prompts)
+    assert again.windows_encoded == len(set(plans[1].origins) - set(plans[0].origins))
+    assert 1 <= again.windows_decoded < again.windows
+    # The budget follows the region, up to the cap.
+    predictor.cache.fit(10 * AUTO_CAP_BYTES)
+    assert predictor.cache.budget_bytes == predictor.cache.cap_bytes <= AUTO_CAP_BYTES
 
 
 def test_zoom_in_can_be_turned_off_by_the_model_config_or_the_caller(model, volume):

@@ -1,102 +1,145 @@
 """What a predictor keeps between prompts on one volume, so that a new click re-runs only what it changes.
 
-Four stores, all cleared together when the volume changes:
+One store with one byte budget, cleared when the volume changes. It holds four kinds of entries:
 
-* zoom-out embeddings, one per ConMoAE context (with experts the embedding depends on the anatomy the text names;
-  without, there is one, under ``None``);
-* window embeddings, per (context, what the window reads), least recently used first out, within a byte budget;
-* text embeddings, per canonical structure name;
-* decoded low-resolution window logits, per (window, exact window prompts), the last ``DECODED_WINDOWS_KEPT``.
+* ``ZOOM_OUT`` embeddings, one per ConMoAE context (with experts the embedding depends on the anatomy the text
+  names; without, there is one, under ``None``);
+* ``TEXT`` embeddings, per canonical structure name;
+* ``WINDOW`` embeddings, per (context, what the window reads);
+* ``DECODED`` low-resolution window logits, per (window, text, exact window prompts).
 
-Callers pass a key and a function that computes the value when it is missing; the stores never call the model
-themselves.
+Zoom-out and text entries are few and small and every prompt needs them: they count against the budget but are
+never evicted. Window embeddings and decoded windows grow with the region of interest; they are evicted least
+recently used first, but never one the current call already used: when a region has more windows than the budget
+holds, keeping the first ones beats evicting each before the next prompt needs it again.
+
+The budget is either fixed (``budget_bytes``) or automatic: before the windows of a call run, the predictor tells
+the cache what the whole region needs (``fit``), and the budget becomes that much, at least ``AUTO_FLOOR_BYTES``
+and at most the cap (``AUTO_CAP_BYTES``, and never more than a quarter of the machine's memory). So a click on a
+region that fits within the cap re-encodes nothing, and a small region does not hold a large budget.
+
+Callers ``get`` and ``put`` tensors under a key (or pass a function that computes a missing zoom-out or text
+embedding); the store never calls the model itself.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
-from typing import Callable, Dict, Hashable, Tuple
+from typing import Callable, Dict, Hashable, Optional
 
 import torch
 
-# Decoded low-resolution window logits kept (0.5 MB each at SegVol's size).
-DECODED_WINDOWS_KEPT = 64
+ZOOM_OUT, TEXT, WINDOW, DECODED = "zoom-out", "text", "window", "decoded"
+PINNED = (ZOOM_OUT, TEXT)
+
+AUTO_FLOOR_BYTES = 192 << 20
+# SegVol's widths in bf16: a window embedding is 3.1 MB and its decoded logits 0.5 MB, so 1 GB keeps about 280
+# windows, the region of a 512x512x400 CT that is all region of interest.
+AUTO_CAP_BYTES = 1024 << 20
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-class EmbeddingCache:
-    """The per-volume stores of a predictor; ``budget_bytes`` bounds the window embeddings."""
+def auto_cap_bytes() -> int:
+    """The automatic budget's cap: ``AUTO_CAP_BYTES``, or a quarter of physical memory if that is less."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # not on every platform (Windows)
+        return AUTO_CAP_BYTES
+    return min(AUTO_CAP_BYTES, physical // 4)
 
-    def __init__(self, budget_bytes: int, decoded_kept: int = DECODED_WINDOWS_KEPT):
-        self.budget_bytes = int(budget_bytes)
-        self.decoded_kept = int(decoded_kept)
+
+class EmbeddingCache:
+    """The per-volume store of a predictor. ``budget_bytes`` None = automatic (see the module docstring)."""
+
+    def __init__(self, budget_bytes: Optional[int] = None, cap_bytes: Optional[int] = None):
+        self.automatic = budget_bytes is None
+        self.cap_bytes = int(cap_bytes if cap_bytes is not None else auto_cap_bytes())
+        self.budget_bytes = AUTO_FLOOR_BYTES if self.automatic else int(budget_bytes)
         self.clear()
 
     def clear(self) -> None:
-        self._zoom_out: Dict[Hashable, torch.Tensor] = {}
-        self._windows: "OrderedDict[Hashable, torch.Tensor]" = OrderedDict()
-        self._window_bytes = 0
-        self._window_used: Dict[Hashable, int] = {}   # window key -> the call that last used it
+        self._entries: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()   # (kind, key) -> tensor, LRU first
+        self._used: Dict[tuple, int] = {}    # entry -> the call that last used it
         self._call = 0
-        self._texts: Dict[str, torch.Tensor] = {}
-        self._decoded: "OrderedDict[Hashable, torch.Tensor]" = OrderedDict()
+        self.bytes = 0
+        if self.automatic:
+            self.budget_bytes = AUTO_FLOOR_BYTES
 
+    # ---- calls and budget ------------------------------------------------------------------------------------
     def begin_call(self) -> None:
-        """A new segment() call: embeddings it uses are not evicted to make room for its later windows."""
+        """A new segment() call: entries it uses are not evicted to make room for its later windows."""
         self._call += 1
 
+    def fit(self, region_bytes: int) -> None:
+        """The current region needs ``region_bytes`` of window entries: an automatic budget becomes that (plus
+        the pinned entries), within the floor and the cap. A fixed budget stays."""
+        if not self.automatic:
+            return
+        pinned = sum(tensor_bytes(t) for (kind, _), t in self._entries.items() if kind in PINNED)
+        self.budget_bytes = min(self.cap_bytes, max(AUTO_FLOOR_BYTES, int(region_bytes) + pinned))
+        self._evict(0)
+
+    # ---- entries ---------------------------------------------------------------------------------------------
+    def get(self, kind: str, key: Hashable) -> Optional[torch.Tensor]:
+        entry = (kind, key)
+        tensor = self._entries.get(entry)
+        if tensor is not None:
+            self._entries.move_to_end(entry)
+            self._used[entry] = self._call
+        return tensor
+
+    def put(self, kind: str, key: Hashable, tensor: torch.Tensor) -> bool:
+        """Keep ``tensor`` if the budget makes room for it (pinned kinds always); returns whether it is kept."""
+        entry = (kind, key)
+        if entry in self._entries:
+            self.bytes -= tensor_bytes(self._entries.pop(entry))
+        size = tensor_bytes(tensor)
+        if kind not in PINNED and not self._evict(size):
+            return False
+        self._entries[entry] = tensor
+        self._used[entry] = self._call
+        self.bytes += size
+        return True
+
+    def computed(self, kind: str, key: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The entry, computed (and kept if it fits) when missing."""
+        tensor = self.get(kind, key)
+        if tensor is None:
+            tensor = compute()
+            self.put(kind, key, tensor)
+        return tensor
+
     def text(self, text: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if text not in self._texts:
-            self._texts[text] = compute()
-        return self._texts[text]
+        return self.computed(TEXT, text, compute)
 
     def zoom_out(self, context_key: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if context_key not in self._zoom_out:
-            self._zoom_out[context_key] = compute()
-        return self._zoom_out[context_key]
+        return self.computed(ZOOM_OUT, context_key, compute)
 
-    def window(self, key: Hashable, compute: Callable[[], torch.Tensor]) -> Tuple[torch.Tensor, bool]:
-        """(embedding, whether it was computed now)."""
-        if key in self._windows:
-            self._windows.move_to_end(key)
-            self._window_used[key] = self._call
-            return self._windows[key], False
-        embedding = compute()
-        size = tensor_bytes(embedding)
-        # Least recently used first, but never an embedding this call already used: when a region has more
-        # windows than the budget holds, keeping the first ones beats evicting each before the next prompt
-        # needs it again.
-        while self._window_bytes + size > self.budget_bytes and self._windows:
-            oldest = next(iter(self._windows))
-            if self._window_used[oldest] == self._call:
-                break
-            dropped = self._windows.pop(oldest)
-            del self._window_used[oldest]
-            self._window_bytes -= tensor_bytes(dropped)
-        if self._window_bytes + size <= self.budget_bytes:
-            self._windows[key] = embedding
-            self._window_used[key] = self._call
-            self._window_bytes += size
-        return embedding, True
+    def count(self, kind: str) -> int:
+        return sum(1 for k, _ in self._entries if k == kind)
 
-    def decoded(self, key: Hashable, compute: Callable[[], torch.Tensor]) -> Tuple[torch.Tensor, bool]:
-        """(low-resolution logits, whether they were computed now)."""
-        if key in self._decoded:
-            self._decoded.move_to_end(key)
-            return self._decoded[key], False
-        lowres = compute()
-        self._decoded[key] = lowres
-        while len(self._decoded) > self.decoded_kept:
-            self._decoded.popitem(last=False)
-        return lowres, True
-
-    def forget_decoded(self) -> None:
-        self._decoded.clear()
+    def forget(self, kind: str) -> None:
+        for entry in [e for e in self._entries if e[0] == kind]:
+            self.bytes -= tensor_bytes(self._entries.pop(entry))
+            del self._used[entry]
 
     def move_to(self, device: torch.device) -> None:
-        """Move the embeddings (decoded logits are kept on the CPU anyway) after the model moved."""
-        for store in (self._zoom_out, self._windows, self._texts):
-            for key in list(store):
-                store[key] = store[key].to(device)
+        """Move the embeddings after the model moved (decoded logits are kept on the CPU anyway)."""
+        for entry in list(self._entries):
+            if entry[0] != DECODED:
+                self._entries[entry] = self._entries[entry].to(device)
+
+    def _evict(self, incoming: int) -> bool:
+        """Make room for ``incoming`` bytes, least recently used first and never an entry of this call;
+        returns whether there is room."""
+        while self.bytes + incoming > self.budget_bytes:
+            victim = next((e for e in self._entries
+                           if e[0] not in PINNED and self._used[e] != self._call), None)
+            if victim is None:
+                return False
+            self.bytes -= tensor_bytes(self._entries.pop(victim))
+            del self._used[victim]
+        return True

@@ -15,7 +15,7 @@ volumes, prompts or windows.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,15 +44,19 @@ class ModelRunner:
         return hasattr(getattr(self.model, "conmoae", None), "context")
 
     def encode_image(self, image: np.ndarray, context=None, progress=None) -> torch.Tensor:
-        """Image embedding of one model-sized float32 image, under the ConMoAE ``context`` when experts are
-        attached; kept in the autocast dtype (the decoder reads it in that precision anyway, and caches hold
-        twice as many)."""
+        """Image embedding (1, C, ...) of one model-sized float32 image; see ``encode_images``."""
+        return self.encode_images([image], context, progress)
+
+    def encode_images(self, images: Sequence[np.ndarray], context=None, progress=None) -> torch.Tensor:
+        """Image embeddings (B, C, ...) of model-sized float32 images, in one batch, under the ConMoAE
+        ``context`` when experts are attached; kept in the autocast dtype (the decoder reads them in that
+        precision anyway, and caches hold twice as many)."""
         def compute():
-            tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(self.runtime.device)
+            batch = torch.from_numpy(np.ascontiguousarray(np.stack(images)))[:, None].to(self.runtime.device)
             experts = (self.model.conmoae.context(context) if self.has_experts and context is not None
                        else nullcontext())
             with experts:
-                embedding = self._run(lambda: self.model.encode_image(tensor))
+                embedding = self._run(lambda: self.model.encode_image(batch))
             return embedding.to(self.runtime.storage_dtype)
         embedding = self._guarded(compute, progress)
         release_freed_memory()   # the forward's activations, so they do not add up with the growing caches
@@ -65,17 +69,27 @@ class ModelRunner:
                progress=None) -> torch.Tensor:
         """Low-resolution logits (1, 1, d, h, w), float32 on the CPU. ``points`` (N, 3) model-space (d, h, w)
         with ``labels`` (N,); ``box`` six numbers or None."""
+        return self.decode_many(embedding, text_embedding, np.asarray(points, np.float64).reshape(1, -1, 3),
+                                np.asarray(labels).reshape(1, -1), None if box is None else [box], progress)
+
+    def decode_many(self, embeddings: torch.Tensor, text_embedding: Optional[torch.Tensor], points, labels,
+                    boxes, progress=None) -> torch.Tensor:
+        """Low-resolution logits (B, 1, d, h, w), float32 on the CPU, of B prompt sets on B embeddings in one
+        decoder pass. ``points`` (B, N, 3) and ``labels`` (B, N): the same number of points in each set (the
+        decoder attends to every token, so sets of different lengths cannot share a pass without changing
+        results); ``boxes`` (B, 6) or None; the text embedding is shared."""
         def compute():
             device = self.runtime.device
+            batch = embeddings.shape[0]
             point_prompt = None
-            if len(points):
-                point_prompt = (torch.as_tensor(np.asarray(points), dtype=torch.float32, device=device)[None],
-                                torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)[None])
-            boxes = None if box is None else torch.as_tensor(np.asarray(box), dtype=torch.float32,
-                                                             device=device)[None]
-            text = None if text_embedding is None else text_embedding.to(device)
-            output = self._run(lambda: self.model.decode_with_details(embedding.to(device), text,
-                                                                      point_prompt, boxes))
+            if np.asarray(points).size:
+                point_prompt = (torch.as_tensor(np.asarray(points), dtype=torch.float32, device=device),
+                                torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device))
+            box_prompt = None if boxes is None else torch.as_tensor(np.asarray(boxes), dtype=torch.float32,
+                                                                    device=device).reshape(batch, 6)
+            text = None if text_embedding is None else text_embedding.to(device).expand(batch, -1)
+            output = self._run(lambda: self.model.decode_with_details(embeddings.to(device), text,
+                                                                      point_prompt, box_prompt))
             return output.logits_lowres.float().cpu()
         return self._guarded(compute, progress)
 

@@ -13,8 +13,8 @@ The rules follow the published SegVol inference (fixture README 5.3-5.4), on the
   every window that contains it.
 * blending: constant weights (plain average), finished slab by slab as rows of windows complete.
 
-``zoom_in`` runs the windows in order with a caller's ``decode(index, prompts) -> full-resolution logits``; the
-model calls and their caches belong to the predictor.
+``zoom_in`` blends the windows in order from a caller's ``readable_logits(index)``; the model calls (batched),
+their caches and which windows are skipped belong to the predictor.
 """
 from __future__ import annotations
 
@@ -123,18 +123,33 @@ class WindowPlan:
         image[local] = cropped[crop]
         return image
 
-    def coarse_box(self, coarse_foreground_model: np.ndarray, maps: ZoomMaps, index: int) -> np.ndarray:
-        """Inclusive window-local box of the coarse mask in window ``index``, or ``[-1]*6`` when empty."""
+    def coarse_extent(self, coarse_foreground_model: np.ndarray, maps: ZoomMaps,
+                      index: int) -> Optional[tuple[list, list]]:
+        """Inclusive window-local ``(lo, hi)`` of the coarse mask (resized back to the crop) inside window
+        ``index``, or None when the window holds none of it.
+
+        Worked out in model space: the resize back is a separable gather, so the crop-space mask inside the
+        window is the model-space mask at the model indices its voxels read; the extent along an axis is the
+        projection of that (at most window-sized, usually far smaller) model-space block. Equal to resizing
+        the window's part back and boxing it, at a fraction of the cost."""
         crop, local = self.readable(index)
-        inside = maps.back_to_crop(coarse_foreground_model, crop)
-        if not inside.any():
-            return np.asarray(EMPTY_BOX, dtype=np.float32)
+        read = [np.unique(b[s], return_inverse=True) for b, s in zip(maps.back, crop)]
+        block = coarse_foreground_model[np.ix_(*(unique for unique, _ in read))]
+        if not block.any():
+            return None
         lo, hi = [], []
-        for axis in range(3):
-            present = inside.any(axis=tuple(a for a in range(3) if a != axis))
+        for axis, (_, inverse) in enumerate(read):
+            present = block.any(axis=tuple(a for a in range(3) if a != axis))[inverse]
             lo.append(local[axis].start + int(np.argmax(present)))
             hi.append(local[axis].start + int(len(present) - 1 - np.argmax(present[::-1])))
-        return np.asarray(lo + hi, dtype=np.float32)
+        return lo, hi
+
+    def coarse_box(self, coarse_foreground_model: np.ndarray, maps: ZoomMaps, index: int) -> np.ndarray:
+        """Inclusive window-local box of the coarse mask in window ``index``, or ``[-1]*6`` when empty."""
+        extent = self.coarse_extent(coarse_foreground_model, maps, index)
+        if extent is None:
+            return np.asarray(EMPTY_BOX, dtype=np.float32)
+        return np.asarray(extent[0] + extent[1], dtype=np.float32)
 
     def points_in_window(self, points_dhw: np.ndarray, labels: np.ndarray,
                          index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,36 +175,42 @@ class RegionBlender:
     """Constant-weight average of window logits over the plan's region (the official blending, float32).
 
     Windows arrive D-major, so once a row of windows (one D origin) is done, every region slice before the
-    next row's origin is final: it is averaged and handed to ``on_final(d_start, d_stop, logits)`` (region D
-    indices, the averaged slab). Only one window depth of slices is held, not a region-sized array
-    (300 MB for a 512x512x300 region of interest). Call ``finish()`` after the last window.
+    next row's origin is final: it is averaged and handed to ``on_final(d_start, d_stop, logits, covered)``
+    (region D indices, the averaged slab, and None when every voxel of the slab had a window, else a bool slab
+    of the voxels that had one: a skipped window adds nothing, so a voxel only skipped windows cover keeps
+    whatever the caller had there). Only one window depth of slices (and their window counts) is held, not a
+    region-sized array (300 MB for a 512x512x300 region of interest). Call ``finish()`` after the last window.
+
+    ``first_slice``: hand over nothing before this region D index (a caller re-blending only the rows a new
+    prompt changed passes the windows that reach into them, from the first such row on).
     """
 
-    def __init__(self, plan: WindowPlan, on_final: Callable[[int, int, np.ndarray], None]):
+    def __init__(self, plan: WindowPlan, on_final: Callable[..., None], first_slice: int = 0):
         self.plan = plan
         self.on_final = on_final
         self.shape = tuple(hi - lo for lo, hi in zip(plan.region_lo, plan.region_hi))
-        # Windows form a grid, so the number covering a voxel is the product of per-axis counts: no
-        # region-sized count array is needed.
-        self.count_along = []
-        for axis in range(3):
-            count = np.zeros(self.shape[axis], dtype=np.float32)
-            for origin in sorted({o[axis] for o in plan.origins}):
-                first = max(origin - plan.region_lo[axis], 0)
-                count[first:max(origin + plan.window[axis] - plan.region_lo[axis], 0)] += 1
-            self.count_along.append(count)
-        self.plane_count = np.outer(self.count_along[1], self.count_along[2]).astype(np.float32)
         self.buffer = np.zeros((plan.window[0],) + self.shape[1:], dtype=np.float32)
-        self.start = 0          # region D index of buffer[0]; every slice before it has been handed over
+        # Windows covering each voxel: exact small integers, so dividing by them gives the plain average.
+        self.counts = np.zeros_like(self.buffer)
+        self.start = first_slice  # region D index of buffer[0]; every slice before it has been handed over
 
     def add(self, index: int, logits: np.ndarray) -> None:
         """Add window ``index``'s full-resolution logits (window shape)."""
-        crop, local = self.plan.readable(index)
+        self.add_readable(index, logits[self.plan.readable(index)[1]])
+
+    def add_readable(self, index: int, logits: np.ndarray) -> None:
+        """Add the logits of the readable part of window ``index`` (``plan.readable(index)[0]``'s shape)."""
+        crop, _ = self.plan.readable(index)
         self._release_before(crop[0].start - self.plan.region_lo[0])
         target = (slice(crop[0].start - self.plan.region_lo[0] - self.start,
                         crop[0].stop - self.plan.region_lo[0] - self.start),) + tuple(
             slice(c.start - lo, c.stop - lo) for c, lo in zip(crop[1:], self.plan.region_lo[1:]))
-        self.buffer[target] += logits[local]
+        self.buffer[target] += logits
+        self.counts[target] += 1
+
+    def skip(self, index: int) -> None:
+        """Window ``index`` adds nothing, but it still arrives in order: the slices before it are final."""
+        self._release_before(self.plan.readable(index)[0][0].start - self.plan.region_lo[0])
 
     def finish(self) -> None:
         self._release_before(self.shape[0])
@@ -200,14 +221,19 @@ class RegionBlender:
             return
         # Rows of windows overlap (or at least touch), so a row never starts a whole window past the last.
         assert count <= len(self.buffer), "windows must arrive D-major with overlapping rows"
-        slab = self.buffer[:count]
-        for offset in range(count):
-            slab[offset] /= self.count_along[0][self.start + offset] * self.plane_count
-        self.on_final(self.start, self.start + count, slab)
+        slab, counts = self.buffer[:count], self.counts[:count]
+        covered = counts > 0
+        if covered.all():
+            slab /= counts
+            self.on_final(self.start, self.start + count, slab, None)
+        else:
+            np.divide(slab, counts, out=slab, where=covered)
+            self.on_final(self.start, self.start + count, slab, covered)
         kept = len(self.buffer) - count
-        if kept > 0:
-            self.buffer[:kept] = self.buffer[count:].copy()
-        self.buffer[max(kept, 0):] = 0
+        for array in (self.buffer, self.counts):
+            if kept > 0:
+                array[:kept] = array[count:].copy()
+            array[max(kept, 0):] = 0
         self.start += count
 
 
@@ -245,15 +271,43 @@ def window_prompts(plan: WindowPlan, index: int, prompts: CropPrompts, coarse_fo
     return WindowPrompts(points, labels, box)
 
 
-def zoom_in(plan: WindowPlan, prompts: CropPrompts, coarse_foreground: np.ndarray, maps: ZoomMaps,
-            decode: Callable[[int, WindowPrompts], np.ndarray],
-            on_final: Callable[[int, int, np.ndarray], None], progress: Optional[ProgressCallback] = None,
-            cancel: Optional[CancelToken] = None) -> None:
-    """Every window of ``plan`` decoded (``decode(index, window prompts)`` -> full-resolution logits, window
-    shape) and blended; finished region slabs go to ``on_final(d_start, d_stop, logits)`` (region D indices)."""
-    blender = RegionBlender(plan, on_final)
-    for index in range(len(plan)):
+def is_idle(plan: WindowPlan, index: int, prompts: WindowPrompts, coarse_foreground: np.ndarray,
+            maps: ZoomMaps) -> bool:
+    """Whether window ``index`` holds neither coarse foreground nor a click (its refinement can only confirm
+    background the zoom-out pass already found; the default mode skips it, see ``zoom_in``)."""
+    if len(prompts.points):
+        return False
+    if prompts.box is not None and len(plan) > 1:   # the window's coarse box already says it
+        return bool(np.array_equal(prompts.box, np.asarray(EMPTY_BOX, np.float32)))
+    return plan.coarse_extent(coarse_foreground, maps, index) is None
+
+
+def zoom_in(plan: WindowPlan, readable_logits: Callable[[int], Optional[np.ndarray]],
+            on_final: Callable[..., None], progress: Optional[ProgressCallback] = None,
+            cancel: Optional[CancelToken] = None, slices: Optional[tuple[int, int]] = None) -> None:
+    """The windows of ``plan`` blended: ``readable_logits(index)`` gives the full-resolution logits of the
+    readable part of window ``index``, or None for a skipped window (it adds nothing); finished region slabs go
+    to ``on_final(d_start, d_stop, logits, covered)`` (see ``RegionBlender``). ``slices`` (region D indices,
+    stop exclusive): blend only the windows that reach into them and hand over only those slices."""
+    d_lo, d_hi = slices if slices is not None else (0, plan.region_hi[0] - plan.region_lo[0])
+    reach = [i for i in range(len(plan))
+             if plan.origins[i][0] - plan.region_lo[0] < d_hi and plan.origins[i][0] + plan.window[0]
+             - plan.region_lo[0] > d_lo]
+
+    def within(d_start: int, d_stop: int, logits: np.ndarray, covered) -> None:
+        start, stop = max(d_start, d_lo), min(d_stop, d_hi)
+        if start < stop:
+            part = slice(start - d_start, stop - d_start)
+            on_final(start, stop, logits[part], None if covered is None else covered[part])
+
+    first = max(0, min((plan.origins[i][0] - plan.region_lo[0] for i in reach), default=0))
+    blender = RegionBlender(plan, within, first_slice=min(first, d_lo))
+    for step, index in enumerate(reach):
         check(cancel)
-        report(progress, index / len(plan), f"zoom-in window {index + 1}/{len(plan)}")
-        blender.add(index, decode(index, window_prompts(plan, index, prompts, coarse_foreground, maps)))
+        report(progress, step / len(reach), f"blending window {step + 1}/{len(reach)}")
+        logits = readable_logits(index)
+        if logits is not None:
+            blender.add_readable(index, logits)
+        else:
+            blender.skip(index)
     blender.finish()
