@@ -1,14 +1,16 @@
-"""Domain randomisation of the starter training (training/domain_randomisation.py): each transform does what it
-promises on the real abdominal CT, and the sampler draws with it."""
+"""Augmentation of the training loop (training/domain_randomisation.py): each transform does what it promises on
+the real abdominal CT, MONAI's transforms draw from the caller's seed (a recipe + seed reproduces every draw), and
+the sampler (training/sampling.py) draws with them."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from medsegx_core.training.domain_randomisation import (absent_slab, bias_field, label_intensity_shift,
+from medsegx_core.training.domain_randomisation import (absent_slab, bias_field, intensity_jitter,
+                                                        label_intensity_shift, random_affine,
                                                         random_intensity_curve, slab_region)
+from medsegx_core.training.sampling import Sampler, SamplingSettings
 from medsegx_core.training.starter_data import case_specs, load_cases
-from medsegx_core.training.starter_samples import AugmentSettings, StarterSampler
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +57,42 @@ def test_intensity_curves_are_functions_of_intensity_that_can_reverse_tissue_ord
 def test_bias_fields_are_smooth_and_not_constant(ct_case):
     flat = np.full((32, 64, 64), 0.5, dtype=np.float32)
     out = bias_field(flat, np.random.default_rng(1))
-    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert out.dtype == np.float32 and out.min() >= 0.0 and out.max() <= 1.0
     spread = out.max() - out.min()
     assert spread > 0.05, "a field that changes the image"
     for axis in range(3):
         assert np.abs(np.diff(out, axis=axis)).max() < spread / 8, "smooth from voxel to voxel"
+    assert (out < 0.5).any() and (out > 0.5).any(), "darker and brighter regions"
+
+
+def test_monai_transforms_draw_from_the_callers_generator(ct_case):
+    """Same seed, same draw (whatever MONAI's global state); another seed, another draw."""
+    import monai
+
+    image = ct_case.labelled.image[:32, :96, :96].copy()
+    for transform in (bias_field, intensity_jitter):
+        first = transform(image, np.random.default_rng(3))
+        monai.utils.set_determinism(seed=123)       # another global state must not matter
+        again = transform(image, np.random.default_rng(3))
+        monai.utils.set_determinism(seed=None)
+        assert np.array_equal(first, again), transform.__name__
+        assert not np.array_equal(first, transform(image, np.random.default_rng(4))), transform.__name__
+        assert first.dtype == np.float32 and 0.0 <= first.min() and first.max() <= 1.0
+
+
+def test_a_random_affine_moves_image_and_mask_together(ct_case):
+    liver = next(s for s in ct_case.structures if s.name == "liver")
+    lo = np.argwhere(ct_case.labelled.mask(liver)).min(0)
+    window = tuple(slice(a, a + n) for a, n in zip(lo, (40, 96, 96)))
+    image = ct_case.labelled.image[window].copy()
+    mask = ct_case.labelled.mask(liver)[window].astype(np.float32)
+    moved, moved_mask = random_affine(image, mask, np.random.default_rng(0))
+    assert moved.shape == image.shape and set(np.unique(moved_mask)) <= {0.0, 1.0}
+    assert not np.array_equal(moved_mask, mask) and 0.7 < moved_mask.sum() / mask.sum() < 1.4
+    # the mask still marks liver grey: the image moved with it
+    assert abs(np.median(moved[moved_mask > 0]) - np.median(image[mask > 0])) < 0.03
+    again = random_affine(image, mask, np.random.default_rng(0))
+    assert np.array_equal(again[0], moved) and np.array_equal(again[1], moved_mask)
 
 
 def test_slabs_keep_the_centre_and_only_a_thin_stack_of_slices():
@@ -74,12 +107,15 @@ def test_slabs_keep_the_centre_and_only_a_thin_stack_of_slices():
 
 
 def test_the_domain_randomised_sampler_draws_valid_samples_unlike_the_default_ones(ct_case):
-    randomised = StarterSampler([ct_case], (32, 128, 128), 3, AugmentSettings.domain_randomised())
-    samples = randomised.batch(24)
+    settings = SamplingSettings().with_domain_randomisation()
+    randomised = Sampler([ct_case.labelled], (32, 128, 128), 3, settings).batch(0, range(24))
     assert all(s.image.shape == (32, 128, 128) and 0.0 <= s.image.min() and s.image.max() <= 1.0 and s.mask.any()
-               for s in samples)
-    plain = StarterSampler([ct_case], (32, 128, 128), 3).batch(24)
-    assert any(not np.array_equal(a.image, b.image) for a, b in zip(samples, plain))
+               for s in randomised)
+    plain = Sampler([ct_case.labelled], (32, 128, 128), 3).batch(0, range(24))
+    assert any(not np.array_equal(a.image, b.image) for a, b in zip(randomised, plain))
+    # a sample is a function of (seed, step, index): drawn alone or in a batch, it is the same
+    alone = Sampler([ct_case.labelled], (32, 128, 128), 3, settings).sample(0, 5)
+    assert np.array_equal(alone.image, randomised[5].image) and alone.name == randomised[5].name
 
 
 def test_absent_slabs_hold_none_of_the_structure(ct_case):
@@ -99,9 +135,10 @@ def test_absent_slabs_hold_none_of_the_structure(ct_case):
 def test_absent_structure_samples_name_a_structure_outside_the_view_with_an_empty_target(ct_case):
     from dataclasses import replace
 
-    settings = replace(AugmentSettings.domain_randomised(), absent_probability=1.0)
-    samples = StarterSampler([ct_case], (32, 128, 128), 5, settings).batch(12)
+    settings = replace(SamplingSettings().with_domain_randomisation(), absent_probability=1.0)
+    samples = Sampler([ct_case.labelled], (32, 128, 128), 5, settings).batch(0, range(12))
     assert all(s.kind == "text" and s.view == "zoom-out" and not s.mask.any() and s.image.std() > 0.01
                and s.context_rows for s in samples)
-    # Off by default: the default and domain-randomised recipes draw exactly as before.
-    assert AugmentSettings().absent_probability == AugmentSettings.domain_randomised().absent_probability == 0.0
+    # Off by default: the default and domain-randomised samplers draw no such samples.
+    assert SamplingSettings().absent_probability == SamplingSettings().with_domain_randomisation().absent_probability
+    assert SamplingSettings().absent_probability == 0.0

@@ -13,7 +13,7 @@ where a user clicks to correct a leak. All coordinates are model-space (d, h, w)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -109,8 +109,11 @@ def sample_points(mask: np.ndarray, rng: np.random.Generator, positive: int, neg
 
 
 def simulate(image: np.ndarray, mask: np.ndarray, name: str, kind: str, view: str, model_shape: Sequence[int],
-             rng: np.random.Generator, settings: PromptSettings = PromptSettings()) -> Optional[PromptedSample]:
+             rng: np.random.Generator, settings: PromptSettings = PromptSettings(),
+             view_transform: Optional[Callable] = None) -> Optional[PromptedSample]:
     """One prompted sample of the structure ``mask`` in ``image`` (both the foreground crop, (d, h, w)).
+    ``view_transform(view_image, view_mask) -> (image, mask)`` changes the view before the prompts are read from
+    its mask (a spatial augmentation, so that boxes and clicks follow it).
 
     Returns None when the structure is absent from the view (e.g. thinner than one zoom-out voxel)."""
     if kind not in PROMPT_KINDS or view not in VIEWS:
@@ -121,6 +124,8 @@ def simulate(image: np.ndarray, mask: np.ndarray, name: str, kind: str, view: st
         view_image, view_mask = zoom_out_view(image, mask.astype(np.float32), model_shape)
     else:
         view_image, view_mask = zoom_in_view(image, mask.astype(np.float32), model_shape, rng)
+    if view_transform is not None:
+        view_image, view_mask = view_transform(view_image, view_mask)
     if not view_mask.any():
         return None
     sample = PromptedSample(view_image, view_mask, name, kind, view)
