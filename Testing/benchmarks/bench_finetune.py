@@ -4,7 +4,7 @@ Training: the abdominal CT (``ct/totalseg_ct``: aorta, T12 vertebra, liver, sple
 patient (``ct/chest_ct_pulmonary_crop``: heart). Validation: the other crop of that second patient
 (``ct/chest_ct_aorta_crop``: aorta and T12 vertebra), never trained on; the structures are known from the first
 patient, the volume is not. Dice is the hard Dice (logit > 0) of the zoom-out view with text, box and point
-prompts (``training.finetune.evaluate``), single output, no oracle choice.
+prompts (``training.loop.evaluate``), single output, no oracle choice.
 
     OMP_NUM_THREADS=2 python Testing/benchmarks/bench_finetune.py [--base WEIGHTS] [--steps 150] [--json out.json]
 
@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
 from medsegx_core.training.dataset import load_case  # noqa: E402
-from medsegx_core.training.finetune import FinetuneSettings, PromptSettings, finetune  # noqa: E402
+from medsegx_core.training.finetune import FINETUNE_SAMPLING, FinetuneSettings, finetune  # noqa: E402
 
 
 def small_random_base(seed: int):
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("mask_decoder.")}
     settings = FinetuneSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                 train_decoder=not args.experts_only, val_every=max(1, args.steps // 6),
-                                seed=args.seed, prompts=PromptSettings(box_jitter=4, zoom_in_probability=0.3))
+                                seed=args.seed,
+                                sampling=replace(FINETUNE_SAMPLING, box_jitter=4, zoom_in_probability=0.3))
     trained_at = time.time()
     result = finetune(model, train, settings, validation_cases=held_out,
                       progress=lambda f, m: print(f"  {m}", flush=True) if "val" in m else None)

@@ -40,8 +40,9 @@ def main(argv=None) -> int:
     import torch
 
     from medsegx_core.predictor import Predictor
-    from medsegx_core.training.finetune import FinetuneSettings, base_sha256, finetune, write_pack
-    from medsegx_core.training.prompt_simulation import PromptSettings
+    from dataclasses import replace
+
+    from medsegx_core.training.finetune import FINETUNE_SAMPLING, FinetuneSettings, base_sha256, finetune, write_pack
     from medsegx_core.training.starter_data import CHAOS_ADAPTATION_PATIENTS, CHAOS_CASES, load_case
     from medsegx_core.training.starter_eval import FILLED_BOX, EVALUATION_KINDS, evaluate, select_volumes
     from medsegx_core.weights.default import starter_weights_dir
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
                 model = load_model(args.weights)
                 settings = FinetuneSettings(steps=args.steps, batch_size=args.batch_size, lr=ARM_LR[arm], seed=seed,
                                             trainable=arm, val_fraction=0.0, val_every=args.steps,
-                                            prompts=PromptSettings(zoom_in_probability=args.zoom_in_share))
+                                            sampling=replace(FINETUNE_SAMPLING,
+                                                             zoom_in_probability=args.zoom_in_share))
                 base = base_sha256(model)     # before fine-tuning: a decoder arm changes what it hashes
                 began = time.perf_counter()
                 run = finetune(model, adaptation[:k], settings)

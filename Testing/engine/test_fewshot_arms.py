@@ -18,9 +18,10 @@ def chaos_case(data_dir):
 
 
 @pytest.mark.parametrize("arm, expected", [("experts", {"conmoae"}), ("decoder", {"mask_decoder"}),
-                                           # the text projection too would need text embeddings with gradients;
-                                           # fine-tuning encodes the names once, so "all" leaves the text side
-                                           ("all", {"conmoae", "mask_decoder", "image_encoder", "prompt_encoder"})])
+                                           # the loop projects frozen sentence embeddings at every step, so "all"
+                                           # trains the text projection too (never the tower itself)
+                                           ("all", {"conmoae", "mask_decoder", "image_encoder", "prompt_encoder",
+                                                    "text_encoder"})])
 def test_each_arm_trains_its_own_weights_only(chaos_case, arm, expected):
     model = tiny_model()
     settings = FinetuneSettings(steps=3, batch_size=2, lr=1e-2, trainable=arm, val_fraction=0.0, val_every=3)
@@ -32,6 +33,8 @@ def test_each_arm_trains_its_own_weights_only(chaos_case, arm, expected):
     changed = {name for name, value in before.items() if not torch.equal(value, after[name])}
     assert {name.split(".")[0] for name in changed} == expected
     assert not any(name.startswith("text_encoder.sentence_model") for name in changed), "the text tower is frozen"
+    assert {name for name in changed if name.startswith("text_encoder.")} <= {"text_encoder.dim_align.weight",
+                                                                             "text_encoder.dim_align.bias"}
 
 
 def test_only_expert_arms_are_saved_as_packs(chaos_case, tmp_path):

@@ -1,6 +1,7 @@
-"""Few-shot fine-tuning on real CT crops with a tiny model: only the experts change, expert packs round-trip and
-refuse another base, resume continues exactly, the CLI reads labelmaps and .seg.nrrd, and 2 processes under
-torchrun follow the 1-process loss curve."""
+"""Few-shot fine-tuning (the "fine-tune adapter experts" recipe of the one training loop) on real CT crops with a
+tiny model: only the experts change, expert packs round-trip and refuse another base, resume continues exactly,
+the CLI reads labelmaps and .seg.nrrd, takes its options from a recipe, and 2 processes under torchrun follow the
+1-process loss curve."""
 from __future__ import annotations
 
 import json
@@ -17,9 +18,10 @@ import torch
 from medsegx_core.errors import InputError, UnknownTermError, WeightsError
 from medsegx_core.training.dataset import load_case
 from medsegx_core.weights.expert_pack import load_expert_pack, read_pack_metadata
-from medsegx_core.training.finetune import (FinetuneSettings, base_sha256, collate, draw_batch, finetune,
-                                            trainable_state, write_pack)
+from medsegx_core.training.batch import PromptedSegmentation, SentenceTable, collate
+from medsegx_core.training.finetune import FinetuneSettings, base_sha256, finetune, write_pack
 from medsegx_core.training.prompt_simulation import PromptSettings, simulate
+from medsegx_core.training.sampling import Sampler
 from medsegx_core.weights.store import save_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,15 +94,14 @@ def test_simulated_prompts_agree_with_the_mask(ct_case, kind, view):
 
 
 def test_batches_are_a_function_of_seed_and_step(ct_case):
-    items = [(0, s) for s in range(len(ct_case.structures))]
-    a = draw_batch([ct_case], items, 5, 2, 0, (16, 64, 64), PromptSettings())
-    b = draw_batch([ct_case], items, 5, 2, 0, (16, 64, 64), PromptSettings())
-    c = draw_batch([ct_case], items, 6, 2, 0, (16, 64, 64), PromptSettings())
+    sampler = Sampler([ct_case], (16, 64, 64), 0)
+    a, c = sampler.batch(5, range(2)), sampler.batch(6, range(2))
+    b = Sampler([ct_case], (16, 64, 64), 0).batch(5, range(2))
     assert all(np.array_equal(x.image, y.image) and x.kind == y.kind for x, y in zip(a, b))
     assert not all(np.array_equal(x.image, y.image) for x, y in zip(a, c))
+    assert np.array_equal(sampler.batch(5, [1])[0].image, a[1].image)     # a process's slice of the same batch
 
 
-# ---------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def trained(base_folder, ct_case):
     model = load_base(base_folder)
@@ -139,13 +140,12 @@ def test_expert_pack_round_trip_and_wrong_base(trained, base_folder, ct_case, tm
 
     fresh = load_base(base_folder)
     load_expert_pack(fresh, pack)
-    batch = draw_batch([ct_case], [(0, 0)], 0, 2, 0, (16, 64, 64), PromptSettings())
-    inputs = collate(batch, {s.name: model.encode_text([s.name])[0].detach() for s in batch}, torch.device("cpu"))
+    batch = collate(Sampler([ct_case], (16, 64, 64), 0).batch(0, range(4)))
     outputs = []
     with torch.no_grad():
         for m in (model, fresh):
-            with m.conmoae.context(inputs.context):
-                outputs.append(m.decode(m.encode_image(inputs.image), inputs.text, inputs.points, inputs.boxes))
+            texts = SentenceTable.for_model(m, [s.name for s in batch.samples])
+            outputs.append(PromptedSegmentation(m.eval(), texts)(batch.images, batch.samples))
     assert torch.equal(outputs[0], outputs[1])
 
     other = tiny_model(seed=1)
@@ -190,26 +190,42 @@ def test_segment_cli_runs_with_an_expert_pack(trained, base_folder, ct_case, dat
     assert "trained on other base weights" in capsys.readouterr().err and not refused.exists()
 
 
-def test_resume_continues_where_it_stopped(base_folder, ct_case, tmp_path):
+def test_resume_after_cancel_continues_exactly(base_folder, ct_case, tmp_path):
+    """4 steps straight = 2 steps, cancelled, then resumed from the training state (trainable tensors and AdamW's
+    moments): the same loss curve and the same experts."""
+    from medsegx_core.errors import Cancelled
+    from medsegx_core.progress import CancelToken
+
     # no validation, so the returned state is the last one (not a best-of that float noise could flip)
-    settings = FinetuneSettings(steps=4, batch_size=2, val_every=2, val_fraction=0, seed=5, lr=3e-3)
+    settings = FinetuneSettings(steps=4, batch_size=2, val_every=1, val_fraction=0, seed=5, lr=3e-3)
     straight = load_base(base_folder)
     full = finetune(straight, [ct_case], settings)
     state = tmp_path / "run.train-state.safetensors"
-    interrupted = load_base(base_folder)
-    first = finetune(interrupted, [ct_case], FinetuneSettings(**{**settings.__dict__, "steps": 2}), state_path=state)
+    token = CancelToken()
+
+    def cancel_after_two(fraction, message):
+        if message.startswith("step 2/"):
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        finetune(load_base(base_folder), [ct_case], settings, state_path=state, progress=cancel_after_two,
+                 cancel=token)
+    assert state.is_file() and not list(tmp_path.glob(".*partial"))       # the step-2 state, whole
     resumed = load_base(base_folder)
     second = finetune(resumed, [ct_case], settings, state_path=state, resume=True)
-    assert [r["step"] for r in second.history] == [1, 2, 3, 4] and second.history[:2] == first.history
-    # same batches and AdamW moments after the restart: the curve and the weights continue (oneDNN kernels are
-    # not bitwise reproducible between runs, hence the tolerance)
-    np.testing.assert_allclose([r["loss"] for r in second.history], [r["loss"] for r in full.history], rtol=1e-4)
-    final = trainable_state(resumed, ("conmoae.",))
+    assert [r["step"] for r in second.history] == [1, 2, 3, 4]
+    np.testing.assert_allclose(second.losses, full.losses, rtol=1e-6)
     moved = 0.0
-    for key, value in trainable_state(straight, ("conmoae.",)).items():
-        torch.testing.assert_close(final[key], value, atol=1e-5, rtol=1e-4)
-        moved = max(moved, float(value.abs().max())) if "adapter_up" in key else moved
+    final = resumed.state_dict()
+    for key, value in straight.state_dict().items():
+        if key.startswith("conmoae."):
+            torch.testing.assert_close(final[key], value, atol=1e-7, rtol=1e-6)
+            moved = max(moved, float(value.abs().max())) if "adapter_up" in key else moved
     assert moved > 1e-3                                                  # four steps of training did happen
+    # another run's settings cannot continue this state
+    with pytest.raises(WeightsError, match="other settings.*lr"):
+        finetune(load_base(base_folder), [ct_case], FinetuneSettings(**{**settings.__dict__, "lr": 1e-3}),
+                 state_path=state, resume=True)
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

@@ -1,5 +1,6 @@
-"""Starter training infrastructure: the prepared training set, sampling in worker processes, and ConMoAE experts
-trained with the backbone and shipped as the weights folder's expert pack."""
+"""Starter training infrastructure (the "train the base model" recipe of the one loop): the prepared training set,
+sampling in worker processes (the same samples as in the main process), and ConMoAE experts trained with the
+backbone and shipped as the weights folder's expert pack."""
 from __future__ import annotations
 
 import numpy as np
@@ -72,9 +73,10 @@ def test_a_bad_prepared_set_is_refused(tmp_path, bundle):
 
 
 def test_worker_sampling_is_reproducible_and_experts_ship_in_the_weights_folder(bundle, tmp_path):
-    first = _run(bundle[0], workers=1, experts=True)
-    second = _run(bundle[0], workers=1, experts=True)
-    assert first.losses == second.losses
+    first = _run(bundle[0], workers=1, with_experts=True)
+    second = _run(bundle[0], workers=2, with_experts=True)
+    in_process = _run(bundle[0], with_experts=True)
+    assert first.losses == second.losses == in_process.losses     # samples do not depend on the workers
     experts = {k: v for k, v in first.model.state_dict().items() if k.startswith("conmoae.")}
     assert experts and any(v.abs().sum() > 0 for k, v in experts.items() if "context_tables" in k)  # trained
 
@@ -90,7 +92,7 @@ def test_worker_sampling_is_reproducible_and_experts_ship_in_the_weights_folder(
 
 
 def test_an_expert_pack_beside_other_base_weights_is_refused(bundle, tmp_path):
-    folder = save_starter(_run(bundle[0], experts=True), tmp_path / "starter", {})
+    folder = save_starter(_run(bundle[0], with_experts=True), tmp_path / "starter", {})
     weights = load_file(str(folder / WEIGHTS_FILE))
     name = next(k for k in weights if k.startswith("mask_decoder."))
     weights[name] = weights[name] + 1.0
@@ -112,7 +114,7 @@ def test_a_later_stage_refuses_weights_of_other_sizes(bundle, tmp_path):
         _run(bundle[0], steps=1, size=wider, init=earlier)
     # the same sizes plus experts and dense marks may continue it
     marked = StarterSize(**{**TINY.__dict__, "dense_prompts": True})
-    assert _run(bundle[0], steps=1, size=marked, init=earlier, experts=True).steps_done == 1
+    assert _run(bundle[0], steps=1, size=marked, init=earlier, with_experts=True).steps_done == 1
 
 
 def test_the_command_line_trains_with_domain_randomisation_and_records_it(bundle, tmp_path, capsys):
@@ -129,6 +131,7 @@ def test_the_command_line_trains_with_domain_randomisation_and_records_it(bundle
     configs = {name: json.loads((tmp_path / name / "config.json").read_text()) for name in ("plain", "randomised")}
     plain, randomised = configs["plain"]["source"], configs["randomised"]["source"]
     assert randomised["domain_randomisation"] is True and plain["domain_randomisation"] is False
+    assert randomised["with_experts"] is False and randomised["recipe"] is None
     assert "--domain-randomisation" in randomised["command"]
     assert randomised["zoom_in_share"] == 0.25 and plain["zoom_in_share"] == 0.5
     assert configs["randomised"]["model"]["zoom_in"] is False and configs["plain"]["model"]["zoom_in"] is True
@@ -139,3 +142,7 @@ def test_the_command_line_trains_with_domain_randomisation_and_records_it(bundle
     assert main(common + ["--out", str(tmp_path / "wrong"), "--init", str(tmp_path / "missing")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "missing" in errors[0] and not (tmp_path / "wrong").exists()
+    # --experts (a bool here once, an expert pack in 'medsegx segment') is now --with-experts: a usage error
+    with pytest.raises(SystemExit):
+        main(common + ["--out", str(tmp_path / "old"), "--experts"])
+    assert "--experts is now --with-experts" in capsys.readouterr().err and not (tmp_path / "old").exists()

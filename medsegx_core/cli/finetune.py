@@ -3,6 +3,11 @@
     medsegx finetune --base WEIGHTS --image ct1.nii.gz ct2.nii.gz --label lab1.nii.gz lab2.nii.gz \\
         --names classes.json [--structures liver,spleen] -o liver_spleen.experts.safetensors
 
+The training options come from a recipe (``--recipe``, default ``finetune_experts``: a versioned JSON file in
+``medsegx_core/resources/recipes/``); options given on the command line replace the default recipe's, and the
+pack records the recipe (file, name, version, sha256) and what was replaced. A recipe named with ``--recipe`` is
+the record: its options cannot also be given on the command line.
+
 Distributed (same arguments; ``--batch-size`` is the global batch):
 
     torchrun --nproc_per_node 2 -m medsegx_core finetune ...
@@ -13,6 +18,7 @@ at every validation; ``--resume`` continues from it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -21,12 +27,72 @@ from ..data.validation import check_outputs
 from ..errors import Cancelled, InputError
 from ..progress import CancelToken
 
+TRAINER = "medsegx finetune"
+DEFAULT_RECIPE = "finetune_experts"
 
-def _parse_blocks(text: str):
+
+def add_learning_options(parser: argparse.ArgumentParser) -> None:
+    """The options a fine-tuning recipe sets (no defaults here: not given means the recipe's value)."""
+    from ..training.recipes import add_loop_options
+
+    add_loop_options(parser, {})
+    parser.add_argument("--trainable", choices=("experts", "experts+decoder"), default=argparse.SUPPRESS,
+                        help="what trains: the ConMoAE experts, gates and context tables, or those and the mask "
+                             "decoder (MedSegX's set)")
+    parser.add_argument("--val-fraction", type=float, default=argparse.SUPPRESS,
+                        help="fraction of (volume, structure) pairs held out when no --val-image is given")
+    parser.add_argument("--val-every", type=int, default=argparse.SUPPRESS,
+                        help="validate (and write the training state) every N steps")
+    parser.add_argument("--num-experts", type=int, default=argparse.SUPPRESS, help="experts per block")
+    parser.add_argument("--bottleneck", type=int, default=argparse.SUPPRESS, help="each expert's bottleneck width")
+    parser.add_argument("--dropout", type=float, default=argparse.SUPPRESS, help="dropout inside the experts")
+    parser.add_argument("--blocks", default=argparse.SUPPRESS, help="blocks that get experts, e.g. 0,1,2 "
+                                                                    "(default: all)")
+
+
+def _parse_blocks(text):
+    if text is None or text == "":
+        return None
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        return [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise InputError(f"--blocks {text!r}: give block numbers such as 0,1,2") from None
+
+
+def learning_options(args):
+    """(options by dest, recipe record): the default recipe's options, replaced by a chosen recipe's, replaced by
+    the command line's (refused for options a chosen recipe sets)."""
+    from ..training.recipes import load_recipe, option_names, recipe_values
+
+    names = option_names(add_learning_options)
+    given = {dest: value for dest, value in vars(args).items() if dest in {n.replace("-", "_") for n in names}}
+    recipe = load_recipe(DEFAULT_RECIPE, TRAINER, names)
+    options = recipe_values(recipe, add_learning_options)
+    if args.recipe is not None:
+        recipe = load_recipe(args.recipe, TRAINER, names)
+        options.update(recipe_values(recipe, add_learning_options))   # what it leaves out: the default's
+        replaced = sorted(f"--{name}" for name in recipe.options if name.replace("-", "_") in given)
+        if replaced:
+            raise InputError(f"{', '.join(replaced)} set by the recipe {recipe.path.name}; edit the recipe (a new "
+                             f"version) or leave --recipe out to change the default recipe's options")
+    options.update(given)
+    return options, recipe.record([dest.replace("_", "-") for dest in given])
+
+
+def settings_from_options(options, recipe_record=None):
+    """``FinetuneSettings`` from the recipe's options (by dest)."""
+    from dataclasses import replace
+
+    from ..training.finetune import FINETUNE_SAMPLING, FinetuneSettings
+
+    return FinetuneSettings(
+        steps=options["steps"], batch_size=options["batch_size"], lr=options["lr"], warmup=options["warmup"],
+        trainable=options["trainable"], val_fraction=options["val_fraction"], val_every=options["val_every"],
+        seed=options["seed"], n_experts=options["num_experts"], bottleneck=options["bottleneck"],
+        dropout=options["dropout"], blocks=_parse_blocks(options.get("blocks")),
+        sampling=replace(FINETUNE_SAMPLING, box_jitter=options["box_jitter"],
+                         zoom_in_probability=options["zoom_in_share"]),
+        recipe=recipe_record)
 
 
 def state_path_for(output: Path) -> Path:
@@ -60,18 +126,18 @@ def _load_cases(images, labels, args, role: str):
 
 
 def run(args) -> int:
-    import torch
-
     from ..inference.device import resolve_device
-    from ..training.finetune import (Distributed, FinetuneSettings, PromptSettings, base_sha256, finetune,
-                                     write_pack)
+    from ..training.finetune import base_sha256, finetune, write_pack
+    from ..training.loop import Distributed
     from ..weights.store import load_model
 
+    if args.train_decoder:
+        args.trainable = "experts+decoder"
+    options, recipe_record = learning_options(args)
+    settings = settings_from_options(options, recipe_record)
     output = Path(args.output)
-    device = resolve_device(args.device)
-    distributed = Distributed.from_environment(device)
-    if device.type == "cuda" and distributed.world_size > 1:
-        device = torch.device("cuda", distributed.rank % torch.cuda.device_count())
+    distributed = Distributed.from_environment(resolve_device(args.device))
+    device = distributed.device_for(resolve_device(args.device))
     state_path = state_path_for(output)
     if distributed.is_main:   # the pack, the history, and the training state a new run would replace
         check_outputs([], overwrite=args.overwrite or args.resume, others=[output, args.history, state_path])
@@ -79,11 +145,6 @@ def run(args) -> int:
     validation = _load_cases(args.val_image, args.val_label, args, "validation data") if args.val_image else []
     model = load_model(args.base, tokenizer=args.tokenizer)
     base_hash = base_sha256(model)
-    settings = FinetuneSettings(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, train_decoder=args.train_decoder,
-        val_fraction=args.val_fraction, val_every=args.val_every, seed=args.seed, n_experts=args.experts,
-        bottleneck=args.bottleneck, dropout=args.dropout, blocks=_parse_blocks(args.blocks) if args.blocks else None,
-        prompts=PromptSettings(box_jitter=args.box_jitter, zoom_in_probability=args.zoom_in))
     progress = None
     bar = None
     if distributed.is_main and not args.quiet:
@@ -109,13 +170,15 @@ def run(args) -> int:
         write_pack(output, model.cpu(), settings, base_hash, cases, result, overwrite=True)
         if args.history:
             with atomic_output(args.history, overwrite=True) as temp:
-                temp.write_text(json.dumps({"history": result.history,
+                temp.write_text(json.dumps({"history": result.history, "recipe": recipe_record,
                                             "initial_val_dice": result.initial_val_dice,
                                             "best_val_dice": result.best_val_dice,
                                             "best_step": result.best_step}, indent=1))
         names = sorted({s.name for case in cases for s in case.structures})
         print(f"trained {', '.join(names)} on {len(cases)} volume(s), {settings.steps} steps x {settings.batch_size}"
-              f" on {distributed.world_size} process(es)")
+              f" on {distributed.world_size} process(es), recipe {recipe_record['name']} "
+              f"v{recipe_record['version']}" + (f" with {' '.join('--' + o for o in recipe_record['overrides'])}"
+                                                if recipe_record.get("overrides") else ""))
         if result.best_val_dice is not None:
             print(f"validation Dice: {result.initial_val_dice:.4f} before, {result.best_val_dice:.4f} best "
                   f"(step {result.best_step})")
@@ -125,9 +188,12 @@ def run(args) -> int:
 
 
 def register(subparsers) -> None:
+    from ..training.recipes import RenamedOption
+
     parser = subparsers.add_parser("finetune", help="fine-tune adapter experts on labelled volumes (expert pack)",
                                    description=__doc__.split("\n\n")[0],
-                                   epilog="See 'medsegx categories' for structure names.")
+                                   epilog="See 'medsegx categories' for structure names. Options without a default "
+                                          "shown take the recipe's value.")
     parser.add_argument("--base", required=True, help="base model: our weights folder or a published checkpoint")
     parser.add_argument("--tokenizer", help="tokenizer folder when it is not beside the base weights")
     parser.add_argument("--image", nargs="+", required=True, help="training images")
@@ -140,20 +206,11 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, help="expert pack to write (.safetensors)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--resume", action="store_true", help="continue from the training state beside -o")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=2, help="global batch (all processes together)")
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--val-fraction", type=float, default=0.25,
-                        help="fraction of (volume, structure) pairs held out when no --val-image is given")
-    parser.add_argument("--val-every", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-decoder", action="store_true", help="also train the mask decoder (MedSegX does)")
-    parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--bottleneck", type=int, default=16)
-    parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--blocks", help="blocks that get experts, e.g. 0,1,2 (default: all)")
-    parser.add_argument("--box-jitter", type=int, default=4, help="voxels each box side may move outwards")
-    parser.add_argument("--zoom-in", type=float, default=0.5, help="fraction of zoom-in (native resolution) crops")
+    parser.add_argument("--recipe", help=f"training recipe: a file or the name of a shipped one (default: "
+                                         f"{DEFAULT_RECIPE}, whose options the command line may replace)")
+    add_learning_options(parser)
+    parser.add_argument("--train-decoder", action="store_true", help="the same as --trainable experts+decoder")
+    parser.add_argument("--experts", action=RenamedOption, new_name="--num-experts", meaning="experts per block")
     parser.add_argument("--preprocessing", choices=("canonical", "official"), default="canonical")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--history", help="write the loss/validation history here (JSON)")

