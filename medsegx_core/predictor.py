@@ -46,9 +46,11 @@ from .prompts import Prompts
 
 # Logit written outside the foreground crop, where the model never looked (only with return_logits).
 OUTSIDE_CROP_LOGIT = -1.0e4
-# Windows per encoder/decoder pass: enough to fill the matrix units, small enough that a batch's activations
-# (about 60 MB per window in the decoder at SegVol's widths, bf16) stay well inside the memory target.
-WINDOW_BATCH = 4
+# Windows per encoder/decoder pass (``window_batch`` None). On a GPU a batch fills the device. On a CPU it does
+# not pay: on 2 Zen 4 cores at SegVol's widths in bf16, 4 windows per pass took 2.34 s/window to encode (2.30 one
+# at a time) and 0.150 s/window to decode (0.156), and the decoder's transient memory grew from 144 MB to 493 MB
+# (/work/runs/p16 scripts, issue 16 note), which the 2 GB target cannot spare.
+WINDOW_BATCH = {"cuda": 8, "cpu": 1}
 
 
 @dataclass
@@ -100,7 +102,7 @@ class Predictor:
 
     def __init__(self, model, device: str = "auto", precision: str = "auto", preprocessing: str = "canonical",
                  cache_megabytes: Optional[float] = None, fast_kernels: bool = True, zoom_in: Optional[bool] = None,
-                 skip_idle_windows: Optional[bool] = None):
+                 skip_idle_windows: Optional[bool] = None, window_batch: Optional[int] = None):
         """``model``: a SegVol-API model (``encode_image``, ``encode_text``, ``decode_with_details``).
         ``precision``: "auto" (bf16/fp16 where the hardware does it fast), "fp32", "bf16", "fp16".
         ``preprocessing``: "canonical" (reorient to RAS+ first) or "official" (voxel order as stored).
@@ -112,9 +114,10 @@ class Predictor:
         belongs to this Predictor; give it a copy if you need the float32 weights elsewhere).
         ``zoom_in``: run zoom-in windows over the zoom-out result; None = what the model's config says
         (``SegVolConfig.zoom_in``: True for SegVol, False for the bundled starter model).
-        ``skip_idle_windows``: leave out zoom-in windows that hold neither coarse foreground nor a click (the
-        coarse logits stand in for them in the blend); None = in canonical preprocessing only, so "official"
-        stays SegVol's algorithm."""
+        ``skip_idle_windows``: leave out zoom-in windows that hold neither coarse foreground nor a click (they
+        add nothing to the blend; voxels only they cover keep the coarse result); None = in canonical
+        preprocessing only, so "official" stays SegVol's algorithm.
+        ``window_batch``: zoom-in windows per encoder/decoder pass; None = ``WINDOW_BATCH`` of the device."""
         self.runner = ModelRunner(model, device, precision, fast_kernels)
         self.cache = EmbeddingCache(None if cache_megabytes is None else int(cache_megabytes * (1 << 20)))
         self.runner.on_move = self.cache.move_to
@@ -122,6 +125,7 @@ class Predictor:
         self.window = tuple(int(n) for n in model.config.image_size)
         self.zoom_in = bool(getattr(model.config, "zoom_in", True) if zoom_in is None else zoom_in)
         self.skip_idle_windows = (preprocessing == "canonical") if skip_idle_windows is None else skip_idle_windows
+        self.window_batch = window_batch
         self.volume: Optional[Volume] = None
         self.prepared: Optional[PreprocessedVolume] = None
         self.maps: Optional[ZoomMaps] = None
@@ -320,8 +324,8 @@ class Predictor:
                 results[i] = WindowResult(window_prompt[i], lowres, False, False, decoded_key[i])
             else:
                 todo.setdefault((len(window_prompt[i].points), window_prompt[i].box is None), []).append(i)
-        batches = [group[start:start + WINDOW_BATCH] for group in todo.values()
-                   for start in range(0, len(group), WINDOW_BATCH)]
+        size = self.window_batch or WINDOW_BATCH.get(self.runner.runtime.device.type, 1)
+        batches = [group[start:start + size] for group in todo.values() for start in range(0, len(group), size)]
         text = self._text_embedding(prompts.text)
         done, total = 0, sum(len(batch) for batch in batches)
         for batch in batches:

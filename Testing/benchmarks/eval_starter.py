@@ -51,6 +51,9 @@ def main(argv=None) -> int:
                         help="zoom-in refinement: as the weights' config says (the shipped starter: off), or "
                              "forced (a training checkpoint's config keeps SegVol's default, on)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--idle-windows-cost", action="store_true",
+                        help="zoom-in on, canonical preprocessing, once skipping idle windows (the default) and "
+                             "once not: Dice per row side by side and the time of each (issue 16)")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         print(f"the shared data folder {args.data} is absent; set MEDSEGX_SHARED", file=sys.stderr)
@@ -62,6 +65,8 @@ def main(argv=None) -> int:
         load_expert_pack(model, args.experts)       # refused when trained on another base
     record = json.loads((args.weights / "config.json").read_text(encoding="utf-8")) if args.weights.is_dir() else {}
     zoom_in = {"model": None, "on": True, "off": False}[args.zoom_in]
+    if args.idle_windows_cost:
+        return idle_windows_cost(model, args, record)
     predictor = Predictor(model, device="cpu", precision=args.precision, zoom_in=zoom_in)
     start = time.perf_counter()
     rows = evaluate(predictor, args.data, volumes=select_volumes(args.groups, args.volumes), kinds=args.kinds,
@@ -74,6 +79,44 @@ def main(argv=None) -> int:
     print(summary_table(rows))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2), encoding="utf-8")
+    return 0
+
+
+def idle_windows_cost(model, args, record) -> int:
+    """The Dice cost of skipping idle zoom-in windows: the same rows with and without, zoom-in forced on."""
+    from medsegx_core.predictor import Predictor
+    from medsegx_core.training.starter_eval import evaluate, select_volumes
+
+    rows, seconds, windows = {}, {}, {}
+    for skip in (False, True):
+        predictor = Predictor(model, device="cpu", precision=args.precision, zoom_in=True, skip_idle_windows=skip)
+        counted = [0, 0]
+        segment = predictor.segment
+
+        def counting(*a, **k):
+            result = segment(*a, **k)
+            counted[0] += result.windows
+            counted[1] += result.windows_skipped
+            return result
+
+        predictor.segment = counting
+        start = time.perf_counter()
+        rows[skip] = evaluate(predictor, args.data, volumes=select_volumes(args.groups, args.volumes),
+                              kinds=args.kinds, structures=args.structures, source=record.get("source"),
+                              baseline=False)
+        seconds[skip], windows[skip] = time.perf_counter() - start, counted
+    print(f"weights: {args.weights} | zoom-in on, canonical preprocessing | all windows: {seconds[False]:.0f} s, "
+          f"{windows[False][0]} windows | idle skipped: {seconds[True]:.0f} s, {windows[True][1]} of "
+          f"{windows[True][0]} windows skipped")
+    print(f"{'volume':34}{'structure':18}{'prompt':8}{'Dice all':>10}{'Dice skip':>11}{'change':>9}")
+    changes = []
+    for full, skipped in zip(rows[False], rows[True]):
+        changes.append(skipped.dice - full.dice)
+        print(f"{full.volume:34}{full.structure:18}{full.kind:8}{full.dice:>10.4f}{skipped.dice:>11.4f}"
+              f"{changes[-1]:>+9.4f}")
+    if changes:
+        print(f"mean change {sum(changes) / len(changes):+.4f}; largest loss {min(changes):+.4f}; "
+              f"largest gain {max(changes):+.4f} over {len(changes)} rows")
     return 0
 
 

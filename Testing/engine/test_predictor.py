@@ -3,6 +3,7 @@ combinations, window prompts, errors, cancel, progress, devices."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import platform
 from pathlib import Path
 
@@ -309,16 +310,18 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu(model, volume):
 
 
 def test_a_region_larger_than_the_cache_keeps_its_first_windows(model, volume):
-    # One budget for everything: room for the zoom-out embedding, the text embedding (64 floats) and two
-    # tiny-model window embeddings (64 x 8 x 16 x 16 float32 each), and nothing left for decoded windows.
-    embedding = 64 * 8 * 16 * 16 * 4
-    predictor = Predictor(model, device="cpu", precision="fp32", cache_megabytes=(3 * embedding + 4096) / 2**20)
+    # One budget for everything: room for the zoom-out embedding, the text embedding (64 floats) and two windows,
+    # each a tiny-model embedding (64 x 8 x 16 x 16 float32) and its decoded logits (32 x 64 x 64 float32).
+    embedding, decoded = 64 * 8 * 16 * 16 * 4, 32 * 64 * 64 * 4
+    budget = embedding + 2 * (embedding + decoded) + 4096
+    predictor = Predictor(model, device="cpu", precision="fp32", cache_megabytes=budget / 2**20)
     predictor.set_volume(volume)
     prompts = Prompts(text="liver", box=BOX_IJK)
     first = predictor.segment(prompts)
     assert first.windows > 2 and first.windows_encoded == first.windows
     assert predictor.cache.bytes <= predictor.cache.budget_bytes
-    assert predictor.cache.count(WINDOW) == 2 and predictor.cache.count(DECODED) == 0
+    assert predictor.cache.count(WINDOW) == 2 and predictor.cache.count(DECODED) == 2
+    predictor.cache.forget(DECODED)                                # force decoding again: embeddings needed
     again = predictor.segment(prompts)
     assert again.windows_encoded == first.windows - 2           # the first two stayed cached
     np.testing.assert_array_equal(again.mask, first.mask)
@@ -366,3 +369,61 @@ def test_zoom_in_can_be_turned_off_by_the_model_config_or_the_caller(model, volu
         assert Predictor(model, device="cpu", precision="fp32").zoom_in is False
     finally:
         model.config.zoom_in = True
+
+
+def test_a_click_reblends_only_what_it_changed_and_equals_a_fresh_predictor(model, volume):
+    # The CT three times over along k: a region of interest with several rows of windows.
+    tall = dataclasses.replace(volume, array=np.concatenate([volume.array] * 3, axis=0))
+    first = Prompts(text="liver", points=(point(LIVER_IJK),))
+    clicked = Prompts(text="liver", points=(point(LIVER_IJK), point((70.0, 50.0, 100.0), False)))
+    warm = Predictor(model, device="cpu", precision="fp32", preprocessing="official")
+    warm.set_volume(tall)
+    before = warm.segment(first, return_logits=True)
+    upsampled = []
+    original = warm.runner.upsample
+    warm.runner.upsample = lambda *args: upsampled.append(1) or original(*args)
+    again = warm.segment(clicked, return_logits=True)
+    fresh = Predictor(model, device="cpu", precision="fp32", preprocessing="official")
+    fresh.set_volume(tall)
+    expected = fresh.segment(clicked, return_logits=True)
+    assert again.windows == expected.windows == before.windows and again.windows_encoded == 0
+    assert 1 <= again.windows_decoded < again.windows
+    # The zoom-out pass, then only the windows reaching into the rows of the windows decoded again.
+    assert len(upsampled) - 1 < again.windows
+    # Windows decoded in other batches may differ in the last bits (batched matrix products), nothing more.
+    np.testing.assert_allclose(again.logits, expected.logits, rtol=0, atol=1e-5)
+    differ = again.mask != expected.mask
+    assert not differ.any() or np.abs(expected.logits[differ]).max() < 1e-5
+
+
+def test_idle_windows_are_skipped_in_canonical_mode_only(model, volume):
+    prompts = Prompts(text="liver", box=BOX_IJK)
+    results = {}
+    for mode in ("official", "canonical"):
+        predictor = Predictor(model, device="cpu", precision="fp32", preprocessing=mode)
+        predictor.set_volume(volume)
+        results[mode] = predictor.segment(prompts)
+        crop = predictor.map_prompts(prompts)
+        coarse = predictor.zoom_out(crop)
+        plan = predictor.plan_zoom_in(coarse, crop)
+        empty = sum(plan.coarse_extent(coarse.foreground, predictor.maps, i) is None for i in range(len(plan)))
+        assert results[mode].windows_skipped == (empty if mode == "canonical" else 0)
+    # The reference CT is stored RAS+, so both modes see the same voxels: only the skipped windows differ.
+    assert results["canonical"].windows == results["official"].windows
+    if results["canonical"].windows_skipped:
+        assert dice(results["canonical"].mask, results["official"].mask) > 0.95
+    else:
+        np.testing.assert_array_equal(results["canonical"].mask, results["official"].mask)
+
+
+def test_windows_decoded_in_batches_equal_one_at_a_time(model, volume):
+    prompts = Prompts(text="liver", box=BOX_IJK, points=(point(LIVER_IJK),))
+    results = []
+    for batch in (1, 3):
+        predictor = Predictor(model, device="cpu", precision="fp32", preprocessing="official", window_batch=batch)
+        predictor.set_volume(volume)
+        results.append(predictor.segment(prompts, return_logits=True))
+    assert results[0].windows >= 3 and results[1].windows_decoded == results[0].windows_decoded
+    np.testing.assert_allclose(results[1].logits, results[0].logits, rtol=0, atol=1e-5)
+    differ = results[1].mask != results[0].mask
+    assert not differ.any() or np.abs(results[0].logits[differ]).max() < 1e-5

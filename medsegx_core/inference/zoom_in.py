@@ -12,6 +12,9 @@ The rules follow the published SegVol inference (fixture README 5.3-5.4), on the
   was padded). Points are not re-drawn at random as in the official code: each point goes, deterministically, to
   every window that contains it.
 * blending: constant weights (plain average), finished slab by slab as rows of windows complete.
+* idle windows (ours, default ``canonical`` mode only): a window that holds neither coarse foreground nor a click
+  can only confirm background the zoom-out pass already found; it is skipped and adds nothing to the average
+  (a voxel that only skipped windows cover keeps the coarse result).
 
 ``zoom_in`` blends the windows in order from a caller's ``readable_logits(index)``; the model calls (batched),
 their caches and which windows are skipped belong to the predictor.
@@ -181,14 +184,16 @@ class RegionBlender:
     whatever the caller had there). Only one window depth of slices (and their window counts) is held, not a
     region-sized array (300 MB for a 512x512x300 region of interest). Call ``finish()`` after the last window.
 
-    ``first_slice``: hand over nothing before this region D index (a caller re-blending only the rows a new
-    prompt changed passes the windows that reach into them, from the first such row on).
+    ``first_slice``, ``stop_slice``: hand over only these region D indices (a caller re-blending only the rows
+    a new prompt changed passes the windows that reach into them).
     """
 
-    def __init__(self, plan: WindowPlan, on_final: Callable[..., None], first_slice: int = 0):
+    def __init__(self, plan: WindowPlan, on_final: Callable[..., None], first_slice: int = 0,
+                 stop_slice: Optional[int] = None):
         self.plan = plan
         self.on_final = on_final
         self.shape = tuple(hi - lo for lo, hi in zip(plan.region_lo, plan.region_hi))
+        self.stop = self.shape[0] if stop_slice is None else stop_slice
         self.buffer = np.zeros((plan.window[0],) + self.shape[1:], dtype=np.float32)
         # Windows covering each voxel: exact small integers, so dividing by them gives the plain average.
         self.counts = np.zeros_like(self.buffer)
@@ -213,10 +218,10 @@ class RegionBlender:
         self._release_before(self.plan.readable(index)[0][0].start - self.plan.region_lo[0])
 
     def finish(self) -> None:
-        self._release_before(self.shape[0])
+        self._release_before(self.stop)
 
     def _release_before(self, stop: int) -> None:
-        count = min(stop, self.shape[0]) - self.start
+        count = min(stop, self.stop) - self.start
         if count <= 0:
             return
         # Rows of windows overlap (or at least touch), so a row never starts a whole window past the last.
@@ -301,7 +306,7 @@ def zoom_in(plan: WindowPlan, readable_logits: Callable[[int], Optional[np.ndarr
             on_final(start, stop, logits[part], None if covered is None else covered[part])
 
     first = max(0, min((plan.origins[i][0] - plan.region_lo[0] for i in reach), default=0))
-    blender = RegionBlender(plan, within, first_slice=min(first, d_lo))
+    blender = RegionBlender(plan, within, first_slice=min(first, d_lo), stop_slice=d_hi)
     for step, index in enumerate(reach):
         check(cancel)
         report(progress, step / len(reach), f"blending window {step + 1}/{len(reach)}")
