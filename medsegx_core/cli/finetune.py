@@ -19,7 +19,10 @@ at every validation; ``--resume`` continues from it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
+import threading
 from pathlib import Path
 
 from ..data.atomic import atomic_output
@@ -100,6 +103,27 @@ def state_path_for(output: Path) -> Path:
     return output.with_name(f"{name}.train-state.safetensors")
 
 
+@contextlib.contextmanager
+def _interrupt_cancels(cancel: CancelToken):
+    """Ctrl+C cancels the training loop at its next step (a second Ctrl+C interrupts at once). A
+    KeyboardInterrupt raised wherever Python happens to be can land in a finaliser, where Python prints and
+    ignores it, and the run would go on: the loop's own cancel check cannot be missed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_interrupt(signum, frame):
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        cancel.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _after_interruption(state_path: Path, state_existed: bool) -> None:
     """Ctrl+C or cancel: a training state this run created is removed (nothing was written); one it continued
     (``--resume``) is kept, holding the progress so far, and the message says so."""
@@ -156,12 +180,16 @@ def run(args) -> int:
             bar.set_postfix_str(message.split(" ", 2)[-1] if message else "")
             bar.refresh()
     state_existed = state_path.exists()
+    cancel = CancelToken()
     try:
-        result = finetune(model, cases, settings, validation_cases=validation, state_path=state_path,
-                          resume=args.resume, device=device, distributed=distributed, progress=progress,
-                          cancel=CancelToken())
+        with _interrupt_cancels(cancel):
+            result = finetune(model, cases, settings, validation_cases=validation, state_path=state_path,
+                              resume=args.resume, device=device, distributed=distributed, progress=progress,
+                              cancel=cancel)
     except (KeyboardInterrupt, Cancelled):
         _after_interruption(state_path, state_existed)
+        if cancel.cancelled:
+            raise KeyboardInterrupt from None   # Ctrl+C: "interrupted; nothing was written"
         raise
     finally:
         if bar is not None:
