@@ -6,6 +6,8 @@ The CLI maps the callback to a tqdm bar; Slicer maps it to its progress bar and 
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
 from typing import Callable, Optional
 
@@ -47,3 +49,25 @@ def scaled(progress: Optional[ProgressCallback], start: float, stop: float) -> O
     if progress is None:
         return None
     return lambda fraction, message="": progress(start + (stop - start) * fraction, message)
+
+
+@contextlib.contextmanager
+def interrupt_cancels(cancel: CancelToken):
+    """Within the block, Ctrl+C (SIGINT) cancels ``cancel`` (long work stops at its next check and raises
+    ``Cancelled``); a second Ctrl+C interrupts at once. A KeyboardInterrupt raised wherever Python happens to be
+    can land in a finaliser, where Python prints and ignores it, and the work would go on: a cancel check cannot
+    be missed. Outside the main thread (where signals cannot be handled) the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_interrupt(signum, frame):
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        cancel.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -170,3 +170,19 @@ def test_the_schedule_warms_up_then_decays_by_a_cosine():
     assert rates[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(rates[10:], rates[11:]))
     assert learning_rate(55, 100, 1.0, 10, 0.05) == pytest.approx(0.05 + 0.95 * 0.5)    # halfway down
     assert learning_rate(100, 100, 1.0, 10, 0.05) == pytest.approx(0.05)
+
+
+def test_ctrl_c_cancels_at_the_next_check_and_a_second_interrupts():
+    import os
+    import signal
+
+    from medsegx_core.progress import CancelToken, interrupt_cancels
+
+    cancel = CancelToken()
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt_cancels(cancel):
+            os.kill(os.getpid(), signal.SIGINT)      # first: only the token
+            assert cancel.cancelled
+            os.kill(os.getpid(), signal.SIGINT)      # second: at once
+    assert signal.getsignal(signal.SIGINT) is before

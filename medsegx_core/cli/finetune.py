@@ -19,16 +19,13 @@ at every validation; ``--resume`` continues from it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import signal
-import threading
 from pathlib import Path
 
 from ..data.atomic import atomic_output
 from ..data.validation import check_outputs
 from ..errors import Cancelled, InputError
-from ..progress import CancelToken
+from ..progress import CancelToken, interrupt_cancels
 
 TRAINER = "medsegx finetune"
 DEFAULT_RECIPE = "finetune_experts"
@@ -103,27 +100,6 @@ def state_path_for(output: Path) -> Path:
     return output.with_name(f"{name}.train-state.safetensors")
 
 
-@contextlib.contextmanager
-def _interrupt_cancels(cancel: CancelToken):
-    """Ctrl+C cancels the training loop at its next step (a second Ctrl+C interrupts at once). A
-    KeyboardInterrupt raised wherever Python happens to be can land in a finaliser, where Python prints and
-    ignores it, and the run would go on: the loop's own cancel check cannot be missed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_interrupt(signum, frame):
-        if cancel.cancelled:
-            raise KeyboardInterrupt
-        cancel.cancel()
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _after_interruption(state_path: Path, state_existed: bool) -> None:
     """Ctrl+C or cancel: a training state this run created is removed (nothing was written); one it continued
     (``--resume``) is kept, holding the progress so far, and the message says so."""
@@ -182,7 +158,7 @@ def run(args) -> int:
     state_existed = state_path.exists()
     cancel = CancelToken()
     try:
-        with _interrupt_cancels(cancel):
+        with interrupt_cancels(cancel):
             result = finetune(model, cases, settings, validation_cases=validation, state_path=state_path,
                               resume=args.resume, device=device, distributed=distributed, progress=progress,
                               cancel=cancel)

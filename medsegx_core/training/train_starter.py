@@ -37,13 +37,13 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import InputError, MedSegXError
+from ..errors import Cancelled, InputError, MedSegXError
 from ..modeling.build import build_model
 from ..modeling.config import (ImageEncoderConfig, MaskDecoderConfig, PromptEncoderConfig, SegVolConfig,
                                TextEncoderConfig)
 from ..modeling.conmoae import ConMoAEConfig, attach_experts_to_model
 from ..modeling.segvol import SegVol
-from ..progress import CancelToken, ProgressCallback
+from ..progress import CancelToken, ProgressCallback, interrupt_cancels
 from .batch import SentenceTable, sentence_embeddings
 from .loop import TRAINABLE_SETS, Distributed, LoopSettings, TrainingResult, train_loop
 from .recipes import RenamedOption, add_loop_options, command_line_conflicts, load_recipe
@@ -404,18 +404,32 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
             last[0] = time.monotonic()
             print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    run = train_starter(args.data, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        warmup=args.warmup, size=size, cases=args.cases, exclude_patients=args.exclude_patient,
-                        hold_out_structures=args.hold_out_structures, init=args.init,
-                        with_experts=args.with_experts,
-                        sampling=sampling_settings(args.domain_randomisation, args.zoom_in_share, args.absent_share,
-                                                   args.box_jitter),
-                        bundle=args.bundle, device=args.device, workers=args.workers, stop_after=args.stop_after,
-                        checkpoint=state_path_for(args.out), checkpoint_every=args.checkpoint_every,
-                        resume=args.resume, on_checkpoint=save, distributed=distributed, progress=progress)
+    cancel = CancelToken()
+    try:
+        with interrupt_cancels(cancel):
+            run = _run(args, size, save, distributed, progress, cancel)
+    except Cancelled:
+        state = state_path_for(args.out)
+        kept = f"; the training state {state} holds the last checkpoint (--resume continues from it)" \
+            if state.exists() else ""
+        print(f"interrupted{kept}", file=sys.stderr)
+        return 130
     if distributed.is_main:
         print(f"saved {args.out} after {run.steps_done} steps in {run.elapsed_s / 60:.1f} min")
     return 0
+
+
+def _run(args, size, save, distributed, progress, cancel) -> TrainingRun:
+    return train_starter(args.data, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         warmup=args.warmup, size=size, cases=args.cases, exclude_patients=args.exclude_patient,
+                         hold_out_structures=args.hold_out_structures, init=args.init,
+                         with_experts=args.with_experts,
+                         sampling=sampling_settings(args.domain_randomisation, args.zoom_in_share, args.absent_share,
+                                                    args.box_jitter),
+                         bundle=args.bundle, device=args.device, workers=args.workers, stop_after=args.stop_after,
+                         checkpoint=state_path_for(args.out), checkpoint_every=args.checkpoint_every,
+                         resume=args.resume, on_checkpoint=save, distributed=distributed, progress=progress,
+                         cancel=cancel)
 
 
 if __name__ == "__main__":
