@@ -427,3 +427,19 @@ def test_windows_decoded_in_batches_equal_one_at_a_time(model, volume):
     np.testing.assert_allclose(results[1].logits, results[0].logits, rtol=0, atol=1e-5)
     differ = results[1].mask != results[0].mask
     assert not differ.any() or np.abs(results[0].logits[differ]).max() < 1e-5
+
+
+def test_a_reduced_precision_predictor_lets_go_of_the_checkpoint_file(fixtures_dir):
+    # Loaded weights live in the safetensors file's memory map; after the bf16 cast the norms and embeddings are
+    # copied out too, so nothing refers to the mapping (its pages would otherwise stay resident).
+    from medsegx_core.weights.store import load_model
+
+    segvol = fixtures_dir / "segvol_parity"
+    model = load_model(segvol / "public" / "model.safetensors", tokenizer=segvol / "tokenizer")
+    loaded = {name: t.data_ptr() for name, t in model.state_dict().items()}
+    predictor = Predictor(model, device="cpu", precision="bf16")
+    after = {name: t.data_ptr() for name, t in predictor.model.state_dict().items()}
+    assert not set(loaded.values()) & set(after.values())
+    fp32 = Predictor(load_model(segvol / "public" / "model.safetensors", tokenizer=segvol / "tokenizer"),
+                     device="cpu", precision="fp32")
+    assert fp32.model.image_encoder.norm.weight.dtype == torch.float32      # float32: the mapping is the model

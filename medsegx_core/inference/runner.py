@@ -20,8 +20,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .device import (Runtime, cast_matmul_weights, is_out_of_memory, release_cuda_memory, release_freed_memory,
-                     use_fused_attention, use_matmul_transposed_convolutions, warn)
+from .device import (Runtime, cast_matmul_weights, is_out_of_memory, own_storage, release_cuda_memory,
+                     release_freed_memory, use_fused_attention, use_matmul_transposed_convolutions, warn)
 
 
 class ModelRunner:
@@ -31,7 +31,8 @@ class ModelRunner:
     def __init__(self, model, device: str = "auto", precision: str = "auto", fast_kernels: bool = True):
         self.runtime = Runtime.resolve(device, precision)
         self.model = model.eval().to(self.runtime.device)
-        cast_matmul_weights(self.model, self.runtime.storage_dtype)
+        if cast_matmul_weights(self.model, self.runtime.storage_dtype):
+            own_storage(self.model)  # so that a checkpoint's memory map (all its float32 pages) can go
         release_freed_memory()   # the float32 weights just replaced
         if fast_kernels:
             use_fused_attention(self.model)
