@@ -33,7 +33,7 @@ import torch
 from .data.hierarchy import context_indices, guess_modality, resolve_modality, resolve_term
 from .data.volume import Volume
 from .errors import PromptError
-from .inference.cache import DECODED, WINDOW, EmbeddingCache
+from .inference.cache import DECODED, WINDOW, EmbeddingCache, PackedEmbedding
 from .inference.confidence import absence_warning, presence_confidence
 from .inference.device import warn
 from .inference.preprocessing import PreprocessedVolume, preprocess
@@ -352,15 +352,20 @@ class Predictor:
             fresh = self.runner.encode_images(
                 [plan.window_image(self.prepared.crop_reader, i) for i in missing], context, progress)
             for i, embedding in zip(missing, fresh):
-                cached[i] = embedding[None].clone()
+                # Under reduced precision windows are kept as int8 (half of bf16: a 512x512x300 CT's whole
+                # region fits the memory target); float32 (parity, "official") keeps them as they are.
+                kept = embedding[None].clone()
+                cached[i] = PackedEmbedding.pack(kept) if kept.dtype != torch.float32 else kept
                 self.cache.put(WINDOW, window_key[i], cached[i])
-        return torch.cat([cached[i] for i in batch]), [i in missing for i in batch]
+        return torch.cat([_unpacked(cached[i]) for i in batch]), [i in missing for i in batch]
 
     def _window_entry_bytes(self) -> int:
         """Bytes one window keeps in the cache: its embedding and one decoded result."""
         config = self.model.config
         embedding = config.embed_dim * int(np.prod(config.embedding_grid))
-        embedding *= torch.tensor([], dtype=self.runner.runtime.storage_dtype).element_size()
+        # int8 + a float32 scale per token under reduced precision (PackedEmbedding), else float32
+        float32 = self.runner.runtime.storage_dtype == torch.float32
+        embedding = embedding * 4 if float32 else embedding + 4 * int(np.prod(config.embedding_grid))
         decoded = int(np.prod(self.window)) // 16 * 4
         return embedding + decoded
 
@@ -370,6 +375,10 @@ class Predictor:
     def _zoom_embedding(self, context, progress) -> torch.Tensor:
         return self.cache.zoom_out(_context_key(context), lambda: self.runner.encode_image(
             self._zoom_image, context, progress))
+
+
+def _unpacked(embedding) -> torch.Tensor:
+    return embedding.unpack() if isinstance(embedding, PackedEmbedding) else embedding
 
 
 def _context_key(context):

@@ -78,3 +78,19 @@ def test_skipped_windows_add_nothing_and_rows_can_be_blended_alone():
     rows = blend(plan, logits, slices=(5, 9), skipped=skipped)
     np.testing.assert_array_equal(rows[5:9], full[5:9])
     assert np.isnan(rows[:5]).all() and np.isnan(rows[9:]).all()
+
+
+def test_packed_embeddings_are_a_quarter_of_float32_and_close_to_the_original():
+    import torch
+
+    from medsegx_core.inference.cache import PackedEmbedding, tensor_bytes
+
+    torch.manual_seed(0)
+    embedding = (torch.randn(1, 64, 8, 16, 16) * torch.linspace(0.1, 5, 64)[None, :, None, None, None]).bfloat16()
+    packed = PackedEmbedding.pack(embedding)
+    assert tensor_bytes(packed) == 64 * 8 * 16 * 16 + 4 * 8 * 16 * 16          # int8 + one scale per token
+    restored = packed.unpack()
+    assert restored.dtype == torch.bfloat16 and restored.shape == embedding.shape
+    # Each value within half a step of its token's scale (absmax / 127), plus bf16 rounding of the result.
+    step = embedding.float().abs().amax(dim=1, keepdim=True) / 127
+    assert ((restored.float() - embedding.float()).abs() <= 0.5 * step + 0.01 * embedding.float().abs()).all()

@@ -5,7 +5,8 @@ One store with one byte budget, cleared when the volume changes. It holds four k
 * ``ZOOM_OUT`` embeddings, one per ConMoAE context (with experts the embedding depends on the anatomy the text
   names; without, there is one, under ``None``);
 * ``TEXT`` embeddings, per canonical structure name;
-* ``WINDOW`` embeddings, per (context, what the window reads);
+* ``WINDOW`` embeddings, per (context, what the window reads); under reduced precision the predictor keeps them as
+  ``PackedEmbedding`` (int8, half of bf16);
 * ``DECODED`` low-resolution window logits, per (window, text, exact window prompts).
 
 Zoom-out and text entries are few and small and every prompt needs them: they count against the budget but are
@@ -33,13 +34,38 @@ ZOOM_OUT, TEXT, WINDOW, DECODED = "zoom-out", "text", "window", "decoded"
 PINNED = (ZOOM_OUT, TEXT)
 
 AUTO_FLOOR_BYTES = 192 << 20
-# SegVol's widths in bf16: a window embedding is 3.1 MB and its decoded logits 0.5 MB, so 1 GB keeps about 280
-# windows, the region of a 512x512x400 CT that is all region of interest.
+# SegVol's widths in bf16: a window embedding is 1.6 MB packed (int8) and its decoded logits 0.5 MB, so 1 GB keeps
+# about 480 windows: a 512x512 CT of some 850 slices that is all region of interest.
 AUTO_CAP_BYTES = 1024 << 20
 
 
-def tensor_bytes(tensor: torch.Tensor) -> int:
+def tensor_bytes(tensor) -> int:
+    """Bytes of a tensor, or of a ``PackedEmbedding``'s parts."""
+    if isinstance(tensor, PackedEmbedding):
+        return tensor_bytes(tensor.values) + tensor_bytes(tensor.scales)
     return tensor.numel() * tensor.element_size()
+
+
+class PackedEmbedding:
+    """An image embedding (1, C, d, h, w) kept as int8 with one float32 scale per token (absmax over the C
+    channels): half of bf16, a quarter of float32. Used for window embeddings under reduced precision only
+    (``pack``), where the predictor decodes every window from the unpacked values, so a window gives the same
+    logits whether its embedding was just computed or came from the cache."""
+
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+        self.values, self.scales, self.dtype = values, scales, dtype
+
+    @classmethod
+    def pack(cls, embedding: torch.Tensor) -> "PackedEmbedding":
+        scales = embedding.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+        values = torch.round(embedding.float() / scales).to(torch.int8)
+        return cls(values, scales, embedding.dtype)
+
+    def unpack(self) -> torch.Tensor:
+        return (self.values.float() * self.scales).to(self.dtype)
+
+    def to(self, device) -> "PackedEmbedding":
+        return PackedEmbedding(self.values.to(device), self.scales.to(device), self.dtype)
 
 
 def auto_cap_bytes() -> int:

@@ -195,8 +195,8 @@ class RegionBlender:
         self.shape = tuple(hi - lo for lo, hi in zip(plan.region_lo, plan.region_hi))
         self.stop = self.shape[0] if stop_slice is None else stop_slice
         self.buffer = np.zeros((plan.window[0],) + self.shape[1:], dtype=np.float32)
-        # Windows covering each voxel: exact small integers, so dividing by them gives the plain average.
-        self.counts = np.zeros_like(self.buffer)
+        # Windows covering each voxel (at most 8 with overlap 0.5): dividing by them gives the plain average.
+        self.counts = np.zeros(self.buffer.shape, dtype=np.uint8)
         self.start = first_slice  # region D index of buffer[0]; every slice before it has been handed over
 
     def add(self, index: int, logits: np.ndarray) -> None:
