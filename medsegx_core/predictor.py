@@ -264,7 +264,7 @@ class Predictor:
         """The windows' average written over the region of interest of the crop canvases (voxels that only
         skipped windows cover keep the coarse result). Rows of windows whose logits are those of the previous
         call on the same plan are copied from it instead of being upsampled and averaged again."""
-        region = tuple(slice(lo, hi) for lo, hi in zip(plan.region_lo, plan.region_hi))
+        region = plan.region
         keys = tuple(None if w is None else w.key for w in windows)
         last, self._last = self._last, None
         slices = None
@@ -299,9 +299,9 @@ class Predictor:
     @staticmethod
     def _copy_unchanged(plan: WindowPlan, windows, last: LastZoomIn, mask_crop, logits_crop) -> None:
         """The previous result wherever a window covered it (the changed rows are blended again after)."""
-        region = tuple(slice(lo, hi) for lo, hi in zip(plan.region_lo, plan.region_hi))
+        region = plan.region
         if all(w is not None for w in windows):
-            boxes = [tuple(slice(0, hi - lo) for lo, hi in zip(plan.region_lo, plan.region_hi))]
+            boxes = [tuple(slice(0, n) for n in plan.region_shape)]
         else:   # voxels only skipped windows cover show this call's coarse result, already on the canvas
             boxes = [tuple(slice(c.start - lo, c.stop - lo) for c, lo in zip(plan.readable(i)[0], plan.region_lo))
                      for i, w in enumerate(windows) if w is not None]
@@ -362,10 +362,9 @@ class Predictor:
     def _window_entry_bytes(self) -> int:
         """Bytes one window keeps in the cache: its embedding and one decoded result."""
         config = self.model.config
-        embedding = config.embed_dim * int(np.prod(config.embedding_grid))
-        # int8 + a float32 scale per token under reduced precision (PackedEmbedding), else float32
-        float32 = self.runner.runtime.storage_dtype == torch.float32
-        embedding = embedding * 4 if float32 else embedding + 4 * int(np.prod(config.embedding_grid))
+        tokens = int(np.prod(config.embedding_grid))
+        embedding = (config.embed_dim * tokens * 4 if self.runner.runtime.storage_dtype == torch.float32
+                     else PackedEmbedding.size_of(config.embed_dim, tokens))
         decoded = int(np.prod(self.window)) // 16 * 4
         return embedding + decoded
 

@@ -61,6 +61,11 @@ class PackedEmbedding:
         values = torch.round(embedding.float() / scales).to(torch.int8)
         return cls(values, scales, embedding.dtype)
 
+    @staticmethod
+    def size_of(channels: int, tokens: int) -> int:
+        """Bytes of a packed embedding of ``channels`` x ``tokens``: int8 values and a float32 scale per token."""
+        return channels * tokens + 4 * tokens
+
     def unpack(self) -> torch.Tensor:
         return (self.values.float() * self.scales).to(self.dtype)
 

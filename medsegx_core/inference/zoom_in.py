@@ -105,6 +105,15 @@ class WindowPlan:
     def __len__(self) -> int:
         return len(self.origins)
 
+    @property
+    def region(self) -> tuple[slice, ...]:
+        """The blended region (the ROI crop) as crop slices."""
+        return tuple(slice(lo, hi) for lo, hi in zip(self.region_lo, self.region_hi))
+
+    @property
+    def region_shape(self) -> tuple[int, ...]:
+        return tuple(hi - lo for lo, hi in zip(self.region_lo, self.region_hi))
+
     def readable(self, index: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
         """(crop slices, window-local slices) of the part of window ``index`` that holds real data."""
         crop, local = [], []
@@ -192,7 +201,7 @@ class RegionBlender:
                  stop_slice: Optional[int] = None):
         self.plan = plan
         self.on_final = on_final
-        self.shape = tuple(hi - lo for lo, hi in zip(plan.region_lo, plan.region_hi))
+        self.shape = plan.region_shape
         self.stop = self.shape[0] if stop_slice is None else stop_slice
         self.buffer = np.zeros((plan.window[0],) + self.shape[1:], dtype=np.float32)
         # Windows covering each voxel (at most 8 with overlap 0.5): dividing by them gives the plain average.
