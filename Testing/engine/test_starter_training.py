@@ -9,27 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medsegx_core.errors import InputError, WeightsError
-from medsegx_core.modeling.build import build_model
 from medsegx_core.predictor import Predictor
-from medsegx_core.training.starter_bundle import load_bundle, save_bundle
-from medsegx_core.training.starter_data import case_specs, load_cases, structure_vocabulary
-from medsegx_core.training.train_starter import (StarterSize, save_starter, sentence_embeddings, starter_config,
-                                                 train_starter)
+from medsegx_core.training.starter_bundle import load_bundle
+from medsegx_core.training.starter_data import structure_vocabulary
+from medsegx_core.training.train_starter import StarterSize, save_starter, starter_config, train_starter
 from medsegx_core.weights.store import EXPERTS_FILE, WEIGHTS_FILE, load_model
 
 TINY = StarterSize(image_size=(16, 64, 64), patch_size=(4, 16, 16), width=32, layers=1, heads=2, decoder_mlp=32,
                    coordinates="aligned")
-
-
-@pytest.fixture(scope="module")
-def bundle(data_dir, tmp_path_factory):
-    """The abdominal MR case prepared as ``--prepare`` does (one case keeps it quick)."""
-    cases = load_cases(data_dir, case_specs(["mr_abdomen"]))
-    vocabulary = structure_vocabulary(cases)
-    pooled = sentence_embeddings(build_model(starter_config()), vocabulary).numpy()
-    path = tmp_path_factory.mktemp("bundle") / "set.npz"
-    save_bundle(path, cases, vocabulary, pooled)
-    return path, cases
 
 
 def _run(source, **kwargs):

@@ -202,9 +202,18 @@ ADDABLE_PREFIXES = ("conmoae.", "prompt_encoder.box_cells_embed", "prompt_encode
 def continue_from(model: SegVol, init: Path) -> None:
     """Load an earlier stage's weights (and its experts, if any) into ``model``; only parts in
     ``ADDABLE_PREFIXES`` may be new, everything else must match by name and shape."""
-    from ..weights.store import load_model
+    from ..modeling.text_encoder import MiniLMProjection
+    from ..weights.store import is_medsegx_folder, load_model, read_config_record
 
-    earlier_model = load_model(init, verify=True)
+    earlier_config = None
+    if isinstance(model.text_encoder, MiniLMProjection) and Path(init).is_dir() and is_medsegx_folder(init):
+        # Training from a prepared set builds no text tower; neither does loading the earlier stage, so --init
+        # works where the MiniLM package is absent (a GPU machine with torch, numpy and MONAI only).
+        earlier_config = SegVolConfig.from_dict(read_config_record(init)["model"])
+        if earlier_config.text_encoder.kind == "minilm":
+            earlier_config = replace(earlier_config, text_encoder=replace(earlier_config.text_encoder,
+                                                                          kind="minilm-table"))
+    earlier_model = load_model(init, config=earlier_config, verify=True)
     # Package-provided weights (the MiniLM tower) are neither stored nor trained; the training model may not even
     # have them (built from a prepared set), so they are compared on neither side.
     skip = tuple(earlier_model.packaged_state_prefixes()) + tuple(model.packaged_state_prefixes())
