@@ -16,7 +16,8 @@ reduced-precision mask and the fp32 mask on the real CT. Usage (takes minutes; u
     OMP_NUM_THREADS=2 python Testing/benchmarks/bench_predictor.py --only-large   # issue #3's 2 GB target only
 
 ``MEDSEGX_BENCH_DEVICE=cuda`` times both paths on a GPU instead; ``MEDSEGX_SHARED`` points at another copy of the
-shared folder (data/ct/totalseg_ct.nii.gz and the parity fixture's tokenizer are all it reads).
+shared folder (data/ct/totalseg_ct.nii.gz and the parity fixture's tokenizer are all it reads) and
+``MEDSEGX_BENCH_CT`` at another CT (Testing/device/README.md runs it on a GPU machine with the thorax CT).
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("MEDSEGX_SHARED", ROOT.parent / "shared"))
-CT = SHARED / "data" / "ct" / "totalseg_ct.nii.gz"
+# MEDSEGX_BENCH_CT: another CT (e.g. data/ct/thorax_abdomen_ct.nii.gz, issue 16's clinical-size volume).
+CT = Path(os.environ.get("MEDSEGX_BENCH_CT", SHARED / "data" / "ct" / "totalseg_ct.nii.gz"))
 TOKENIZER = SHARED / "fixtures" / "segvol_parity" / "tokenizer"
 LARGE_SHAPE_IJK = (512, 512, 300)
 # MEDSEGX_BENCH_DEVICE=cuda runs both paths on the GPU (naive: fp32 as the official code; ours: its defaults).
