@@ -10,14 +10,16 @@ most 8 files of 16 MB (64 MB in all) from ``$OUT``. So the run is prepared here 
 
        echo /.carry/ >> .git/info/exclude; mkdir -p .carry/whl
        python -m medsegx_core.training.train_starter --data ../shared/data --prepare .carry/bundle.npz
+       python Testing/device/gpu_train.py slim --recipe starter_stage9_heldout --bundle .carry/bundle.npz \\
+           --out .carry/heldout.npz          # only the recipe's cases: 11 of the 38 MB
        python -m pip download --no-deps --only-binary=:all: -d .carry/whl monai==1.6.1
 
-2. There, one ``run`` (carry ``[".carry"]``, timeout_s 600; ``--minutes`` leaves two minutes for packing)::
+2. There, one ``run`` (carry ``[".carry/heldout.npz", ".carry/whl"]``, timeout_s 600; ``--minutes`` leaves two minutes for packing)::
 
        python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/whl/*.whl &&
        PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 Testing/device/gpu_train.py train
            --recipe starter_stage9_heldout --init medsegx_core/resources/starter
-           --bundle .carry/bundle.npz --out $OUT --minutes 8
+           --bundle .carry/heldout.npz --out $OUT --minutes 8
 
    It trains with ``--device cuda`` and DataLoader workers on the machine's cores (the sampler's augmentation runs
    on the CPU and is what bounds the step rate), stops cleanly at the deadline (SIGINT: the loop finishes its step;
@@ -27,8 +29,8 @@ most 8 files of 16 MB (64 MB in all) from ``$OUT``. So the run is prepared here 
 
 3. Here: ``python Testing/device/gpu_train.py unpack FILES_AT DEST`` joins the parts and unpacks
    ``DEST/weights`` (load with ``--weights DEST/weights``, e.g. ``Testing/benchmarks/eval_starter.py``) and, for an
-   unfinished schedule, ``DEST/weights.train-state.safetensors``. A later call continues it exactly: carry DEST too
-   and add ``--resume-from DEST`` (the same recipe and --init).
+   unfinished schedule, ``DEST/weights.train-state.safetensors``. A later call continues it exactly: carry that
+   state file too (24 MB; the weights are not needed) and add ``--resume-from DEST`` (the same recipe and --init).
 
 The recipe decides the weights (seed, steps, batch, schedule, held-out patients); this script only says where and
 for how long the run happens, so what it brings back is reproducible from the recipe (``--resume`` continues
@@ -81,8 +83,9 @@ def train(args: argparse.Namespace) -> int:
     resume = []
     if args.resume_from:
         # A later call continues the schedule from the state an earlier call brought back.
+        # Only the training state is needed (the weights are written again at the next checkpoint), so a resumed
+        # call may carry the state file alone.
         source = Path(args.resume_from)
-        shutil.copytree(source / "weights", weights)
         shutil.copy2(source / "weights.train-state.safetensors", run_dir / "weights.train-state.safetensors")
         resume = ["--resume"]
     workers = args.workers if args.workers is not None else max(0, _cpu_count() - 2)
@@ -164,6 +167,21 @@ def _pack(members, base: Path, tar_path: Path):
     return parts
 
 
+def slim(args: argparse.Namespace) -> int:
+    """Keep only the cases the recipe trains on (the carried tree is limited to 64 MB; the clinical thorax CT alone
+    is 27 MB of the full prepared set, and a held-out recipe never reads it)."""
+    from medsegx_core.training.starter_bundle import load_bundle, save_bundle
+    from medsegx_core.training.starter_data import case_specs
+    from medsegx_core.training.train_starter import parse_args
+
+    recipe = parse_args(["--recipe", args.recipe])
+    keys = [spec.key for spec in case_specs(recipe.cases, recipe.exclude_patient)]
+    cases, vocabulary, pooled = load_bundle(args.bundle, keys=keys)
+    save_bundle(args.out, cases, vocabulary, pooled, overwrite=True)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MB): {', '.join(c.key for c in cases)}")
+    return 0
+
+
 def unpack(args: argparse.Namespace) -> int:
     """Join ``result.tar.partNN`` from FILES_AT and unpack into DEST (weights/, the state, train.log)."""
     source, dest = Path(args.files_at), Path(args.dest)
@@ -211,6 +229,11 @@ def main(argv=None) -> int:
     run.add_argument("--stop-after", type=int, default=None, help="a dry run's step limit")
     run.add_argument("--work", type=Path, default=Path("/tmp/medsegx_gpu_train"), help="scratch folder")
     run.set_defaults(func=train)
+    thin = sub.add_parser("slim", help="here: a prepared set holding only the cases a recipe trains on")
+    thin.add_argument("--recipe", required=True)
+    thin.add_argument("--bundle", required=True, type=Path, help="the full prepared set")
+    thin.add_argument("--out", required=True, type=Path)
+    thin.set_defaults(func=slim)
     back = sub.add_parser("unpack", help="here: join and unpack what a call brought back")
     back.add_argument("files_at", help="the folder the returned files are in")
     back.add_argument("dest", help="where to unpack (weights/, the training state, train.log)")

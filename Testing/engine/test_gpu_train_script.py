@@ -43,7 +43,10 @@ def test_a_deadline_stop_packs_loadable_weights_and_a_state_that_resumes(bundle,
     recipe = tmp_path / "long_tiny.json"
     recipe.write_text(json.dumps({"recipe": "long-tiny", "version": 1,
                                   "trainer": "medsegx_core.training.train_starter", "options": LONG_TINY}))
-    first = _train(tmp_path, recipe, tmp_path / "out1", "--bundle", str(bundle[0]), "--minutes", "0.4")
+    slim = subprocess.run([sys.executable, str(SCRIPT), "slim", "--recipe", str(recipe), "--bundle", str(bundle[0]),
+                           "--out", str(tmp_path / "slim.npz")], capture_output=True, text=True, cwd=ROOT)
+    assert slim.returncode == 0 and "mr_abdomen" in slim.stdout, slim.stderr
+    first = _train(tmp_path, recipe, tmp_path / "out1", "--bundle", str(tmp_path / "slim.npz"), "--minutes", "0.4")
     assert first.returncode == 0, first.stdout + first.stderr
     summary = json.loads((tmp_path / "out1" / "summary.json").read_text())
     assert summary["interrupted_at_deadline"] and summary["exit_code"] == 130
