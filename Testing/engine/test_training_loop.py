@@ -164,6 +164,27 @@ def test_the_expert_recipe_lowers_the_loss_and_its_pack_records_the_recipe(data_
     assert after < before - 0.1, (before, after)
 
 
+def test_the_experts_step_at_their_own_rate_beside_the_decoder(mr_case):
+    """AdamW's first step moves every parameter with a gradient by about its group's peak rate (warm-up 0): with
+    ``experts_lr`` the ConMoAE parameters move by that, the decoder's by ``lr``."""
+    from medsegx_core.training.finetune import FinetuneSettings, finetune, prepare_model
+    from test_finetune import tiny_model      # the fine-tuning tests' tiny model (seed 0)
+
+    model = tiny_model()
+    settings = FinetuneSettings(steps=10, stop_after=1, batch_size=2, lr=1e-4, experts_lr=1e-2, warmup=0,
+                                weight_decay=0.0, trainable="experts+decoder", val_fraction=0.0, val_every=10)
+    prepare_model(model, settings)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    finetune(model, [mr_case], settings)
+    steps = {"conmoae.": [], "mask_decoder.": []}
+    for name, p in model.named_parameters():
+        if name in before:
+            moved = (p.detach() - before[name]).abs().flatten()
+            steps[name.split(".")[0] + "."].append(moved[moved > 0])
+    experts, decoder = (torch.cat(steps[key]).median().item() for key in ("conmoae.", "mask_decoder."))
+    assert experts == pytest.approx(1e-2, rel=0.1) and decoder == pytest.approx(1e-4, rel=0.1), (experts, decoder)
+
+
 def test_the_schedule_warms_up_then_decays_by_a_cosine():
     rates = [learning_rate(step, 100, 1.0, 10, 0.05) for step in range(100)]
     assert rates[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])

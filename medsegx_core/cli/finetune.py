@@ -39,6 +39,8 @@ def add_learning_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trainable", choices=("experts", "experts+decoder"), default=argparse.SUPPRESS,
                         help="what trains: the ConMoAE experts, gates and context tables, or those and the mask "
                              "decoder (MedSegX's set)")
+    parser.add_argument("--experts-lr", type=float, default=argparse.SUPPRESS,
+                        help="the experts' own peak rate when the decoder trains with them (default: --lr)")
     parser.add_argument("--val-fraction", type=float, default=argparse.SUPPRESS,
                         help="fraction of (volume, structure) pairs held out when no --val-image is given")
     parser.add_argument("--val-every", type=int, default=argparse.SUPPRESS,
@@ -79,6 +81,17 @@ def learning_options(args):
     return options, recipe.record([dest.replace("_", "-") for dest in given])
 
 
+def settings_from_recipe(name_or_path):
+    """``FinetuneSettings`` of a fine-tuning recipe (what it leaves out: the default recipe's), recording it."""
+    from ..training.recipes import load_recipe, option_names, recipe_values
+
+    names = option_names(add_learning_options)
+    options = recipe_values(load_recipe(DEFAULT_RECIPE, TRAINER, names), add_learning_options)
+    recipe = load_recipe(name_or_path, TRAINER, names)
+    options.update(recipe_values(recipe, add_learning_options))
+    return settings_from_options(options, recipe.record())
+
+
 def settings_from_options(options, recipe_record=None):
     """``FinetuneSettings`` from the recipe's options (by dest)."""
     from dataclasses import replace
@@ -86,7 +99,8 @@ def settings_from_options(options, recipe_record=None):
     from ..training.finetune import FINETUNE_SAMPLING, FinetuneSettings
 
     return FinetuneSettings(
-        steps=options["steps"], batch_size=options["batch_size"], lr=options["lr"], warmup=options["warmup"],
+        steps=options["steps"], batch_size=options["batch_size"], lr=options["lr"],
+        experts_lr=options.get("experts_lr"), warmup=options["warmup"],
         trainable=options["trainable"], val_fraction=options["val_fraction"], val_every=options["val_every"],
         seed=options["seed"], n_experts=options["num_experts"], bottleneck=options["bottleneck"],
         dropout=options["dropout"], blocks=_parse_blocks(options.get("blocks")),

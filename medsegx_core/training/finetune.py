@@ -42,6 +42,7 @@ class FinetuneSettings:
     steps: int = 200
     batch_size: int = 2                 # global batch (split over the processes)
     lr: float = 5e-4
+    experts_lr: Optional[float] = None  # the experts' own peak rate when the decoder trains too (None: lr)
     warmup: int = 0
     weight_decay: float = 0.01
     train_decoder: bool = False
@@ -65,7 +66,8 @@ class FinetuneSettings:
     def loop_settings(self, checkpoint_every: int = 0) -> LoopSettings:
         return LoopSettings(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup=self.warmup,
                             weight_decay=self.weight_decay, seed=self.seed, val_every=self.val_every,
-                            checkpoint_every=checkpoint_every, stop_after=self.stop_after)
+                            checkpoint_every=checkpoint_every, stop_after=self.stop_after,
+                            experts_lr=self.experts_lr)
 
 
 @dataclass
@@ -99,8 +101,8 @@ def prepare_model(model: nn.Module, settings: FinetuneSettings) -> ConMoAE:
 
 def _run_record(settings: FinetuneSettings) -> Dict:
     """What decides the result beyond the loop's own settings (a training state resumes only with the same)."""
-    loop_fields = {"steps", "batch_size", "lr", "warmup", "weight_decay", "seed", "val_every", "stop_after",
-                   "recipe"}
+    loop_fields = {"steps", "batch_size", "lr", "experts_lr", "warmup", "weight_decay", "seed", "val_every",
+                   "stop_after", "recipe"}
     record = {k: v for k, v in asdict(settings).items() if k not in loop_fields}
     record["trainable"] = trainable_set(settings)
     return json.loads(json.dumps(record))

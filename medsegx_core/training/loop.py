@@ -40,10 +40,11 @@ from .sampling import Sampler
 
 CHECKPOINT_FORMAT = "medsegx-training-state/1"
 
+EXPERTS_PREFIX = "conmoae."
 # Parameter-name prefixes of each trainable set. The frozen text tower never trains (FROZEN_ALWAYS).
 TRAINABLE_SETS: Dict[str, Tuple[str, ...]] = {
-    "experts": ("conmoae.",),                        # MedSegX's ConMoAE: experts, gates, context tables
-    "experts+decoder": ("conmoae.", "mask_decoder."),
+    "experts": (EXPERTS_PREFIX,),                    # MedSegX's ConMoAE: experts, gates, context tables
+    "experts+decoder": (EXPERTS_PREFIX, "mask_decoder."),
     "decoder": ("mask_decoder.",),
     "all": ("",),
 }
@@ -103,13 +104,30 @@ class LoopSettings:
     keep_best: bool = True              # end with the best validated state (when there is validation)
     checkpoint_every: int = 0           # 0: only at the last step (when a checkpoint path is given)
     stop_after: Optional[int] = None    # stop after this step; the schedule still spans ``steps``
+    # Peak rate of the ConMoAE parameters when they train with others (None: ``lr``). Their residual is scaled by
+    # ConMoAEConfig.scale, so on a trained base they move usefully only at far larger steps than a decoder.
+    experts_lr: Optional[float] = None
 
     def run_record(self) -> Dict:
         """What decides the weights (a checkpoint may only be resumed by a run with the same record)."""
         record = asdict(self)
         for where in ("checkpoint_every", "stop_after"):
             record.pop(where)
+        if record["experts_lr"] is None:    # as recorded before the option existed
+            record.pop("experts_lr")
         return record
+
+    def parameter_groups(self, model: nn.Module, parameters: Sequence[nn.Parameter]) -> List[Dict]:
+        """AdamW's groups, each with its peak rate (``peak_lr``): the experts' own when ``experts_lr`` is set."""
+        if self.experts_lr is None:
+            return [{"params": list(parameters), "peak_lr": self.lr}]
+        trainable = {id(p) for p in parameters}
+        experts = [p for name, p in model.named_parameters()
+                   if id(p) in trainable and name.startswith(EXPERTS_PREFIX)]
+        chosen = {id(p) for p in experts}
+        others = [p for p in parameters if id(p) not in chosen]
+        return [group for group in ({"params": others, "peak_lr": self.lr},
+                                    {"params": experts, "peak_lr": self.experts_lr}) if group["params"]]
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int, final_fraction: float = 0.05) -> float:
@@ -230,7 +248,8 @@ def train_loop(model: nn.Module, prefixes: Sequence[str], sampler: Sampler, text
     parameters = set_trainable(model, prefixes)
     if not parameters:
         raise InputError(f"nothing to train: the model has no parameter under {', '.join(prefixes)}")
-    optimiser = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimiser = torch.optim.AdamW(settings.parameter_groups(model, parameters), lr=settings.lr,
+                                  weight_decay=settings.weight_decay)
     module = PromptedSegmentation(model, texts)
     step_module: nn.Module = module
     if distributed.world_size > 1:
@@ -256,7 +275,7 @@ def train_loop(model: nn.Module, prefixes: Sequence[str], sampler: Sampler, text
         torch.manual_seed(_dropout_seed(settings.seed, step, distributed.rank))
         lr = learning_rate(step, settings.steps, settings.lr, settings.warmup, settings.final_lr_fraction)
         for group in optimiser.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("peak_lr", settings.lr) / settings.lr    # one schedule, each group's peak
         optimiser.zero_grad(set_to_none=True)
         logits = step_module(batch.images, batch.samples)
         loss = loss_function(logits, lowres_target(batch.targets, logits))
