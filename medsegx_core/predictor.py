@@ -130,6 +130,7 @@ class Predictor:
         self.prepared: Optional[PreprocessedVolume] = None
         self.maps: Optional[ZoomMaps] = None
         self._last: Optional[LastZoomIn] = None
+        self._volume_notes: List[str] = []     # warnings about this volume, given with every result
 
     @property
     def model(self):
@@ -162,6 +163,11 @@ class Predictor:
         # same rule that labelled the training cases (an "unknown" routing would be one no expert learned).
         given = modality or volume.modality
         self.modality = resolve_modality(given) if given else guess_modality(volume.array)
+        experts = getattr(self.model, "conmoae", None)
+        domain_note = experts.other_domain_note(self.modality) if experts is not None else None
+        self._volume_notes = [domain_note] if domain_note else []
+        for note in self._volume_notes:
+            warn(note, progress, 0.4)
         self.volume = volume
         if not self.runner.has_experts:   # the zoom-out embedding does not depend on the prompt: do it now
             report(progress, 0.4, "encoding the zoom-out view")
@@ -190,7 +196,7 @@ class Predictor:
         if return_logits:
             logits_full, logits_crop = self.prepared.working_canvas(np.float32, fill=OUTSIDE_CROP_LOGIT)
             self.maps.back_to_crop_into(coarse.logits, logits_crop)
-        notes: list = []
+        notes: list = list(self._volume_notes)
         if absent:
             notes.append(absent)
             warn(absent, progress, 0.05)

@@ -11,11 +11,18 @@ with the same data, steps, batch and seed, and is scored on five other CHAOS pat
 
 Adaptation patients: the first k of 01 02 03 05 08; evaluation patients: 10 13 15 19 20
 (``training.starter_data``). Prompts: box, point and text per organ (``training.starter_eval``), with the
-filled-box baseline. The k = --save-k arm named by --save-arm (default MedSegX's, experts+decoder) is written as
-an expert pack when --save-pack is given.
+filled-box baseline.
+
+Every arm follows one fine-tuning recipe (``--recipe``, default ``abdominal_mr_experts``: steps, batch, seed,
+sampling, expert sizes; the recipe's own trainable set and learning rate are its arm's); the other arms differ in
+what trains and their learning rate (ARM_LR). The learning rates were chosen with ``--select-lr``, which never
+looks at the evaluation patients: each arm trains on adaptation patients 01 02 03 05 and is validated on 08
+(hard Dice of text, box and point prompts on fixed samples) at each rate of a small grid. The k = --save-k arm of
+the recipe is written as an expert pack (recording the recipe) with --save-pack.
 
     OMP_NUM_THREADS=2 python Testing/benchmarks/fewshot_chaos.py [--weights DIR] [--k 1 3 5]
-        [--arms zero-shot experts decoder all] [--steps 300] [--seeds 0] [--save-pack FILE --save-k 5] [--json F]
+        [--arms zero-shot experts decoder all] [--seeds 0] [--save-pack FILE --save-k 5] [--json F]
+    OMP_NUM_THREADS=2 python Testing/benchmarks/fewshot_chaos.py --select-lr [--arms experts decoder]
 """
 from __future__ import annotations
 
@@ -24,25 +31,32 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("MEDSEGX_SHARED", ROOT.parent / "shared"))
 ARMS = ("zero-shot", "experts+decoder", "experts", "decoder", "all")
-# Learning rate per arm: adapters start from a small residual and take a larger step than weights that already
-# carry the base model's knowledge (set once, before any evaluation on the evaluation patients).
-ARM_LR = {"experts+decoder": 3e-4, "experts": 5e-4, "decoder": 2e-4, "all": 1e-4}
+DEFAULT_RECIPE = "abdominal_mr_experts"
+# Learning rate per arm, chosen by --select-lr on the adaptation patients (never the evaluation ones): the
+# best validation Dice of LR_GRID (the experts' best, 5e-2, is a hundred times the rate of before: their residual
+# is scaled by 0.1 (ConMoAEConfig.scale) and starts where the base left it, so small steps change nothing).
+ARM_LR = {"experts+decoder": 6e-4, "experts": 5e-2, "decoder": 6e-4, "all": 3e-4}
+# MedSegX's arm trains the experts at their own rate (the experts arm's) and the decoder at the decoder arm's:
+# one shared rate leaves either the experts still or the decoder overshooting. --select-lr then sweeps the
+# decoder part's rate with the experts' fixed.
+ARM_EXPERTS_LR = {"experts+decoder": 5e-2}
+LR_GRID = {"experts": (5e-4, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1), "experts+decoder": (3e-4, 6e-4, 1e-3, 3e-3),
+           "decoder": (2e-4, 6e-4, 2e-3), "all": (1e-4, 3e-4, 1e-3)}
 
 
 def main(argv=None) -> int:
     import numpy as np
     import torch
 
+    from medsegx_core.cli.finetune import settings_from_recipe
     from medsegx_core.predictor import Predictor
-    from dataclasses import replace
-
-    from medsegx_core.training.finetune import FINETUNE_SAMPLING, FinetuneSettings, base_sha256, finetune, write_pack
+    from medsegx_core.training.finetune import base_sha256, finetune, write_pack
     from medsegx_core.training.starter_data import CHAOS_ADAPTATION_PATIENTS, CHAOS_CASES, load_case
     from medsegx_core.training.starter_eval import FILLED_BOX, EVALUATION_KINDS, evaluate, select_volumes
     from medsegx_core.weights.default import starter_weights_dir
@@ -51,16 +65,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=starter_weights_dir())
     parser.add_argument("--data", type=Path, default=SHARED / "data")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE,
+                        help="the fine-tuning recipe every arm follows (its own arm: its trainable set and rate)")
     parser.add_argument("--k", type=int, nargs="*", default=[1, 3, 5])
     parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seeds", type=int, nargs="*", default=[0])
-    parser.add_argument("--zoom-in-share", type=float, default=0.5, help="share of zoom-in training windows")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="default: the recipe's seed")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--save-pack", type=Path, help="write the --save-arm arm of k = --save-k (first seed) here")
+    parser.add_argument("--select-lr", action="store_true",
+                        help="choose each arm's rate on the adaptation patients (train 01 02 03 05, validate 08)")
+    parser.add_argument("--save-pack", type=Path, help="write the recipe's arm at k = --save-k (first seed) here")
     parser.add_argument("--save-k", type=int, default=5)
-    parser.add_argument("--save-arm", default="experts+decoder", choices=("experts+decoder", "experts"))
     parser.add_argument("--json", type=Path, help="also write every row as JSON")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
@@ -70,8 +84,24 @@ def main(argv=None) -> int:
         print(f"--k must be between 1 and {len(CHAOS_ADAPTATION_PATIENTS)}", file=sys.stderr)
         return 1
     torch.set_num_threads(args.threads)
+    protocol = settings_from_recipe(args.recipe)
+    recipe_arm = protocol.trainable
+    learning_rates = {**ARM_LR, recipe_arm: protocol.lr}
+    experts_rates = {**ARM_EXPERTS_LR, recipe_arm: protocol.experts_lr}
+    seeds = args.seeds if args.seeds is not None else [protocol.seed]
     by_patient = {spec.patient: spec for spec in CHAOS_CASES}
     adaptation = [load_case(args.data, by_patient[f"chaos-{nn}"]).labelled for nn in CHAOS_ADAPTATION_PATIENTS]
+    arms = [arm for arm in args.arms if arm != "zero-shot"]
+
+    def arm_settings(arm, lr, seed=protocol.seed, val_every=protocol.steps):
+        """The recipe with another trainable set and rate (recorded as the recipe only where it is the recipe)."""
+        experts_lr = experts_rates.get(arm)
+        return replace(protocol, trainable=arm, lr=lr, experts_lr=experts_lr, seed=seed, val_fraction=0.0,
+                       val_every=val_every, recipe=protocol.recipe if (arm, lr, experts_lr) == (
+                           recipe_arm, protocol.lr, protocol.experts_lr) else None)
+
+    if args.select_lr:
+        return select_learning_rates(adaptation, arms, arm_settings, args.weights, load_model, finetune)
     volumes = select_volumes(["chaos"])
     record = json.loads((args.weights / "config.json").read_text(encoding="utf-8"))
 
@@ -84,29 +114,41 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     if "zero-shot" in args.arms:
         results += score(load_model(args.weights), "zero-shot", 0, None)
-    for seed in args.seeds:
+    for seed in seeds:
         for k in args.k:
-            for arm in [a for a in args.arms if a != "zero-shot"]:
+            for arm in arms:
                 model = load_model(args.weights)
-                settings = FinetuneSettings(steps=args.steps, batch_size=args.batch_size, lr=ARM_LR[arm], seed=seed,
-                                            trainable=arm, val_fraction=0.0, val_every=args.steps,
-                                            sampling=replace(FINETUNE_SAMPLING,
-                                                             zoom_in_probability=args.zoom_in_share))
+                settings = arm_settings(arm, learning_rates[arm], seed)
                 base = base_sha256(model)     # before fine-tuning: a decoder arm changes what it hashes
                 began = time.perf_counter()
                 run = finetune(model, adaptation[:k], settings)
-                print(f"[{time.perf_counter() - start:.0f} s] k={k} {arm} seed {seed}: {args.steps} steps in "
-                      f"{time.perf_counter() - began:.0f} s, last-20 loss "
+                rates = f"lr {settings.lr:g}" + (f" experts {settings.experts_lr:g}" if settings.experts_lr else "")
+                print(f"[{time.perf_counter() - start:.0f} s] k={k} {arm} seed {seed} {rates}: "
+                      f"{settings.steps} steps in {time.perf_counter() - began:.0f} s, last-20 loss "
                       f"{np.mean([h['loss'] for h in run.history[-20:]]):.3f}", file=sys.stderr, flush=True)
-                if arm == args.save_arm and args.save_pack and k == args.save_k and seed == args.seeds[0]:
+                if arm == recipe_arm and args.save_pack and k == args.save_k and seed == seeds[0]:
                     write_pack(args.save_pack, model, settings, base, adaptation[:k], run, overwrite=True)
                     print(f"wrote {args.save_pack}", file=sys.stderr)
                 results += score(model, arm, k, seed)
-    print(f"weights: {args.weights} | {len(results)} rows in {time.perf_counter() - start:.0f} s | steps "
-          f"{args.steps}, batch {args.batch_size}, seeds {args.seeds}, lr {ARM_LR}")
+    print(f"weights: {args.weights} | recipe {protocol.recipe['name']} v{protocol.recipe['version']} | "
+          f"{len(results)} rows in {time.perf_counter() - start:.0f} s | steps {protocol.steps}, batch "
+          f"{protocol.batch_size}, seeds {seeds}, lr {learning_rates}, experts' own lr {experts_rates}")
     print(fewshot_table(results, [FILLED_BOX] + list(EVALUATION_KINDS)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    return 0
+
+
+def select_learning_rates(adaptation, arms, arm_settings, weights, load_model, finetune) -> int:
+    """Each arm at each rate of LR_GRID: train on the first four adaptation patients, validate on the fifth."""
+    train, validation = adaptation[:-1], adaptation[-1:]
+    print("| arm | lr | validation Dice before | best | at step |\n|---|---|---|---|---|")
+    for arm in arms:
+        for lr in LR_GRID[arm]:
+            settings = arm_settings(arm, lr, val_every=50)
+            run = finetune(load_model(weights), train, settings, validation_cases=validation)
+            print(f"| {arm} | {lr:g} | {run.initial_val_dice:.3f} | {run.best_val_dice:.3f} | {run.best_step} |",
+                  flush=True)
     return 0
 
 

@@ -130,3 +130,25 @@ def test_both_commands_share_the_loop_options():
     """A recipe key of the loop (seed, steps, schedule, views, boxes) means the same in both commands."""
     shared = {"seed", "steps", "batch-size", "lr", "warmup", "zoom-in-share", "box-jitter"}
     assert shared <= set(option_names(add_learning_options)) and shared <= set(recipe_options()[0])
+
+
+def test_every_bundled_expert_pack_records_the_shipped_recipe_that_made_it():
+    """A bundled pack is reproducible: it names a shipped fine-tuning recipe whose file still has the recorded
+    sha256, and the settings it was trained with are that recipe's (scored by fewshot_chaos.py, which wrote it)."""
+    import hashlib
+    from dataclasses import asdict
+
+    from medsegx_core.cli.finetune import settings_from_recipe
+    from medsegx_core.weights.expert_pack import bundled_packs, read_pack_metadata
+
+    packs = bundled_packs()
+    assert packs, "the engine ships at least the abdominal_mr pack"
+    for name, path in packs.items():
+        extra = read_pack_metadata(path)["extra"]
+        record = extra["recipe"]
+        assert record is not None, f"bundled pack {name} was not made from a recipe"
+        recipe_file = RECIPES_DIR.parents[2] / record["file"]
+        assert hashlib.sha256(recipe_file.read_bytes()).hexdigest() == record["sha256"], (
+            f"{record['file']} changed since it made {name}: a changed recipe is a new version and a new pack")
+        expected = json.loads(json.dumps(asdict(replace(settings_from_recipe(str(recipe_file)), recipe=None))))
+        assert extra["settings"] == expected

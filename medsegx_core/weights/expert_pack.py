@@ -143,4 +143,13 @@ def load_expert_pack(model: nn.Module, path: Union[str, Path], base_sha256: Opti
         raise WeightsError(f"expert pack {path} does not fit this model ({', '.join(problems)}): it was made for "
                            f"another architecture")
     model.load_state_dict(state, strict=False)
+    experts.pack_domain = (path.name.split(".")[0], pack_modalities(metadata))
     return metadata
+
+
+def pack_modalities(metadata: Mapping[str, object]) -> list:
+    """The modalities a pack's structures were fine-tuned on (the modality row of each recorded context; none for
+    a pack that records no contexts, such as a base model's own experts)."""
+    modalities = load_hierarchy().modalities
+    rows = {structure["context"][-1] for structure in metadata.get("structures", []) if structure.get("context")}
+    return sorted(m.name for m in modalities if m.index in rows and m.known)
