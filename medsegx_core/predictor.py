@@ -43,6 +43,7 @@ from .inference.zoom import ZoomMaps, foreground
 from .inference.zoom_in import WindowPlan, WindowPrompts, is_idle, plan_windows, window_prompts, zoom_in
 from .progress import CancelToken, ProgressCallback, check, report, scaled
 from .prompts import Prompts
+from .weights.expert_pack import use_pack_for
 
 # Logit written outside the foreground crop, where the model never looked (only with return_logits).
 OUTSIDE_CROP_LOGIT = -1.0e4
@@ -163,8 +164,8 @@ class Predictor:
         # same rule that labelled the training cases (an "unknown" routing would be one no expert learned).
         given = modality or volume.modality
         self.modality = resolve_modality(given) if given else guess_modality(volume.array)
-        experts = getattr(self.model, "conmoae", None)
-        domain_note = experts.other_domain_note(self.modality) if experts is not None else None
+        # A loaded expert pack applies to volumes of its own modality; the others get the model's own experts.
+        domain_note = use_pack_for(self.model, self.modality)
         self._volume_notes = [domain_note] if domain_note else []
         for note in self._volume_notes:
             warn(note, progress, 0.4)

@@ -99,10 +99,10 @@ def _load_model(spec):
     if pack is None:
         return model
     bundled = getattr(model, "conmoae", None)
-    if bundled is not None:   # replace the bundled experts: the backbone computes exactly what it did without
+    if pack == models.NO_EXPERTS and bundled is not None:   # the backbone computes exactly what it did without
         bundled.detach()
         del model.conmoae
-    if pack != models.NO_EXPERTS:
+    elif pack != models.NO_EXPERTS:
         models.load_expert_pack(model, pack)   # WeightsError: another base or another hierarchy
     return model
 

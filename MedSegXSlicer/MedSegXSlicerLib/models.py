@@ -145,8 +145,10 @@ def read_pack_metadata(path):
 
 
 def load_expert_pack(model, path):
+    """The pack on top of the weights' own experts (kept for volumes of other modalities), or instead of them when
+    they have another configuration."""
     from medsegx_core.weights.expert_pack import load_expert_pack as load
-    return load(model, path)
+    return load(model, path, replace_experts=True)
 
 
 def download_offer(name: str = "segvol") -> str:

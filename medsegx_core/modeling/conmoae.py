@@ -152,23 +152,7 @@ class ConMoAE(nn.Module):
         self.experts = nn.ModuleList(BlockExperts(width, config) for width in widths)
         self._rows: Optional[torch.Tensor] = None
         self._handles: list = []
-        # Set by weights.expert_pack.load_expert_pack for a pack fine-tuned on one domain: (pack name, the
-        # modalities of its training structures). Experts are shared by every domain, so such a pack changes
-        # results on the others too (the bundled abdominal MR pack lowers CT Dice): ``other_domain_note`` says so.
-        self.pack_domain: Optional[tuple] = None
         self.last_gates: Dict[int, torch.Tensor] = {}     # block index -> (B, n_experts), detached
-
-    def other_domain_note(self, modality) -> Optional[str]:
-        """A warning when a loaded pack was fine-tuned on other modalities than ``modality`` (a hierarchy
-        Modality); None when it covers it, or for experts with no recorded domain (a base model's own)."""
-        if self.pack_domain is None or not modality.known:
-            return None
-        name, modalities = self.pack_domain
-        if not modalities or modality.name in modalities:
-            return None
-        return (f"expert pack {name!r} was fine-tuned on {'/'.join(modalities)} volumes, not {modality.name}; its "
-                f"experts change the results on {modality.name} too (usually for the worse): leave the pack out "
-                f"for this volume")
 
     # ---- context
     @contextlib.contextmanager

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -111,10 +112,13 @@ def read_pack_metadata(path: Union[str, Path]) -> Dict[str, object]:
     return decoded
 
 
-def load_expert_pack(model: nn.Module, path: Union[str, Path], base_sha256: Optional[str] = None) -> Dict:
-    """Attach the pack's experts to ``model`` (a base model) and load its tensors; returns its metadata.
+def load_expert_pack(model: nn.Module, path: Union[str, Path], base_sha256: Optional[str] = None,
+                     replace_experts: bool = False) -> Dict:
+    """Attach the pack's experts to ``model`` (a base model) and load its tensors; returns its metadata. Volumes of
+    other modalities than the pack's get the model's own experts back (``use_pack_for``).
 
-    Raises WeightsError when the model is not the pack's base or the hierarchy version differs."""
+    Raises WeightsError when the model is not the pack's base, the hierarchy version differs, or the model already
+    has experts of another configuration (``replace_experts``: drop those instead)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -129,10 +133,14 @@ def load_expert_pack(model: nn.Module, path: Union[str, Path], base_sha256: Opti
                            f"{str(metadata['base_sha256'])[:12]}..., this model {actual[:12]}...): load it on the "
                            f"model it was fine-tuned from")
     experts = getattr(model, "conmoae", None)
+    if experts is not None and experts.config.to_dict() != metadata["conmoae"]:
+        if not replace_experts:
+            raise WeightsError(f"expert pack {path}: the model already has experts with another configuration")
+        experts.detach()     # the model's own experts go: volumes outside the pack's domain get none
+        del model.conmoae
+        experts = None
     if experts is None:
         experts = attach_experts_to_model(model, ConMoAEConfig.from_dict(metadata["conmoae"]))
-    elif experts.config.to_dict() != metadata["conmoae"]:
-        raise WeightsError(f"expert pack {path}: the model already has experts with another configuration")
     state = load_file(str(path))
     own = model.state_dict()
     unexpected = [k for k in state if k not in own]
@@ -142,9 +150,40 @@ def load_expert_pack(model: nn.Module, path: Union[str, Path], base_sha256: Opti
         problems = unexpected[:3] + mismatched[:3] + missing[:3]
         raise WeightsError(f"expert pack {path} does not fit this model ({', '.join(problems)}): it was made for "
                            f"another architecture")
+    without = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in state}
     model.load_state_dict(state, strict=False)
-    experts.pack_domain = (path.name.split(".")[0], pack_modalities(metadata))
+    model.pack_domain = PackDomain(path.name.split(".")[0], pack_modalities(metadata), state, without)
     return metadata
+
+
+@dataclass
+class PackDomain:
+    """What a loaded pack was fine-tuned on and what it replaced. The experts (and a pack's decoder) are shared by
+    every domain, so a pack fine-tuned on MR changes CT results too (the bundled abdominal MR pack lowers CT Dice):
+    ``use_pack_for`` applies a pack to volumes of its own modalities only."""
+
+    name: str
+    modalities: List[str]                 # empty: no recorded domain (applies everywhere)
+    pack: Dict[str, torch.Tensor]         # the pack's tensors, by model key
+    without: Dict[str, torch.Tensor]      # what those keys held before the pack (the model's own experts)
+
+    def covers(self, modality) -> bool:
+        return not self.modalities or not modality.known or modality.name in self.modalities
+
+
+def use_pack_for(model: nn.Module, modality) -> Optional[str]:
+    """Put the loaded pack's tensors in place for a volume of ``modality`` (a hierarchy Modality) when the pack
+    covers it (or the modality is unknown), and the model's own otherwise; then a note saying the pack was left
+    out. Call before encoding anything of the volume (``Predictor.set_volume`` does)."""
+    domain: Optional[PackDomain] = getattr(model, "pack_domain", None)
+    if domain is None:
+        return None
+    inside = domain.covers(modality)
+    model.load_state_dict(domain.pack if inside else domain.without, strict=False)
+    if inside:
+        return None
+    return (f"expert pack {domain.name!r} is for {'/'.join(domain.modalities)} volumes: this {modality.name} volume "
+            f"is segmented without it (with the model's own experts)")
 
 
 def pack_modalities(metadata: Mapping[str, object]) -> list:
