@@ -68,7 +68,10 @@ def main(argv=None) -> int:
         model = load_model(args.base)
     else:
         model = small_random_base(args.seed)
-    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("mask_decoder.")}
+    # Everything outside the trainable set stays as it was (a base with experts of its own, such as the starter,
+    # trains those: they are not frozen).
+    trainable = ("conmoae.",) if args.experts_only else ("conmoae.", "mask_decoder.")
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(trainable)}
     settings = FinetuneSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                 train_decoder=not args.experts_only, val_every=max(1, args.steps // 6),
                                 seed=args.seed,
