@@ -131,7 +131,7 @@ class Predictor:
         self.prepared: Optional[PreprocessedVolume] = None
         self.maps: Optional[ZoomMaps] = None
         self._last: Optional[LastZoomIn] = None
-        self._volume_notes: List[str] = []     # warnings about this volume, given with every result
+        self._volume_note: Optional[str] = None   # a warning about this volume, given with every result
 
     @property
     def model(self):
@@ -165,10 +165,9 @@ class Predictor:
         given = modality or volume.modality
         self.modality = resolve_modality(given) if given else guess_modality(volume.array)
         # A loaded expert pack applies to volumes of its own modality; the others get the model's own experts.
-        domain_note = use_pack_for(self.model, self.modality)
-        self._volume_notes = [domain_note] if domain_note else []
-        for note in self._volume_notes:
-            warn(note, progress, 0.4)
+        self._volume_note = use_pack_for(self.model, self.modality)
+        if self._volume_note:
+            warn(self._volume_note, progress, 0.4)
         self.volume = volume
         if not self.runner.has_experts:   # the zoom-out embedding does not depend on the prompt: do it now
             report(progress, 0.4, "encoding the zoom-out view")
@@ -197,7 +196,7 @@ class Predictor:
         if return_logits:
             logits_full, logits_crop = self.prepared.working_canvas(np.float32, fill=OUTSIDE_CROP_LOGIT)
             self.maps.back_to_crop_into(coarse.logits, logits_crop)
-        notes: list = list(self._volume_notes)
+        notes: list = [self._volume_note] if self._volume_note else []
         if absent:
             notes.append(absent)
             warn(absent, progress, 0.05)

@@ -85,8 +85,11 @@ def train(args: argparse.Namespace) -> int:
         # A later call continues the schedule from the state an earlier call brought back.
         # Only the training state is needed (the weights are written again at the next checkpoint), so a resumed
         # call may carry the state file alone.
-        source = Path(args.resume_from)
-        shutil.copy2(source / "weights.train-state.safetensors", run_dir / "weights.train-state.safetensors")
+        state = Path(args.resume_from) / "weights.train-state.safetensors"
+        if not state.is_file():
+            raise SystemExit(f"--resume-from {args.resume_from}: no weights.train-state.safetensors there; unpack "
+                             f"the earlier call's parts into it ('gpu_train.py unpack') and carry that file")
+        shutil.copy2(state, run_dir / "weights.train-state.safetensors")
         resume = ["--resume"]
     workers = args.workers if args.workers is not None else max(0, _cpu_count() - 2)
     command = [sys.executable, "-m", "medsegx_core.training.train_starter", "--recipe", args.recipe,
@@ -239,7 +242,13 @@ def main(argv=None) -> int:
     back.add_argument("dest", help="where to unpack (weights/, the training state, train.log)")
     back.set_defaults(func=unpack)
     args = parser.parse_args(argv)
-    return args.func(args)
+    from medsegx_core.errors import MedSegXError
+
+    try:
+        return args.func(args)
+    except MedSegXError as exc:      # a wrong recipe or prepared set: say what, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

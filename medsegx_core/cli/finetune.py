@@ -61,18 +61,28 @@ def _parse_blocks(text):
         raise InputError(f"--blocks {text!r}: give block numbers such as 0,1,2") from None
 
 
-def learning_options(args):
-    """(options by dest, recipe record): the default recipe's options, replaced by a chosen recipe's, replaced by
-    the command line's (refused for options a chosen recipe sets)."""
+def recipe_options(name_or_path=None):
+    """(options by dest, recipe): the default recipe's options, replaced by those ``name_or_path`` sets."""
     from ..training.recipes import load_recipe, option_names, recipe_values
 
     names = option_names(add_learning_options)
-    given = {dest: value for dest, value in vars(args).items() if dest in {n.replace("-", "_") for n in names}}
     recipe = load_recipe(DEFAULT_RECIPE, TRAINER, names)
     options = recipe_values(recipe, add_learning_options)
-    if args.recipe is not None:
-        recipe = load_recipe(args.recipe, TRAINER, names)
+    if name_or_path is not None:
+        recipe = load_recipe(name_or_path, TRAINER, names)
         options.update(recipe_values(recipe, add_learning_options))   # what it leaves out: the default's
+    return options, recipe
+
+
+def learning_options(args):
+    """(options by dest, recipe record): the default recipe's options, replaced by a chosen recipe's, replaced by
+    the command line's (refused for options a chosen recipe sets)."""
+    from ..training.recipes import option_names
+
+    names = {n.replace("-", "_") for n in option_names(add_learning_options)}
+    given = {dest: value for dest, value in vars(args).items() if dest in names}
+    options, recipe = recipe_options(args.recipe)
+    if args.recipe is not None:
         replaced = sorted(f"--{name}" for name in recipe.options if name.replace("-", "_") in given)
         if replaced:
             raise InputError(f"{', '.join(replaced)} set by the recipe {recipe.path.name}; edit the recipe (a new "
@@ -83,12 +93,7 @@ def learning_options(args):
 
 def settings_from_recipe(name_or_path):
     """``FinetuneSettings`` of a fine-tuning recipe (what it leaves out: the default recipe's), recording it."""
-    from ..training.recipes import load_recipe, option_names, recipe_values
-
-    names = option_names(add_learning_options)
-    options = recipe_values(load_recipe(DEFAULT_RECIPE, TRAINER, names), add_learning_options)
-    recipe = load_recipe(name_or_path, TRAINER, names)
-    options.update(recipe_values(recipe, add_learning_options))
+    options, recipe = recipe_options(name_or_path)
     return settings_from_options(options, recipe.record())
 
 

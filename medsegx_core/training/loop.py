@@ -121,13 +121,10 @@ class LoopSettings:
         """AdamW's groups, each with its peak rate (``peak_lr``): the experts' own when ``experts_lr`` is set."""
         if self.experts_lr is None:
             return [{"params": list(parameters), "peak_lr": self.lr}]
-        trainable = {id(p) for p in parameters}
-        experts = [p for name, p in model.named_parameters()
-                   if id(p) in trainable and name.startswith(EXPERTS_PREFIX)]
-        chosen = {id(p) for p in experts}
-        others = [p for p in parameters if id(p) not in chosen]
-        return [group for group in ({"params": others, "peak_lr": self.lr},
-                                    {"params": experts, "peak_lr": self.experts_lr}) if group["params"]]
+        experts = {id(p) for name, p in model.named_parameters() if name.startswith(EXPERTS_PREFIX)}
+        groups = ({"params": [p for p in parameters if id(p) not in experts], "peak_lr": self.lr},
+                  {"params": [p for p in parameters if id(p) in experts], "peak_lr": self.experts_lr})
+        return [group for group in groups if group["params"]]
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int, final_fraction: float = 0.05) -> float:
