@@ -7,25 +7,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .common import MLP
 from .config import MaskDecoderConfig, SegVolConfig
 from .transformer import TwoWayTransformer
-
-
-class MLP(nn.Module):
-    """``num_layers`` Linears with ReLU between them (``layers.N``: the checkpoint's names)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
-        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
 
 
 def add_sam_decoder_parts(decoder: nn.Module, dim: int, config: MaskDecoderConfig,

@@ -15,23 +15,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from .common import LayerNorm2d
 from .config import SegVolConfig
-
-
-class LayerNorm2d(nn.Module):
-    """Channel LayerNorm of a (B, C, H, W) map (SAM's); only used by the unused mask branch."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
 class PositionEmbeddingRandom3D(nn.Module):

@@ -10,18 +10,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-
-class MLPBlock(nn.Module):
-    """Linear -> activation -> Linear (``lin1``/``lin2``: the checkpoint's names)."""
-
-    def __init__(self, embedding_dim: int, mlp_dim: int, act: type = nn.ReLU):
-        super().__init__()
-        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
-        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
-        self.act = act()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+from .common import MLPBlock
 
 
 class Attention(nn.Module):

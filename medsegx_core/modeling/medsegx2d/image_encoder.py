@@ -16,8 +16,7 @@ from torch.nn import functional as F
 
 from ...data.hierarchy import ContextIndices
 from ..conmoae import attach_experts
-from ..prompt_encoder import LayerNorm2d
-from ..transformer import MLPBlock
+from ..common import LayerNorm2d, MLPBlock
 from .config import MedSegX2DConfig
 
 ENCODER_LN_EPS = 1e-6

@@ -11,8 +11,8 @@ from ...data.hierarchy import ContextIndices
 from ...errors import InputError
 from .config import MedSegX2DConfig
 from .image_encoder import ImageEncoderViT2D
-from .mask_decoder import DecoderOutput, MaskDecoderKeepResolution
-from .prompt_encoder import PromptEncoder2D
+from ..mask_decoder_2d import DecoderOutput, MaskDecoder2D
+from ..prompt_encoder_2d import PromptEncoder2D
 
 Context = Union[ContextIndices, Sequence[ContextIndices], None]
 
@@ -22,8 +22,10 @@ class MedSegX2D(nn.Module):
         super().__init__()
         self.config = config or MedSegX2DConfig()
         self.image_encoder = ImageEncoderViT2D(self.config)
-        self.prompt_encoder = PromptEncoder2D(self.config)
-        self.mask_decoder = MaskDecoderKeepResolution(self.config)
+        self.prompt_encoder = PromptEncoder2D(self.config.out_chans, self.config.token_grid, self.config.image_size,
+                                              self.config.mask_in_chans)
+        # MedSegX's keep-resolution decoder: four 2x steps bring the 16 x 16 tokens back to 256 x 256
+        self.mask_decoder = MaskDecoder2D(self.config.out_chans, self.config.mask_decoder, upscaling_stages=4)
         # not in any checkpoint (SAM registers them non-persistent)
         self.register_buffer("pixel_mean", torch.tensor(self.config.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.config.pixel_std).view(-1, 1, 1), persistent=False)
