@@ -41,12 +41,11 @@ from .data.hierarchy import ContextIndices, Modality, context_indices, guess_mod
 from .data.volume import Volume
 from .errors import InputError, PromptError
 from .inference.device import resolve_device
-from .modeling.medsegx2d.evaluation import CT_WINDOW, window_to_uint8
+from .inference.slice_preprocessing import CT_MODALITIES, CT_WINDOW, window_to_uint8
 from .modeling.medsegx2d.model import MedSegX2D
 from .progress import CancelToken, ProgressCallback, check, report
 from .prompts import Prompts
 
-CT_MODALITIES = ("CT", "CTA", "CBCT")
 PERCENTILE_WINDOW = (0.5, 99.5)
 INTENSITY_RULE = (f"colour pictures as they are; CT (HU) clipped to {list(CT_WINDOW)} HU (the fixture's MedSegDB "
                   f"convention); other uint8 images as they are; anything else mapped from its volume-wide "
@@ -133,7 +132,10 @@ def box_on_slice(volume: Volume, prompts: Prompts, slice_index: Optional[int] = 
 
 class SlicePredictor:
     def __init__(self, model: MedSegX2D, device: Union[str, torch.device] = "auto", choice: Union[str, int] = "iou",
-                 propagation_margin: float = 2.0, cached_slices: int = 16):
+                 propagation_margin: float = 2.0, cached_slices: int = 16, precision: str = "auto"):
+        if precision not in ("auto", "fp32"):
+            raise InputError(f"precision {precision!r}: MedSegX slice mode runs in fp32 (its parity with the official "
+                             f"code is checked there); use --precision fp32 or auto")
         if not isinstance(model, MedSegX2D):
             raise InputError(f"slice mode needs MedSegX's 2D model, got a {type(model).__name__}; load MedSegX "
                              f"weights (weights.medsegx2d.load_medsegx_weights)")

@@ -120,10 +120,6 @@ class VolumeSlicePredictor:
         check(cancel)
         report(progress, 1.0, "ready")
 
-    @property
-    def slice_shape(self) -> Tuple[int, int]:
-        return tuple(self._require_volume() and self.working.shape[1:])
-
     # ---- one slice ------------------------------------------------------------------------------------------
     def embedding(self, k: int) -> Tuple[torch.Tensor, bool]:
         """(embedding (1, 256, 64, 64), whether it was computed now) of working slice ``k``."""
@@ -173,7 +169,6 @@ class VolumeSlicePredictor:
     def segment(self, prompts: Prompts, propagate: bool = False, progress: Optional[ProgressCallback] = None,
                 cancel: Optional[CancelToken] = None) -> SliceSegmentation:
         started = time.perf_counter()
-        volume = self._require_volume()
         box, clicks, labels = self.working_prompts(prompts)
         name = resolve_term(prompts.text).name if prompts.text else None
         slices = self.working.shape[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
@@ -21,48 +21,14 @@ from ..progress import scaled
 from ..prompts import Prompts
 
 
-def asks_for_slices(args: argparse.Namespace) -> bool:
-    return args.slice is not None or args.propagate or is_2d_image(args.volume)
-
-
-def slice_weights(args: argparse.Namespace) -> Optional[Path]:
-    """The MedSegX weights to run in slice mode, or None for SegVol's volumetric mode; a WeightsError when the
-    input or options ask for one mode and the weights are of the other kind."""
-    chosen = _slice_weights(args)
-    if chosen is not None and args.experts:
+def check_slice_options(args: argparse.Namespace, choice, prompt_sets) -> None:
+    """Options MedSegX slice mode cannot honour, refused before any work."""
+    if args.experts:
         raise WeightsError(f"--experts {args.experts}: expert packs are trained on a SegVol base; MedSegX's 2D model "
-                           f"({chosen}) carries its own experts: drop --experts")
-    return chosen
-
-
-def _slice_weights(args: argparse.Namespace) -> Optional[Path]:
-    from ..weights.hub import weights_dir
-    from ..weights.medsegx2d import is_medsegx_checkpoint
-    from ..weights.store import MEDSEGX2D_KIND, weights_kind
-
-    wanted = asks_for_slices(args)
-    if args.weights:
-        path = Path(args.weights).expanduser()
-        if path.exists() and is_medsegx_checkpoint(path):
-            return path
-        if wanted:
-            reason = (f"{args.volume} is a 2D image" if is_2d_image(args.volume)
-                      else "--slice/--propagate are MedSegX slice mode")
-            raise WeightsError(f"{reason}, but the weights {path} are not MedSegX's 2D model (SegVol segments "
-                               f"volumes); give --weights a folder from 'medsegx weights import SAM_CHECKPOINT "
-                               f"--trained medsegx_vit_b.pth'")
-        return None
-    if not wanted:
-        return None
-    installed = sorted(p for p in weights_dir().iterdir() if weights_kind(p) == MEDSEGX2D_KIND) \
-        if weights_dir().is_dir() else []
-    if not installed:
-        what = args.volume if is_2d_image(args.volume) else "--slice/--propagate"
-        raise WeightsError(f"slice mode ({what}) needs MedSegX's 2D model and none is installed in "
-                           f"{weights_dir()}; import it with 'medsegx weights import SAM_CHECKPOINT --trained "
-                           f"medsegx_vit_b.pth' or give --weights")
-    print(f"medsegx: using the MedSegX weights installed in {installed[0]}", file=sys.stderr)
-    return installed[0]
+                           f"({choice.path}) carries its own experts: drop --experts")
+    if args.min_confidence is not None:
+        raise InputError("--min-confidence applies to the volumetric (SegVol) model; MedSegX slice mode reports no "
+                         "presence confidence: drop the option")
 
 
 def read_input(args: argparse.Namespace, slices: bool):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import List
 
 import numpy as np
@@ -33,7 +32,10 @@ from ..progress import scaled
 from ..prompts import BoxPrompt, PointPrompt, Prompts, prompt_sets
 from ..slice_predictor import box_on_slice
 from ._progress import progress_bar
-from ._slice_mode import read_input, segment_slices, slice_weights
+from .. import registry
+from ._box_mode import check_options as check_box_options, check_prompts as check_box_prompts, segment_boxes
+from ._model_choice import choose_model
+from ._slice_mode import check_slice_options, read_input, segment_slices
 
 
 def _prompt_sets(args) -> List[Prompts]:
@@ -47,20 +49,7 @@ def _prompt_sets(args) -> List[Prompts]:
     return prompt_sets(texts, points, box, args.name)
 
 
-def _weights(args) -> str:
-    if args.weights:
-        return args.weights
-    from ..weights.default import default_weights
-
-    chosen = default_weights()
-    print(f"medsegx: {chosen.explanation}", file=sys.stderr)
-    return str(chosen.path)
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..predictor import Predictor
-    from ..weights.store import load_model
-
     # Everything that can be refused cheaply is refused before the volume and the weights are read, and
     # everything the volume decides (prompts inside it, a DICOM SEG's source series) before the weights are.
     if args.labelmap and output_format(args.labelmap) != "nifti":
@@ -72,49 +61,23 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--min-confidence {args.min_confidence}: give a number between 0 and 1 (e.g. "
                          f"{PRESENCE_WARNING_BELOW}, the level below which a structure is reported as maybe absent)")
     prompt_sets = _prompt_sets(args)
-    slices = slice_weights(args)   # MedSegX's 2D model (slice mode), else None: SegVol on the volume
-    if slices is not None and args.min_confidence is not None:
-        raise InputError("--min-confidence applies to the volumetric (SegVol) model; MedSegX slice mode reports no "
-                         "presence confidence: drop the option")
-    volume, rgb = read_input(args, slices is not None)
+    choice = choose_model(args, prompt_sets)
+    runner = RUNNERS[choice.kind.name]
+    runner.check(args, choice, prompt_sets)
+    if choice.explanation:
+        print(f"medsegx: {choice.explanation}", file=sys.stderr)
+    volume, rgb = read_input(args, choice.kind.name == registry.MEDSEGX2D)
     for prompts in prompt_sets:
         prompts.to_voxel(volume)
-        if slices is not None:
+        if choice.kind.name == registry.MEDSEGX2D:
             box_on_slice(volume, prompts, args.slice)
     if kind == "dicom-seg":
         dicom_seg_sources(volume, headers_only=True)
-    weights = slices or _weights(args)
     make_output_folders(outputs)   # "-o out/x.seg.nrrd" just works
 
     bar, update = progress_bar("segment")
-    segments, notes, dropped = [], [], []
     try:
-        if slices is not None:
-            segments, notes, runtime = segment_slices(args, slices, volume, rgb, prompt_sets, update)
-        else:
-            update(0.0, "loading the weights")
-            model = load_model(weights, tokenizer=args.tokenizer)
-            # adapter experts fine-tuned on this base (medsegx finetune); refused on another base
-            if args.experts:
-                from ..weights.expert_pack import find_expert_pack, load_expert_pack
-
-                update(0.02, "loading the expert pack")
-                load_expert_pack(model, find_expert_pack(args.experts))
-            predictor = Predictor(model, device=args.device, precision=args.precision,
-                                  preprocessing=args.preprocessing)
-            predictor.set_volume(volume, modality=args.modality, progress=scaled(update, 0.05, 0.3))
-            share = 0.7 / len(prompt_sets)
-            for index, prompts in enumerate(prompt_sets):
-                result = predictor.segment(prompts, progress=scaled(update, 0.3 + index * share,
-                                                                    0.3 + (index + 1) * share))
-                name = args.name or result.name or "segment"
-                if args.min_confidence is not None and result.confidence < args.min_confidence:
-                    dropped.append(f"{name!r} (confidence {result.confidence:.2f})")
-                    continue
-                segments.append(Segment(name=name, mask=result.mask))
-                notes.append(f"{name!r} {int(result.mask.sum())} voxels ({result.windows} windows, confidence "
-                             f"{result.confidence:.2f})")
-            runtime = result.runtime
+        segments, notes, runtime, dropped = runner.segment(args, choice, volume, rgb, prompt_sets, update)
     finally:
         bar.close()
     if dropped:
@@ -138,8 +101,66 @@ def run(args: argparse.Namespace) -> int:
         from ..data.figure import save_overlay_figure
 
         written.append(save_overlay_figure(args.figure, volume, segments, overwrite=args.overwrite))
-    print(f"wrote {', '.join(map(str, written))}: {'; '.join(notes)}; {runtime}")
+    print(f"wrote {', '.join(map(str, written))}: {'; '.join(notes)}; {runtime} ({choice.kind.title})")
     return 0
+
+
+def _segment_volume(args, choice, volume, rgb, prompt_sets, update):
+    """SegVol's zoom-out-zoom-in on the whole volume, one prompt set after another."""
+    from ..predictor import Predictor
+
+    update(0.0, "loading the weights")
+    model = choice.kind.load(choice.path, tokenizer=args.tokenizer)
+    # adapter experts fine-tuned on this base (medsegx finetune); refused on another base
+    if args.experts:
+        from ..weights.expert_pack import find_expert_pack, load_expert_pack
+
+        update(0.02, "loading the expert pack")
+        load_expert_pack(model, find_expert_pack(args.experts))
+    predictor = Predictor(model, device=args.device, precision=args.precision, preprocessing=args.preprocessing)
+    predictor.set_volume(volume, modality=args.modality, progress=scaled(update, 0.05, 0.3))
+    segments, notes, dropped = [], [], []
+    share = 0.7 / len(prompt_sets)
+    for index, prompts in enumerate(prompt_sets):
+        result = predictor.segment(prompts, progress=scaled(update, 0.3 + index * share, 0.3 + (index + 1) * share))
+        name = args.name or result.name or "segment"
+        if args.min_confidence is not None and result.confidence < args.min_confidence:
+            dropped.append(f"{name!r} (confidence {result.confidence:.2f})")
+            continue
+        segments.append(Segment(name=name, mask=result.mask))
+        notes.append(f"{name!r} {int(result.mask.sum())} voxels ({result.windows} windows, confidence "
+                     f"{result.confidence:.2f})")
+    return segments, notes, result.runtime, dropped
+
+
+class _Runner:
+    """How the command line runs one kind: its option checks (before any reading) and its segmentation."""
+
+    def __init__(self, check, segment):
+        self.check, self.segment = check, segment
+
+
+def _no_check(args, choice, prompt_sets) -> None:
+    return None
+
+
+def _check_boxes(args, choice, prompt_sets) -> None:
+    check_box_options(args, choice.kind.title)
+    check_box_prompts(prompt_sets, choice.kind.title)
+
+
+def _boxes(args, choice, volume, rgb, prompt_sets, update):
+    return (*segment_boxes(args, choice, volume, prompt_sets, update), [])
+
+
+def _slices(args, choice, volume, rgb, prompt_sets, update):
+    return (*segment_slices(args, choice.path, volume, rgb, prompt_sets, update), [])
+
+
+# The one place where the command line tells the kinds apart: each kind's checks and its way through a volume.
+RUNNERS = {registry.SEGVOL: _Runner(_no_check, _segment_volume),
+           registry.LITEMEDSAM: _Runner(_check_boxes, _boxes),
+           registry.MEDSEGX2D: _Runner(check_slice_options, _slices)}
 
 
 def _without_overlaps(segments: List[Segment]) -> List[Segment]:

@@ -5,7 +5,6 @@ from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .common import MLP
 from .config import MaskDecoderConfig, SegVolConfig

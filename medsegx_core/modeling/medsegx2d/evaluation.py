@@ -18,9 +18,9 @@ from torch.nn import functional as F
 from ...data.hierarchy import ContextIndices, resolve_task_folder
 from ...data.metrics import dice
 from ...errors import InputError
+from ...inference.slice_preprocessing import CT_WINDOW, window_to_uint8
 from .model import MedSegX2D
 
-CT_WINDOW = (-160.0, 240.0)   # HU window of the fixture's slice convention (not in the official code)
 
 
 def medsegdb_slice(raw_slice: np.ndarray, label: np.ndarray, window: Tuple[float, float] = CT_WINDOW
@@ -36,13 +36,6 @@ def medsegdb_slice(raw_slice: np.ndarray, label: np.ndarray, window: Tuple[float
     pad = ((0, side - grey.shape[0]), (0, side - grey.shape[1]))
     image = np.repeat(np.pad(grey, pad)[..., None], 3, axis=-1)
     return image, np.pad((label > 0).astype(np.uint8), pad)
-
-
-def window_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Intensities clipped to [low, high] and mapped linearly onto 0..255, rounded half to even (the fixture's
-    slice convention for CT; slice mode uses it for every non-uint8 grey image)."""
-    scaled = (np.clip(np.asarray(values, dtype=np.float64), low, high) - low) / (high - low) * 255
-    return np.round(scaled).astype(np.uint8)
 
 
 def box_from_label(label: np.ndarray) -> np.ndarray:

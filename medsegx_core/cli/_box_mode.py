@@ -1,0 +1,54 @@
+"""``medsegx segment`` with LiteMedSAM: each prompt set's box segmented slice by slice over the volume.
+
+A 3D box: every slice it spans, propagated from its middle slice. A box on one slice with ``--propagate``: on until
+the mask vanishes. Clicks with the box refine the slices they lie on; a text names the segment.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Tuple
+
+from ..data.segments import Segment
+from ..errors import InputError, PromptError
+from ..progress import scaled
+from ..prompts import Prompts
+
+
+def check_options(args: argparse.Namespace, title: str) -> None:
+    """Options LiteMedSAM cannot honour are refused before any work."""
+    refused = [(args.experts, "--experts: expert packs are trained on a SegVol base; LiteMedSAM has none yet"),
+               (args.min_confidence is not None, "--min-confidence: LiteMedSAM reports no presence confidence"),
+               (args.preprocessing != "canonical", "--preprocessing official is SegVol's; LiteMedSAM always reads "
+                                                   "axial slices in the radiological view")]
+    for given, message in refused:
+        if given:
+            raise InputError(f"{message} ({title} runs this box); drop the option, or give --weights for SegVol")
+
+
+def check_prompts(prompt_sets: List[Prompts], title: str) -> None:
+    for prompts in prompt_sets:
+        if prompts.box is None:
+            raise PromptError(f"{title} segments from a box (it was trained with boxes only): add --box around the "
+                              f"structure, or give --weights for a model that takes text or clicks alone")
+
+
+def segment_boxes(args: argparse.Namespace, choice, volume, prompt_sets: List[Prompts], update
+                  ) -> Tuple[List[Segment], List[str], str]:
+    """Each prompt set -> one segment; (segments, notes, runtime)."""
+    update(0.0, f"loading {choice.kind.title}")
+    predictor = choice.kind.predictor(choice.kind.load(choice.path), device=args.device, precision=args.precision)
+    predictor.set_volume(volume, modality=args.modality, progress=scaled(update, 0.02, 0.05))
+    segments, notes = [], []
+    share = 0.95 / len(prompt_sets)
+    runtime = ""
+    for index, prompts in enumerate(prompt_sets):
+        result = predictor.segment(prompts, propagate=args.propagate,
+                                   progress=scaled(update, 0.05 + index * share, 0.05 + (index + 1) * share))
+        name = args.name or result.name or "segment"
+        segments.append(Segment(name=name, mask=result.mask))
+        notes.append(f"{name!r} {result.describe()}, {predictor.window.description}")
+        for note in result.notes:
+            print(f"medsegx: note: {note}", file=sys.stderr)
+        runtime = result.runtime
+    return segments, notes, runtime
