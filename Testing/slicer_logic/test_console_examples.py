@@ -1,5 +1,6 @@
 """The console examples of MedSegXSlicer/README.md ("Segment" and "Several structures at once") run as written on
-a slicer-core scene holding a CT as "CT" and a box "R" (tiny weights through $MEDSEGX_WEIGHTS). To keep CI short
+a slicer-core scene holding a CT as "CT" and a box "R" (tiny weights through $MEDSEGX_WEIGHTS, which take the box
+too; the "Boxes" example, LiteMedSAM's, is only compiled here). To keep CI short
 the CT is the 30-slice crop of the sample CT, so the example's click moves to the liver inside that crop."""
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def test_segment_and_several_structures_examples_run(slicer_app, data_dir, impor
     ct = slicer.util.loadVolume(str(data_dir / sb.CT_SMALL), properties={"name": "CT"})
     sb.add_roi_on_voxels(slicer_app.scene, ct, (60, 30, 5), (100, 70, 25), name="R")
     blocks = console_blocks()
-    assert len(blocks) == 4
+    assert len(blocks) == 5
+    compile(blocks[2], "README box example", "exec")   # LiteMedSAM's: runs in test_litemedsam_in_slicer.py
     namespace = {"slicer": slicer}
     try:
         assert "AddControlPoint(68.0, 185.0, 391.0)" in blocks[0]

