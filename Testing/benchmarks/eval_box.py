@@ -5,9 +5,10 @@ For every case and labelled structure it measures the Dice against the label of
 
 * 3D box: the label's tight bounding box (voxel ijk, end slices included) as a 3D box prompt: every slice of the
   box is segmented, starting from its middle slice and propagating up and down with the previous slice's mask box
-  widened by ``--margin`` model pixels;
+  widened by ``--margin`` model pixels (propagation stops at an empty mask or, with the predictor's stop rule, a
+  mask below ``--min-area-fraction`` of the largest slice so far);
 * slice box: the label's 2D bounding box on its widest slice (the axial slice where the label's area is largest),
-  flat on that slice, with ``propagate=True``: propagated from there until the mask vanishes;
+  flat on that slice, with ``propagate=True``: propagated from there until propagation stops;
 * filled box: the 3D box filled in entirely (no model at all): what a box prompt must beat;
 
 and the seconds of each model prompt. Each volume is set once and all its structures run on it, so embeddings are
@@ -21,8 +22,8 @@ MR evaluation patients 10 13 15 19 20 (liver, kidneys, spleen; modality MR).
 It prints one row per (case, structure) and a summary per (modality, organ): the mean Dice of each prompt and how
 many 3D boxes and slice boxes beat their filled box. Usage (about 20-30 minutes on 2 CPU threads)::
 
-    OMP_NUM_THREADS=2 python Testing/benchmarks/eval_box.py [--margin 3.0] [--cases totalseg chaos_10 ...]
-        [--json rows.json] [--threads 2] [--weights FILE_OR_DIR]
+    OMP_NUM_THREADS=2 python Testing/benchmarks/eval_box.py [--margin 3.0] [--min-area-fraction F]
+        [--cases totalseg chaos_10 ...] [--json rows.json] [--threads 2] [--weights FILE_OR_DIR]
 
 ``--cases`` keeps the cases whose key contains one of the given strings (keys: totalseg_ct, thorax_abdomen_ct,
 msd_spleen_8, chest_ct_aorta, chaos_10, chaos_13, chaos_15, chaos_19, chaos_20). ``MEDSEGX_SHARED`` points at
@@ -229,6 +230,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--margin", type=float, default=3.0,
                         help="model pixels (256 scale) around the previous slice's mask box (default 3.0)")
+    parser.add_argument("--min-area-fraction", type=float, default=None,
+                        help="propagation stops below this share of the largest slice's area so far "
+                             "(default: the predictor's)")
     parser.add_argument("--cases", nargs="*", default=None,
                         help="keep the cases whose key contains one of these strings (default: all)")
     parser.add_argument("--json", type=Path, help="also write every row as JSON (rewritten after each case)")
@@ -257,9 +261,14 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - start:6.0f} s] {message}", file=sys.stderr, flush=True)
 
     model = load_litemedsam(args.weights)
-    predictor = VolumeSlicePredictor(model, margin=args.margin)
+    options = {} if args.min_area_fraction is None else {"min_area_fraction": args.min_area_fraction}
+    predictor = VolumeSlicePredictor(model, margin=args.margin, **options)
+    stop = getattr(predictor, "min_area_fraction", None)
+    settings = f"margin {args.margin:g} model px"
+    if stop is not None:
+        settings += f", stop below {stop:g} of the largest slice"
     log(f"LiteMedSAM from {getattr(model, 'weights_source', args.weights)}; {predictor.runner.describe()}; "
-        f"margin {args.margin:g}; {len(cases)} cases")
+        f"{settings}; {len(cases)} cases")
     rows: List[Row] = []
     with torch.inference_mode():
         for number, case in enumerate(cases, 1):
@@ -267,7 +276,7 @@ def main(argv=None) -> int:
             rows += run_case(predictor, args.data, case, log)
             if args.json:
                 args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2), encoding="utf-8")
-    print(f"LiteMedSAM slice by slice, margin {args.margin:g} model px, {args.threads} threads, "
+    print(f"LiteMedSAM slice by slice, {settings}, {args.threads} threads, "
           f"{predictor.runner.describe()}; {len(rows)} rows in {time.perf_counter() - start:.0f} s\n")
     print(case_table(rows))
     print()

@@ -57,6 +57,20 @@ class PositionEmbeddingRandom3D(nn.Module):
         return self._encode(normalised)
 
 
+def cached_dense_pe(encoder: nn.Module, grid) -> torch.Tensor:
+    """``encoder.pe_layer.dense(grid)`` with a batch axis, kept on the encoder until its Gaussian buffer changes (a
+    checkpoint load, a move to another device): a function of that buffer alone, needed by every decoder call (once
+    per zoom-in window, once per slice)."""
+    matrix = encoder.pe_layer.positional_encoding_gaussian_matrix
+    # An inference-mode tensor may not enter autograd (training): one entry per mode.
+    key = (matrix.device, matrix.data_ptr(), matrix._version, torch.is_inference_mode_enabled())
+    cached = getattr(encoder, "_dense_pe", None)
+    if cached is None or cached[0] != key:
+        cached = (key, encoder.pe_layer.dense(grid).unsqueeze(0))
+        encoder._dense_pe = cached
+    return cached[1]
+
+
 class PromptEncoder3D(nn.Module):
     def __init__(self, config: SegVolConfig):
         super().__init__()
@@ -123,18 +137,8 @@ class PromptEncoder3D(nn.Module):
         return marks
 
     def get_dense_pe(self) -> torch.Tensor:
-        """(1, C, d, h, w) positional encoding of the image-embedding grid.
-
-        A function of the fixed Gaussian buffer alone, and every decoder call needs it (once per zoom-in
-        window): kept until the buffer changes (a checkpoint load, a move to another device)."""
-        matrix = self.pe_layer.positional_encoding_gaussian_matrix
-        # An inference-mode tensor may not enter autograd (training): one entry per mode.
-        key = (matrix.device, matrix.data_ptr(), matrix._version, torch.is_inference_mode_enabled())
-        cached = getattr(self, "_dense_pe", None)
-        if cached is None or cached[0] != key:
-            cached = (key, self.pe_layer.dense(self.image_embedding_size).unsqueeze(0))
-            self._dense_pe = cached
-        return cached[1]
+        """(1, C, d, h, w) positional encoding of the image-embedding grid (see ``cached_dense_pe``)."""
+        return cached_dense_pe(self, self.image_embedding_size)
 
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         coords = coords + 0.5  # voxel index -> voxel centre

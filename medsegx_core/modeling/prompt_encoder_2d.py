@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import PromptError
 from .common import LayerNorm2d
-from .prompt_encoder import PositionEmbeddingRandom3D
+from .prompt_encoder import PositionEmbeddingRandom3D, cached_dense_pe
 
 BOX_CORNER_EMBEDDINGS = (2, 3)   # SAM's point_embeddings: 0/1 negative/positive point, 2/3 box corners
 
@@ -61,15 +61,8 @@ class PromptEncoder2D(nn.Module):
         )
 
     def get_dense_pe(self) -> torch.Tensor:
-        """(1, D, g, g) positional encoding of the image-embedding grid; a function of the Gaussian buffer alone,
-        kept until it changes (a checkpoint load, a move to another device)."""
-        matrix = self.pe_layer.positional_encoding_gaussian_matrix
-        key = (matrix.device, matrix.data_ptr(), matrix._version, torch.is_inference_mode_enabled())
-        cached = getattr(self, "_dense_pe", None)
-        if cached is None or cached[0] != key:
-            cached = (key, self.pe_layer.dense(self.embedding_grid).unsqueeze(0))
-            self._dense_pe = cached
-        return cached[1]
+        """(1, D, g, g) positional encoding of the image-embedding grid (see ``cached_dense_pe``)."""
+        return cached_dense_pe(self, self.embedding_grid)
 
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         coords = coords.float() + 0.5      # pixel index -> pixel centre
