@@ -13,12 +13,19 @@ columns patient right -> left). The volume's voxel axes are permuted and flipped
 (``AxisReorientation.to_radiological``, no resampling) and the mask is mapped back exactly, so a volume stored in
 another orientation gives the same mask in world space.
 
-Propagation: the 2D box (the 3D box's extent in the slice plane) is used on the middle slice of the box; from
+Propagation: the 2D box (the 3D box's extent in the slice plane) is used on the middle slice of the box (``start=
+"widest"``: on the candidate slice of the box's middle half where it gives the largest mask); from
 there each next slice, up and down, gets the bounding box of the previous slice's mask widened by ``margin`` model
-pixels (256 scale). A 3D box bounds the slices (its end slices included); a box on one slice with
-``propagate=True`` goes on until the mask vanishes or the volume ends. Propagation stops in a direction when a
-slice's mask is empty or smaller than ``min_area_fraction`` of the largest slice so far. Clicks refine the slices they lie on: they join that slice's box in the decoder (points
-alone are refused: LiteMedSAM was trained with boxes only).
+pixels (256 scale; ``open_margin`` when a box on one slice is propagated). A 3D box bounds the slices (its end
+slices included); a box on one slice with ``propagate=True`` goes on until the mask vanishes or the volume ends.
+Propagation stops in a direction when a slice's mask is empty or smaller than ``min_area_fraction`` of the largest
+slice so far.
+
+Clicks refine the slices they lie on as box edits (``edit_slice``): a positive click widens that slice's box to hold
+it, a negative click inside the box moves the box's nearest edge past it. They are not SAM point prompts: this
+checkpoint was trained with boxes only, and points given to its decoder lowered Dice (model card; clicks alone are
+refused). The propagation follows the box alone and is kept, so a click re-runs the decoder on its slice only and
+never changes the other slices.
 
 Caching: one embedding per slice (the key holds the slice, the axis and the intensity window) in the shared
 ``EmbeddingCache`` under its byte budget; a moved box or an added click re-runs only the decoder on slices already
@@ -45,11 +52,20 @@ from .inference.slice_preprocessing import (IntensityWindow, box_to_model, litem
 from .progress import CancelToken, ProgressCallback, check, report
 from .prompts import Prompts
 
-DEFAULT_MARGIN = 3.0        # model pixels (256 scale) added around the previous slice's mask (upstream's value)
+# Model pixels (256 scale) added around the previous slice's mask: inside a 3D box (which bounds the slices) and
+# for open propagation from a box on one slice. Chosen by Testing/benchmarks/sweep_propagation.py on every shared CT
+# patient and CHAOS 10 13 15 19 20 (model card): a wider box keeps track of a growing organ, but without a box's end
+# slices to stop it, it also follows the neighbouring tissue past the organ's end.
+DEFAULT_MARGIN = 6.0
+DEFAULT_OPEN_MARGIN = 3.0   # upstream LiteMedSAM's value
 # Propagation stops where a slice's mask falls below this share of the largest slice so far: past an organ's end
 # the model keeps finding small blobs of the neighbouring tissue in the widened box (a kidney's lower pole on the
 # shared CT: 27-53 pixel blobs for 11 more slices against 345 at its widest) instead of an empty mask.
 DEFAULT_MIN_AREA_FRACTION = 0.1
+# Where a 3D box's propagation starts: its middle slice, or the slice of the largest mask among a few candidates in
+# its middle half ("widest": the box's 2D extent decoded on START_CANDIDATES slices; the slices are encoded anyway).
+START_RULES = ("middle", "widest")
+START_CANDIDATES = 5
 EPS = 1e-6
 AXIAL = "axial"
 
@@ -82,7 +98,10 @@ def mask_box(mask: np.ndarray) -> Optional[np.ndarray]:
 
 class VolumeSlicePredictor:
     def __init__(self, model, device: str = "auto", precision: str = "auto", cache_megabytes: Optional[int] = None,
-                 margin: float = DEFAULT_MARGIN, min_area_fraction: float = DEFAULT_MIN_AREA_FRACTION):
+                 margin: float = DEFAULT_MARGIN, open_margin: float = DEFAULT_OPEN_MARGIN,
+                 min_area_fraction: float = DEFAULT_MIN_AREA_FRACTION, start: str = "middle"):
+        if start not in START_RULES:
+            raise InputError(f"start {start!r}: choose one of {', '.join(START_RULES)}")
         if precision == "auto":
             # fp32 on CPUs until reduced precision is measured on this model's masks; bf16/fp16 on CUDA
             precision = "auto" if torch.cuda.is_available() and device in ("auto", "cuda") else "fp32"
@@ -92,12 +111,14 @@ class VolumeSlicePredictor:
             self.runner.model.to(memory_format=torch.channels_last)
         self.cache = EmbeddingCache(None if cache_megabytes is None else int(cache_megabytes) << 20)
         self.runner.on_move = self.cache.move_to
-        self.margin = float(margin)
+        self.margin, self.open_margin = float(margin), float(open_margin)
         self.min_area_fraction = float(min_area_fraction)
+        self.start = start
         self.side = int(model.config.image_size)
         self.volume: Optional[Volume] = None
         self.modality: Optional[Modality] = None
         self.window: Optional[IntensityWindow] = None
+        self._last_propagation = None     # (key, mask, boxes) of the last box's propagation
 
     @property
     def model(self):
@@ -122,6 +143,7 @@ class VolumeSlicePredictor:
         self.working = self.orientation.array_to_working(volume.array)
         self.window = litemedsam_window(volume.array, chosen.name)
         self.cache.clear()
+        self._last_propagation = None
         check(cancel)
         report(progress, 1.0, "ready")
 
@@ -159,6 +181,27 @@ class VolumeSlicePredictor:
         lowres = self.runner.call(lambda: self.model.decode(embedding, boxes, clicks).logits)
         return (logits_to_slice(lowres.float().cpu(), shape, self.side)[0] > 0).numpy(), encoded
 
+    def edit_slice(self, k: int, box: np.ndarray, points: np.ndarray, labels: np.ndarray,
+                   margin: float = DEFAULT_OPEN_MARGIN) -> Tuple[np.ndarray, bool]:
+        """(mask, encoded now) of slice k refined by clicks as box edits, not as SAM point prompts (which this
+        checkpoint never trained: measured in the model card, a click given to the decoder lowered Dice): a
+        positive click widens the slice's box to hold it (plus ``margin`` model pixels), a negative click inside the
+        box moves the box's nearest edge past it."""
+        box = np.asarray(box, dtype=np.float32).copy()
+        pad = margin * max(self.working.shape[1:]) / self.side
+        for (x, y), label in zip(np.asarray(points, dtype=np.float32).reshape(-1, 2), labels):
+            if label == 1:
+                box = np.concatenate([np.minimum(box[:2], [x - pad, y - pad]), np.maximum(box[2:], [x + pad, y + pad])])
+            elif box[0] <= x <= box[2] and box[1] <= y <= box[3]:
+                # distances to the edges x_min, y_min, x_max, y_max; the nearest one moves past the click
+                edge = int(np.argmin([x - box[0], y - box[1], box[2] - x, box[3] - y]))
+                box[edge] = (x, y, x, y)[edge] + (1.0 if edge < 2 else -1.0)
+        upper = np.array([self.working.shape[2] - 1, self.working.shape[1] - 1] * 2, dtype=np.float32)
+        box = np.clip(box, 0, upper)
+        if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+            return np.zeros(self.working.shape[1:], dtype=bool), False
+        return self.decode_slice(k, box)
+
     # ---- prompts -> volume ------------------------------------------------------------------------------------
     def working_prompts(self, prompts: Prompts):
         """(box (2, 3) min/max working ijk, clicks (N, 3) working ijk, labels)."""
@@ -191,36 +234,32 @@ class VolumeSlicePredictor:
         self.cache.begin_call()
         self.cache.fit(self._slice_bytes() * (high - low + 1))
         total = high - low + 1
-        mask = np.zeros(self.working.shape, dtype=np.uint8)
         counts = {"encoded": 0, "decoded": 0}
         notes: List[str] = []
+        margin = self.open_margin if flat and propagate else self.margin
 
-        def run(k: int, slice_box: np.ndarray) -> np.ndarray:
+        def run(k: int, slice_box: np.ndarray, on_slice=None) -> np.ndarray:
             check(cancel)
             report(progress, min(0.99, counts["decoded"] / total), f"slice {k}")
-            on_slice = click_slices == k
-            result, encoded = self.decode_slice(k, slice_box, clicks[on_slice, :2], labels[on_slice])
+            if on_slice is None:
+                result, encoded = self.decode_slice(k, slice_box)
+            else:
+                result, encoded = self.edit_slice(k, slice_box, clicks[on_slice, :2], labels[on_slice], margin)
             counts["encoded"] += int(encoded)
             counts["decoded"] += 1
             return result
 
-        first = run(start, box2d)
-        mask[start] = first
-        if not first.any():
-            notes.append(f"nothing found in the box on slice {start}" + ("; nothing to propagate" if total > 1 else ""))
+        # The propagation follows the box alone; clicks then refine only the slices they lie on, so a click never
+        # changes the boxes handed to other slices (a negative click that shrank one slice's mask would otherwise
+        # stop the propagation there). The propagation of the last box is kept: a click re-runs one slice.
+        key = (tuple(np.round(box.ravel(), 3)), low, high, margin, self.min_area_fraction, self.start)
+        if self._last_propagation is not None and self._last_propagation[0] == key:
+            mask, boxes_used = self._last_propagation[1].copy(), self._last_propagation[2]
         else:
-            pad = self.margin * max(self.working.shape[1:]) / self.side
-            upper = np.array([self.working.shape[2] - 1, self.working.shape[1] - 1] * 2, dtype=np.float32)
-            for step in (1, -1):
-                previous, k, largest = first, start + step, int(first.sum())
-                while low <= k <= high:
-                    grown = mask_box(previous) + np.array([-pad, -pad, pad, pad], dtype=np.float32)
-                    current = run(k, np.clip(grown, 0, upper))
-                    area = int(current.sum())
-                    if area == 0 or area < self.min_area_fraction * largest:
-                        break
-                    mask[k] = current
-                    previous, k, largest = current, k + step, max(largest, area)
+            mask, boxes_used = self._propagate(run, start, low, high, box2d, margin, notes)
+            self._last_propagation = (key, mask.copy(), boxes_used)
+        for k in sorted(set(click_slices.tolist())):
+            mask[k] = run(k, self._box_for_click(k, boxes_used, box2d), click_slices == k)
         report(progress, 1.0, "done")
         segmented = [int(k) for k in np.flatnonzero(mask.any(axis=(1, 2)))]
         stored = np.ascontiguousarray(self.orientation.array_to_stored(mask))
@@ -231,6 +270,44 @@ class VolumeSlicePredictor:
                                  notes=notes)
 
     # ---- internals ---------------------------------------------------------------------------------------------
+    def _propagate(self, run, start: int, low: int, high: int, box2d: np.ndarray, margin: float, notes: List[str]):
+        """(mask (k, j, i) uint8 on the working grid, the box each slice was given) of the box alone."""
+        mask = np.zeros(self.working.shape, dtype=np.uint8)
+        if self.start == "widest" and high - low >= 2:
+            quarter = (high - low) / 4
+            candidates = sorted({int(round(v)) for v in np.linspace(low + quarter, high - quarter, START_CANDIDATES)})
+            decoded = {k: run(k, box2d) for k in candidates}
+            start = max(candidates, key=lambda k: int(decoded[k].sum()))
+            first = decoded[start]
+        else:
+            first = run(start, box2d)
+        mask[start] = first
+        boxes_used = {start: box2d}
+        if not first.any():
+            notes.append(f"nothing found in the box on slice {start}" + ("; nothing to propagate" if high > low else ""))
+            return mask, boxes_used
+        pad = margin * max(self.working.shape[1:]) / self.side
+        upper = np.array([self.working.shape[2] - 1, self.working.shape[1] - 1] * 2, dtype=np.float32)
+        for step in (1, -1):
+            previous, k, largest = first, start + step, int(first.sum())
+            while low <= k <= high:
+                grown = np.clip(mask_box(previous) + np.array([-pad, -pad, pad, pad], dtype=np.float32), 0, upper)
+                current = run(k, grown)
+                area = int(current.sum())
+                if area == 0 or area < self.min_area_fraction * largest:
+                    break
+                mask[k], boxes_used[k] = current, grown
+                previous, k, largest = current, k + step, max(largest, area)
+        return mask, boxes_used
+
+    @staticmethod
+    def _box_for_click(k: int, boxes_used, box2d: np.ndarray) -> np.ndarray:
+        """The box a clicked slice is decoded with: the one propagation gave it, else the nearest slice's."""
+        if k in boxes_used:
+            return boxes_used[k]
+        nearest = min(boxes_used, key=lambda s: abs(s - k), default=None)
+        return box2d if nearest is None else boxes_used[nearest]
+
     def _slice_bytes(self) -> int:
         grid = self.model.config.encoder.embedding_grid
         channels = self.model.config.embed_dim

@@ -9,6 +9,8 @@ patients 10 13 15 19 20) it scores the slice's mask (2D Dice against the label o
 * the box and one click inside: the box plus the positive click;
 * the box and a corrective click: the box plus one click at the innermost pixel of the box-mask's largest error
   (positive where it missed, negative where it over-segmented), as a user refines a result;
+* the box and the same click as an edit, as the predictor handles clicks (``VolumeSlicePredictor.edit_slice``: a
+  positive click widens the box to hold it, a negative one moves the box's nearest edge past it);
 and prints the mean per (modality, prompt). Usage::
 
     OMP_NUM_THREADS=2 python Testing/benchmarks/clicks_litemedsam.py [--cases ...]
@@ -26,7 +28,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_box import SHARED, all_cases, case_structures  # noqa: E402
 
-PROMPTS = ("box", "1 click", "3 clicks", "box + click inside", "box + corrective click")
+PROMPTS = ("box", "1 click", "3 clicks", "box + click inside", "box + corrective click", "box + corrective edit")
 
 
 def innermost(region: np.ndarray):
@@ -93,9 +95,11 @@ def main(argv=None) -> int:
             missed, extra = truth & ~boxed, boxed & ~truth
             corrective = (innermost(missed), 1) if missed.sum() >= extra.sum() else (innermost(extra), 0)
             fixed = boxed if corrective[0] is None else run(box, [corrective])
+            edited = boxed if corrective[0] is None else predictor.edit_slice(
+                k, box, np.array([corrective[0]], dtype=np.float32), np.array([corrective[1]]))[0]
             rows.append(dict(case=case.key, modality=case.modality, organ=organ, **{
                 name: dice2d(mask, truth) for name, mask in zip(PROMPTS, (boxed, one, three, run(box, [(inside, 1)]),
-                                                                          fixed))}))
+                                                                          fixed, edited))}))
             print(f"{case.key} {organ}: " + ", ".join(f"{p} {rows[-1][p]:.3f}" for p in PROMPTS), file=sys.stderr)
     print("| modality | n | " + " | ".join(PROMPTS) + " |")
     print("|---|---|" + "---|" * len(PROMPTS))

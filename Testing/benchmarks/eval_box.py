@@ -228,8 +228,11 @@ def summary_table(rows: Sequence[Row]) -> str:
 # ---- main -------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--margin", type=float, default=3.0,
-                        help="model pixels (256 scale) around the previous slice's mask box (default 3.0)")
+    parser.add_argument("--margin", type=float, default=None,
+                        help="model pixels (256 scale) around the previous slice's mask box inside a 3D box "
+                             "(default: the predictor's)")
+    parser.add_argument("--open-margin", type=float, default=None,
+                        help="the same for a propagated box on one slice (default: the predictor's)")
     parser.add_argument("--min-area-fraction", type=float, default=None,
                         help="propagation stops below this share of the largest slice's area so far "
                              "(default: the predictor's)")
@@ -261,10 +264,10 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - start:6.0f} s] {message}", file=sys.stderr, flush=True)
 
     model = load_litemedsam(args.weights)
-    options = {} if args.min_area_fraction is None else {"min_area_fraction": args.min_area_fraction}
-    predictor = VolumeSlicePredictor(model, margin=args.margin, **options)
+    chosen = dict(margin=args.margin, open_margin=args.open_margin, min_area_fraction=args.min_area_fraction)
+    predictor = VolumeSlicePredictor(model, **{k: v for k, v in chosen.items() if v is not None})
     stop = getattr(predictor, "min_area_fraction", None)
-    settings = f"margin {args.margin:g} model px"
+    settings = f"margin {predictor.margin:g} model px (open propagation {predictor.open_margin:g})"
     if stop is not None:
         settings += f", stop below {stop:g} of the largest slice"
     log(f"LiteMedSAM from {getattr(model, 'weights_source', args.weights)}; {predictor.runner.describe()}; "

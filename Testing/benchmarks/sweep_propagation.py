@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     parser.add_argument("--margins", type=float, nargs="+", default=[3.0, 0.0, 6.0],
                         help="the first margin and fraction are also the configuration the click is measured on")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.0])
+    parser.add_argument("--starts", nargs="+", default=["middle"], help="3D box start rules to compare (middle, widest)")
     parser.add_argument("--cases", nargs="*", default=None)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--threads", type=int, default=2)
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
 
     model = load_litemedsam()
     configs = [(m, f) for m in args.margins for f in args.fractions]
+    starts = list(args.starts)
     rows: List[Dict] = []
     for case in all_cases(args.data):
         if args.cases and not any(c in case.key for c in args.cases):
@@ -101,8 +103,14 @@ def main(argv=None) -> int:
             _, flat_lo, flat_hi = widest_slice_box(truth, axis)
             filled = dice(filled_box(truth), truth)
             for margin, fraction in configs:
-                predictor.margin, predictor.min_area_fraction = margin, fraction
-                box3d = predictor.segment(Prompts(box=BoxPrompt(lo, hi, space="ijk"))).mask
+                predictor.margin = predictor.open_margin = margin
+                predictor.min_area_fraction = fraction
+                by_start = {}
+                for start in starts:
+                    predictor.start = start
+                    predictor._last_propagation = None      # the start rule is not part of its key
+                    by_start[start] = predictor.segment(Prompts(box=BoxPrompt(lo, hi, space="ijk"))).mask
+                box3d = by_start[starts[0]]
                 flat = predictor.segment(Prompts(box=BoxPrompt(flat_lo, flat_hi, space="ijk")), propagate=True).mask
                 click = refinement_click(box3d, truth) if (margin, fraction) == configs[0] else None
                 clicked = box3d if click is None else predictor.segment(
@@ -112,7 +120,8 @@ def main(argv=None) -> int:
                                  box3d_lcc=dice(largest_component(box3d), truth),
                                  flat_lcc=dice(largest_component(flat), truth),
                                  clicked=dice(clicked, truth) if (margin, fraction) == configs[0] else float("nan"),
-                                 click_positive=None if click is None else click["positive"]))
+                                 click_positive=None if click is None else click["positive"],
+                                 **{f"box3d_{start}": dice(mask, truth) for start, mask in by_start.items()}))
             best = max((r for r in rows if r["case"] == case.key and r["organ"] == organ), key=lambda r: r["box3d"])
             log(f"{case.key} {organ}: filled {filled:.3f}, best 3D {best['box3d']:.3f} at margin {best['margin']:g} "
                 f"fraction {best['fraction']:g}")

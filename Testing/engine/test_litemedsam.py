@@ -160,11 +160,22 @@ def test_a_3d_box_segments_every_slice_it_spans(predictor, small_ct):
     again = predictor.segment(Prompts(box=moved))
     assert again.encoded == 0 and again.decoded > 0
     assert np.array_equal(predictor.segment(Prompts(box=label_box(truth))).mask, result.mask)
-    # a click refines the slice it lies on (and only there)
+    # a click refines the slice it lies on, and only there: one decoder run, the other slices unchanged; a negative
+    # click moves the box's nearest edge past it
     k = int(spanned[len(spanned) // 2])
-    click = PointPrompt((float(lo[0]), float(lo[1]), float(k)), positive=False, space="ijk")
+    rows, cols = np.nonzero(result.mask[k])
+    j, i = int(rows.max()) - 1, int(cols[np.argmax(rows)])
+    click = PointPrompt((float(i), float(j), float(k)), positive=False, space="ijk")
     clicked = predictor.segment(Prompts(box=label_box(truth), points=(click,)))
-    assert clicked.encoded == 0
+    assert clicked.encoded == 0 and clicked.decoded == 1
+    others = np.ones(truth.shape[0], bool)
+    others[k] = False
+    assert np.array_equal(clicked.mask[others], result.mask[others])
+    assert clicked.mask[k, j, i] == 0 and clicked.mask[k].sum() < result.mask[k].sum()
+    # a positive click outside the box widens that slice's box to hold it
+    widened = predictor.segment(Prompts(box=label_box(truth), points=(
+        PointPrompt((float(hi[0] + 6), float(j), float(k)), space="ijk"),)))
+    assert widened.decoded == 1 and np.array_equal(widened.mask[others], result.mask[others])
 
 
 def test_a_box_on_one_slice_propagates_until_the_mask_vanishes(predictor, small_ct):
