@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_box import SHARED, all_cases, case_structures  # noqa: E402
+from eval_box import SHARED, case_structures, read_case, selected_cases  # noqa: E402
 
 PROMPTS = ("box", "1 click", "3 clicks", "box + click inside", "box + corrective click", "box + corrective edit")
 
@@ -56,18 +56,14 @@ def main(argv=None) -> int:
 
     import torch
 
-    from medsegx_core.data.readers import read_labelmap, read_volume
     from medsegx_core.volume_slice_predictor import VolumeSlicePredictor, mask_box
     from medsegx_core.weights.litemedsam import load_litemedsam
 
     torch.set_num_threads(args.threads)
     model = load_litemedsam()
     rows: List[Dict] = []
-    for case in all_cases(args.data):
-        if args.cases and not any(c in case.key for c in args.cases):
-            continue
-        volume = read_volume(args.data / case.image)
-        labels = read_labelmap(args.data / case.labels, volume).array
+    for case in selected_cases(args.data, args.cases):
+        volume, labels = read_case(args.data, case)
         predictor = VolumeSlicePredictor(model, device="cpu", precision="fp32")
         predictor.set_volume(volume, modality=case.modality)
         working = predictor.orientation.array_to_working(labels)

@@ -87,6 +87,19 @@ def all_cases(data: Path) -> List[Case]:
     return cases
 
 
+def selected_cases(data: Path, keys: Optional[Sequence[str]]) -> List[Case]:
+    """The cases whose key contains one of ``keys`` (all of them when none are given)."""
+    return [c for c in all_cases(data) if not keys or any(k in c.key for k in keys)]
+
+
+def read_case(data: Path, case: Case):
+    """(volume, labels (k, j, i) on its grid) of a case."""
+    from medsegx_core.data.readers import read_labelmap, read_volume
+
+    volume = read_volume(data / case.image)
+    return volume, read_labelmap(data / case.labels, volume).array
+
+
 def case_structures(data: Path, case: Case) -> List[Tuple[str, int]]:
     """(organ, label value) of a case, organ names normalised (CHAOS's 'right kidney' -> kidney_right)."""
     if case.structures:
@@ -254,7 +267,7 @@ def main(argv=None) -> int:
     from medsegx_core.weights.litemedsam import load_litemedsam
 
     torch.set_num_threads(args.threads)
-    cases = [c for c in all_cases(args.data) if not args.cases or any(s in c.key for s in args.cases)]
+    cases = selected_cases(args.data, args.cases)
     if not cases:
         print(f"no case matches {args.cases}", file=sys.stderr)
         return 1

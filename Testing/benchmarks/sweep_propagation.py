@@ -28,7 +28,8 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_box import SHARED, all_cases, case_structures, filled_box, tight_box_ijk, widest_slice_box  # noqa: E402
+from eval_box import (SHARED, case_structures, filled_box, read_case, selected_cases, tight_box_ijk,  # noqa: E402
+                      widest_slice_box)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -72,7 +73,6 @@ def main(argv=None) -> int:
     import torch
 
     from medsegx_core.data.metrics import dice
-    from medsegx_core.data.readers import read_labelmap, read_volume
     from medsegx_core.prompts import BoxPrompt, PointPrompt, Prompts
     from medsegx_core.volume_slice_predictor import VolumeSlicePredictor
     from medsegx_core.weights.litemedsam import load_litemedsam
@@ -87,11 +87,8 @@ def main(argv=None) -> int:
     configs = [(m, f) for m in args.margins for f in args.fractions]
     starts = list(args.starts)
     rows: List[Dict] = []
-    for case in all_cases(args.data):
-        if args.cases and not any(c in case.key for c in args.cases):
-            continue
-        volume = read_volume(args.data / case.image)
-        labels = read_labelmap(args.data / case.labels, volume).array
+    for case in selected_cases(args.data, args.cases):
+        volume, labels = read_case(args.data, case)
         predictor = VolumeSlicePredictor(model, device="cpu", precision="fp32", cache_megabytes=2400)
         predictor.set_volume(volume, modality=case.modality)
         axis = predictor.orientation.source_axis[2]
