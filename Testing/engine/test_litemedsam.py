@@ -245,3 +245,10 @@ def test_medsegx_segment_runs_litemedsam_for_a_box_by_default(data_dir, small_ct
                  "--min-confidence", "0.5", "-o", str(tmp_path / "x.nii.gz")]) == 1
     assert "LiteMedSAM reports no presence confidence" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_a_model_loaded_under_inference_mode_decodes():
+    with torch.inference_mode():
+        model = weights.load_litemedsam()
+        out = model.decode(torch.zeros(1, 256, 64, 64), torch.tensor([[10.0, 10.0, 100.0, 120.0]]))
+    assert out.logits.shape == (1, 1, 256, 256)

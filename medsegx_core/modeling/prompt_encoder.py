@@ -63,7 +63,11 @@ def cached_dense_pe(encoder: nn.Module, grid) -> torch.Tensor:
     per zoom-in window, once per slice)."""
     matrix = encoder.pe_layer.positional_encoding_gaussian_matrix
     # An inference-mode tensor may not enter autograd (training): one entry per mode.
-    key = (matrix.device, matrix.data_ptr(), matrix._version, torch.is_inference_mode_enabled())
+    try:
+        version = matrix._version
+    except RuntimeError:   # an inference tensor (a model loaded under inference_mode) keeps no version: it cannot change
+        version = None
+    key = (matrix.device, matrix.data_ptr(), version, torch.is_inference_mode_enabled())
     cached = getattr(encoder, "_dense_pe", None)
     if cached is None or cached[0] != key:
         cached = (key, encoder.pe_layer.dense(grid).unsqueeze(0))
