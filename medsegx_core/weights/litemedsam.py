@@ -22,7 +22,7 @@ import torch
 from ..errors import WeightsError
 from ..modeling.litemedsam import LiteMedSAM, LiteMedSAMConfig
 from .checkpoints import load_state
-from .store import (CONFIG_FILE, KIND_KEY, WEIGHTS_FILE, is_medsegx_folder, read_config_record, sha256_of,
+from .store import (KIND_KEY, WEIGHTS_FILE, is_medsegx_folder, read_config_record, sha256_of,
                     verify_folder, write_folder)
 
 LITEMEDSAM_KIND = "litemedsam"
@@ -162,12 +162,3 @@ def import_litemedsam(folder: PathLike, source: Optional[PathLike] = None, overw
 
     return write_folder(folder, {k: v for k, v in model.state_dict().items()}, record, overwrite, progress, cancel,
                         fill)
-
-
-def describe(path: PathLike) -> str:
-    """One line for lists: what the folder or file holds."""
-    path = Path(path)
-    if path.is_dir() and (path / CONFIG_FILE).is_file():
-        carrier = read_config_record(path).get("source", {}).get("carrier", "")
-        return f"LiteMedSAM (2D, TinyViT; box prompts, slice by slice){', from ' + carrier if carrier else ''}"
-    return "LiteMedSAM (2D, TinyViT; box prompts, slice by slice)"
