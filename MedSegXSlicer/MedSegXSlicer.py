@@ -59,8 +59,8 @@ from MedSegXSlicerLib.resources import ensure_engine_importable, resource_path
 ensure_engine_importable()
 
 from MedSegXSlicerLib import MedSegXSlicerLogic, install, sample_data  # noqa: E402
-from MedSegXSlicerLib.logic import SHORTCUTS, shortcuts_help  # noqa: E402
-from medsegx_core.errors import Cancelled, MedSegXError, WeightsError  # noqa: E402
+from MedSegXSlicerLib.shortcuts import SHORTCUTS, shortcuts_help  # noqa: E402
+from medsegx_core.errors import Cancelled, MedSegXError  # noqa: E402
 
 POSITIVE_COLOR = (0.25, 0.85, 0.35)
 NEGATIVE_COLOR = (0.95, 0.25, 0.25)
@@ -471,10 +471,7 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._runInBackground(self.logic.startDownload(), self._finishDownload, _("Downloading..."))
 
     def _finishDownload(self, task) -> str:
-        try:
-            folder = self.logic.finishDownload(task)
-        except WeightsError as exc:  # unreachable, refused or failed: say how to install without the download
-            raise WeightsError(f"{exc}\n\n{self.logic.offlineInstructions()}") from exc
+        folder = self.logic.finishDownload(task)   # a failure says how to install without the download
         self.ui.weightsPathLineEdit.currentPath = ""
         self._updateModels()
         return _("Official SegVol weights installed in {folder}.").format(folder=folder)

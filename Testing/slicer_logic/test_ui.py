@@ -188,7 +188,7 @@ def test_every_widget_action_is_one_logic_call(widget_source):
 
 
 def test_shortcuts_are_bound_and_documented(widget_source):
-    from MedSegXSlicerLib.logic import SHORTCUTS, shortcuts_help
+    from MedSegXSlicerLib.shortcuts import SHORTCUTS, shortcuts_help
 
     handlers = next(f for f in widget_class(widget_source).body
                     if isinstance(f, ast.FunctionDef) and f.name == "_shortcutHandlers")

@@ -1,0 +1,61 @@
+""""Learn from my segments" as a job: checks, then ConMoAE experts fine-tuned on the engine thread (experts.py
+prepares the cases and trains) on top of the weights in use, the pack written to
+``$MEDSEGX_HOME/experts/<name>.safetensors``. Every segment name must resolve through the anatomy hierarchy (or
+the user's mapping) before anything runs; selecting the new pack is the caller's step.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from medsegx_core.errors import InputError
+from medsegx_core.progress import CancelToken, ProgressCallback
+
+from . import experts, segvol_mode
+from .install import Dependencies
+from .model_choice import ModelChoice
+from .worker import BackgroundTask, EngineWorker
+
+
+def as_list(nodes) -> list:
+    return list(nodes) if isinstance(nodes, (list, tuple)) else [nodes]
+
+
+class ExpertTraining:
+    """Expert packs trained from the user's segmentations, queued on the Logic's engine thread."""
+
+    def __init__(self, choice: ModelChoice, worker: EngineWorker, dependencies: Dependencies):
+        self._choice, self._worker, self._dependencies = choice, worker, dependencies
+
+    @staticmethod
+    def unresolved_segment_names(segmentation_nodes, mapping: Optional[Mapping[str, str]] = None) -> dict:
+        """Segment name -> suggestions for names the anatomy hierarchy does not know (ask the user for these)."""
+        return experts.unresolved_segment_names(as_list(segmentation_nodes), mapping)
+
+    def start(self, volume_nodes, segmentation_nodes, pack_name: str, mapping: Optional[Mapping[str, str]],
+              steps: int, cancel: Optional[CancelToken] = None, **settings) -> BackgroundTask:
+        """``settings``: more ``FinetuneSettings`` fields (batch_size, val_every, lr, ...). The model trained is the
+        one in use: its weights with the chosen expert pack (or none)."""
+        from medsegx_core.training.finetune import FinetuneSettings
+
+        volumes, segmentations = as_list(volume_nodes), as_list(segmentation_nodes)
+        if len(volumes) != len(segmentations) or not volumes:
+            raise InputError(f"give one segmentation per volume ({len(volumes)} volumes, {len(segmentations)} "
+                             f"segmentations)")
+        missing = experts.unresolved_segment_names(segmentations, mapping)
+        if missing:
+            raise InputError("these segment names are not in the anatomy hierarchy; map each to a known structure "
+                             "(or 'NAME@PARENT' for a new one): " + "; ".join(
+                                 f"'{name}'" + (f" (did you mean {', '.join(hints[:3])}?)" if hints else "")
+                                 for name, hints in missing.items()))
+        self._dependencies.require()
+        pairs = [experts.prepare_pair(v, s, mapping) for v, s in zip(volumes, segmentations)]
+        spec = self._choice.segvol_spec(self._choice.check_weights())
+        finetune_settings = FinetuneSettings(steps=int(steps), **settings)
+        destination = experts.pack_path(pack_name)
+
+        def run(progress: ProgressCallback, cancel_token: CancelToken):
+            return experts.train(pairs, spec, destination, finetune_settings, segvol_mode.load_model, progress,
+                                 cancel_token)
+
+        return BackgroundTask(self._worker.submit(run, cancel, description=f"train experts {destination.name}"),
+                              "training", f"train experts '{destination.stem}'")

@@ -1,0 +1,166 @@
+"""The segmentation session: one request from MRML to a mask in a segment, the engines kept between requests, undo.
+
+Which engine a request runs (the rules are ``ModelChoice``'s):
+- slice mode (asked for): MedSegX's 2D model on the box's slice, or propagated (slice_mode.py);
+- a box that LiteMedSAM takes: LiteMedSAM slice by slice over the box, or propagated from its middle slice
+  (box_mode.py);
+- anything else: SegVol on the volume, several structures from one encoding (segvol_mode.py).
+
+``start`` runs on the main thread: it checks the inputs and turns MRML into engine inputs (every user mistake is
+raised here, before any work), then queues the engine work on the one worker thread and returns the task.
+``finish`` (main thread) writes the masks into segments (result_writer.py) as one undo step. A failure or a cancel
+before that leaves the segmentation node untouched; a new segmentation node is only created there.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+from medsegx_core.errors import Cancelled, InputError
+from medsegx_core.progress import CancelToken, ProgressCallback
+
+from . import box_mode, models, mrml_conversion, result_writer, segvol_mode, structures
+from .install import Dependencies
+from .model_choice import ModelChoice
+from .segmentation_task import SegmentationTask, StructureRequest, StructureResult
+from .structure_requests import PromptInputs, resolve_terms, structure_requests
+from .undo import UndoHistory, UndoStep
+from .worker import EngineWorker
+
+logger = logging.getLogger("MedSegX")
+
+
+class SegmentationSession:
+    """Requests in, segments out; keeps each engine's model and volume encoding, and the undo history."""
+
+    def __init__(self, choice: ModelChoice, worker: EngineWorker, dependencies: Dependencies):
+        self._choice, self._worker, self._dependencies = choice, worker, dependencies
+        #: SegVol's model and the current volume's embeddings (segvol_mode.py)
+        self.sessions = segvol_mode.new_session_store()
+        #: LiteMedSAM's predictor and per-slice embeddings for box requests (box_mode.py)
+        self.box_sessions = box_mode.new_session_store()
+        self._slice_mode = None
+        self.undo_history = UndoHistory()
+        #: The status line of the last result written (which model ran, on what, how long)
+        self.last_status = ""
+
+    def forget(self) -> None:
+        """Drop the loaded models and the volume's encodings (scene closed, other weights chosen)."""
+        self.sessions.forget()
+        self.box_sessions.forget()
+
+    # ---- start (main thread) ----------------------------------------------------------------------------------
+    def start(self, volume_node, segmentation_node, inputs: PromptInputs, modality: Optional[str] = None,
+              propagate: bool = False, slice_mode: bool = False, cancel: Optional[CancelToken] = None):
+        """Check, convert, queue; returns a ``SegmentationTask`` (a ``slice_mode.SliceTask`` in slice mode)."""
+        if slice_mode:
+            return self.slice_mode().start(self._worker, volume_node, inputs.roi_node, segmentation_node,
+                                           text=inputs.text, modality=modality, propagate=propagate,
+                                           segmentName=inputs.segment_name, cancel=cancel)
+        mrml_conversion.check_volume_node(volume_node)
+        if segmentation_node is not None and not segmentation_node.IsA("vtkMRMLSegmentationNode"):
+            raise InputError(f"output '{segmentation_node.GetName()}' is a {segmentation_node.GetClassName()}, "
+                             f"not a segmentation: choose or create a segmentation node")
+        terms = resolve_terms(inputs)
+        self._dependencies.require()
+        has_box = inputs.roi_node is not None
+        if has_box and self._choice.boxes_default_to_litemedsam() and models.litemedsam_weights() is None:
+            self._dependencies.offer_litemedsam()   # the widget: offered once; declined, boxes run SegVol
+        box_weights = self._choice.box_weights() if has_box else None
+        if box_weights is None:
+            if not has_box:
+                self._choice.refuse_litemedsam_without_box()
+            weights = self._choice.check_weights()
+            key, current = mrml_conversion.volume_key(volume_node), self.sessions.current
+        else:
+            key, current = (mrml_conversion.volume_key(volume_node), modality), self.box_sessions.current
+        volume = current.volume if current is not None and current.key == key else \
+            mrml_conversion.volume_from_node(volume_node, modality)
+        requests, warnings = structure_requests(inputs, terms, volume, volume_node, segmentation_node)
+        if box_weights is not None:
+            return self._start_litemedsam(volume_node, segmentation_node, requests[0], inputs.roi_node, volume, key,
+                                          box_weights, modality, propagate, cancel, warnings)
+        return self._start_segvol(volume_node, segmentation_node, requests, has_box, volume, key, weights,
+                                  modality, propagate, cancel, warnings)
+
+    def _start_segvol(self, volume_node, segmentation_node, requests, has_box: bool, volume, key, weights,
+                      modality, propagate: bool, cancel, warnings: list) -> SegmentationTask:
+        """Queue SegVol on every structure (segvol_mode.py): one encoding of the volume for all."""
+        label, notes = self._choice.label(), []
+        if has_box and self._choice.boxes_default_to_litemedsam():
+            notes.append(f"{box_mode.MODEL_NAME} is not installed, so the box runs {label}: "
+                         f"{models.litemedsam_install_hint()}")
+        if has_box and propagate:
+            notes.append(f"Propagate follows a box with {box_mode.MODEL_NAME} or in slice mode; {label} segments "
+                         f"the whole box at once")
+        for note in notes:
+            logger.warning(note)
+        warnings += notes
+        spec, device, finished = self._choice.segvol_spec(weights), self._choice.device, []
+        sessions, volume_modality = self.sessions, modality or volume.modality
+
+        def run(progress: ProgressCallback, cancel_token: CancelToken):
+            return segvol_mode.segment_structures(sessions, key, volume, spec, device, volume_modality, requests,
+                                                  finished, progress, cancel_token)
+
+        names = structures.describe([r.name for r in requests], limit=3)
+        job = self._worker.submit(run, cancel, description=f"segment {names} in '{volume_node.GetName()}'")
+        return SegmentationTask(job, volume_node, segmentation_node, requests, ijk_to_world=volume.ijk_to_ras,
+                                shape_kji=volume.array.shape, model_label=label, warnings=warnings,
+                                finished=finished)
+
+    def _start_litemedsam(self, volume_node, segmentation_node, request: StructureRequest, roi_node, volume,
+                          key: tuple, weights, modality: Optional[str], propagate: bool, cancel,
+                          warnings: list) -> SegmentationTask:
+        """Queue LiteMedSAM on the box (box_mode.py): one structure, one segment."""
+        prompts = box_mode.on_middle_slice(request.prompts, volume, roi_node) if propagate else request.prompts
+        request = StructureRequest(request.name, prompts, request.segment_id, request.rename_existing)
+        sessions, device, finished = self.box_sessions, self._choice.device, []
+
+        def run(progress: ProgressCallback, cancel_token: CancelToken):
+            started = time.monotonic()
+            result = box_mode.segment(sessions, key, volume, weights, device, modality, request.prompts,
+                                      propagate, progress, cancel_token)
+            cancel_token.raise_if_cancelled()
+            finished.append(StructureResult(request, result, time.monotonic() - started))
+            return finished
+
+        what = "propagate" if propagate else "segment the box"
+        job = self._worker.submit(run, cancel, description=f"{box_mode.MODEL_NAME}: {what} '{request.name}' in "
+                                                           f"'{volume_node.GetName()}'")
+        return SegmentationTask(job, volume_node, segmentation_node, [request], ijk_to_world=volume.ijk_to_ras,
+                                shape_kji=volume.array.shape, model_label=box_mode.MODEL_NAME, warnings=warnings,
+                                finished=finished)
+
+    def slice_mode(self):
+        """MedSegX's 2D model (slice_mode.SliceModeLogic), rebuilt when the weights or the device change."""
+        from .slice_mode import SliceModeLogic
+
+        weights = self._choice.medsegx2d_weights()
+        if self._slice_mode is None or self._slice_mode.weightsPath != weights \
+                or self._slice_mode.device != self._choice.device:
+            self._slice_mode = SliceModeLogic(weights, self._choice.device)
+        return self._slice_mode
+
+    # ---- finish (main thread) ---------------------------------------------------------------------------------
+    def finish(self, task):
+        """Write a finished task's masks (one undo step); returns the segment ID (a list for several structures).
+        Re-raises the job's error; ``Cancelled`` after writing the structures that had finished, if any."""
+        if not isinstance(task, SegmentationTask):     # slice mode
+            segment_id = self._slice_mode.finish(task)
+            index = task.segmentation_node.GetSegmentation().GetSegmentIndex(segment_id)
+            self.undo_history.push(UndoStep(task.segmentation_node.GetID(), [[segment_id, None, index]]))
+            self.last_status = task.status
+            return segment_id
+        try:
+            step, cancelled = result_writer.write_results(task)
+        finally:
+            self.last_status = task.status or self.last_status
+        self.undo_history.push(step)
+        if cancelled:   # the structures that had finished are written: one undo step removes them too
+            raise Cancelled(task.status[0].lower() + task.status[1:])
+        return task.segment_ids[0] if len(task.requests) == 1 else list(task.segment_ids)
+
+    def undo(self, scene) -> bool:
+        return self.undo_history.undo(scene)
