@@ -73,11 +73,11 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
                                       lambda self, value: setattr(self.dependencies, "install_missing", value),
                                       doc="True (the widget): missing packages are installed after the user "
                                           "agrees; else an error names them.")
-    sessions = property(lambda self: self.segmentation.sessions,
-                        lambda self, value: setattr(self.segmentation, "sessions", value),
+    sessions = property(lambda self: self.segmentation.segvol_sessions,
+                        lambda self, value: setattr(self.segmentation, "segvol_sessions", value),
                         doc="SegVol's model and volume encoding (segvol_mode.py); the batch script sets its own.")
-    boxSessions = property(lambda self: self.segmentation.box_sessions,
-                           lambda self, value: setattr(self.segmentation, "box_sessions", value),
+    boxSessions = property(lambda self: self.segmentation.litemedsam_sessions,
+                           lambda self, value: setattr(self.segmentation, "litemedsam_sessions", value),
                            doc="LiteMedSAM's predictor and slice embeddings (box_mode.py).")
     lastStatus = property(lambda self: self.segmentation.last_status,
                           doc="The status line of the last result written (which model ran, on what, how long).")
@@ -221,10 +221,8 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         (``WeightsError``) and the previous choice stays. Returns the model label."""
         pack = self.choice.checked_expert_pack(pack)
         self.dependencies.require()
-        spec, device, sessions = self.choice.segvol_spec(self.choice.check_weights(), pack), self.device, \
-            self.sessions
-        self.worker.submit(lambda progress_cb, _cancel: sessions.model_for(spec, device, progress_cb), cancel,
-                           description=f"load expert pack {pack}").wait(on_progress=progress)
+        self.segmentation.load_segvol_model(self.choice.segvol_spec(self.choice.check_weights(), pack), progress,
+                                            cancel)
         self.choice.expert_pack = pack
         return self.modelLabel()
 
@@ -289,7 +287,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         outcome = task.job.result()
         if select:
             self.choice.expert_pack = outcome.pack
-            self.sessions.forget()
+            self.segmentation.segvol_sessions.forget()
         return outcome
 
     def trainExperts(self, volumeNodes, segmentationNodes, packName: str = "my experts",

@@ -37,18 +37,26 @@ class SegmentationSession:
     def __init__(self, choice: ModelChoice, worker: EngineWorker, dependencies: Dependencies):
         self._choice, self._worker, self._dependencies = choice, worker, dependencies
         #: SegVol's model and the current volume's embeddings (segvol_mode.py)
-        self.sessions = segvol_mode.new_session_store()
+        self.segvol_sessions = segvol_mode.new_session_store()
         #: LiteMedSAM's predictor and per-slice embeddings for box requests (box_mode.py)
-        self.box_sessions = box_mode.new_session_store()
+        self.litemedsam_sessions = box_mode.new_session_store()
         self._slice_mode = None
         self.undo_history = UndoHistory()
         #: The status line of the last result written (which model ran, on what, how long)
         self.last_status = ""
 
+    def load_segvol_model(self, spec, progress: Optional[ProgressCallback] = None,
+                          cancel: Optional[CancelToken] = None) -> None:
+        """Load SegVol as ``spec`` says on the engine thread now, waiting for it (a pack that does not fit the
+        weights is refused here, not at the next click)."""
+        sessions, device = self.segvol_sessions, self._choice.device
+        self._worker.submit(lambda progress_cb, _cancel: sessions.model_for(spec, device, progress_cb), cancel,
+                            description=f"load {spec}").wait(on_progress=progress)
+
     def forget(self) -> None:
         """Drop the loaded models and the volume's encodings (scene closed, other weights chosen)."""
-        self.sessions.forget()
-        self.box_sessions.forget()
+        self.segvol_sessions.forget()
+        self.litemedsam_sessions.forget()
 
     # ---- start (main thread) ----------------------------------------------------------------------------------
     def start(self, volume_node, segmentation_node, inputs: PromptInputs, modality: Optional[str] = None,
@@ -72,9 +80,10 @@ class SegmentationSession:
             if not has_box:
                 self._choice.refuse_litemedsam_without_box()
             weights = self._choice.check_weights()
-            key, current = mrml_conversion.volume_key(volume_node), self.sessions.current
+            key, current = mrml_conversion.volume_key(volume_node), self.segvol_sessions.current
         else:
-            key, current = (mrml_conversion.volume_key(volume_node), modality), self.box_sessions.current
+            key = (mrml_conversion.volume_key(volume_node), modality)
+            current = self.litemedsam_sessions.current
         volume = current.volume if current is not None and current.key == key else \
             mrml_conversion.volume_from_node(volume_node, modality)
         requests, warnings = structure_requests(inputs, terms, volume, volume_node, segmentation_node)
@@ -98,7 +107,7 @@ class SegmentationSession:
             logger.warning(note)
         warnings += notes
         spec, device, finished = self._choice.segvol_spec(weights), self._choice.device, []
-        sessions, volume_modality = self.sessions, modality or volume.modality
+        sessions, volume_modality = self.segvol_sessions, modality or volume.modality
 
         def run(progress: ProgressCallback, cancel_token: CancelToken):
             return segvol_mode.segment_structures(sessions, key, volume, spec, device, volume_modality, requests,
@@ -116,7 +125,7 @@ class SegmentationSession:
         """Queue LiteMedSAM on the box (box_mode.py): one structure, one segment."""
         prompts = box_mode.on_middle_slice(request.prompts, volume, roi_node) if propagate else request.prompts
         request = StructureRequest(request.name, prompts, request.segment_id, request.rename_existing)
-        sessions, device, finished = self.box_sessions, self._choice.device, []
+        sessions, device, finished = self.litemedsam_sessions, self._choice.device, []
 
         def run(progress: ProgressCallback, cancel_token: CancelToken):
             started = time.monotonic()

@@ -7,7 +7,8 @@ segment_id = logic.segment(volumeNode, roiNode, segmentationNode, text="liver", 
 ```
 The volume may be a 2D picture loaded in Slicer (a one-slice scalar volume, or an RGB vector volume whose colours
 the model sees). The engine's ``SlicePredictor`` is kept between calls and the volume is handed to it again only
-when its voxels or geometry changed. ``installed_models`` lists the MedSegX folders in ``$MEDSEGX_HOME/weights``.
+when its voxels or geometry changed. ``installed_medsegx2d_models`` lists the MedSegX folders in
+``$MEDSEGX_HOME/weights``.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from . import mrml_conversion, segment_writer
 from .appearance import segment_appearance
 
 
-def installed_models() -> List[Path]:
+def installed_medsegx2d_models() -> List[Path]:
     """MedSegX 2D folders installed in ``$MEDSEGX_HOME/weights`` (the engine registry's list; the Models panel
     lists them through ``models.medsegx2d_entries``)."""
     from medsegx_core import registry
@@ -83,7 +84,7 @@ class SliceModeLogic:
 
         weights = self.weightsPath
         if weights is None:
-            installed = installed_models()
+            installed = installed_medsegx2d_models()
             if not installed:
                 raise WeightsError("no MedSegX 2D model is installed: import one in the Models panel ('Import "
                                    "checkpoint': the SAM ViT-B checkpoint with medsegx_vit_b.pth) or run 'medsegx "

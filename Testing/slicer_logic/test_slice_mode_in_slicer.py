@@ -20,7 +20,7 @@ from medsegx_core.prompts import BoxPrompt, Prompts
 from medsegx_core.slice_predictor import SlicePredictor
 from medsegx_core.weights.medsegx2d import import_medsegx, load_medsegx_weights
 from MedSegXSlicerLib import models
-from MedSegXSlicerLib.slice_mode import SliceModeLogic, installed_models
+from MedSegXSlicerLib.slice_mode import SliceModeLogic, installed_medsegx2d_models
 
 FIRST, LAST = (40, 25), (100, 80)     # in-plane voxels of the box
 
@@ -46,7 +46,7 @@ def segment_mask(segmentation_node, segment_id, volume_node) -> np.ndarray:
 def test_models_panel_offers_the_installed_medsegx_model(home):
     entries = [e for e in models.available_models() if e.kind == "MedSegX 2D"]
     assert [e.name for e in entries] == ["medsegx"] and entries[0].installed
-    assert installed_models() == [home / "weights" / "medsegx"]
+    assert installed_medsegx2d_models() == [home / "weights" / "medsegx"]
     assert all(e.path != home / "weights" / "medsegx" for e in models.available_models() if e.kind == "imported")
 
 
