@@ -33,40 +33,13 @@ EXIT_OK, EXIT_USER_ERROR, EXIT_INTERNAL_ERROR = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medsegx_core.inference.choices import DEVICES, PRECISIONS
+    from medsegx_core.cli._segment_options import add_shared_options
 
     parser = argparse.ArgumentParser(prog="medsegx_batch.py", description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True,
                         help="volume: NIfTI, NRRD, MetaImage, .mgz, a DICOM folder or one file of the series")
-    parser.add_argument("--series-uid", help="which DICOM series, when the folder holds several")
     parser.add_argument("--output", required=True, help="segmentation to write (.seg.nrrd)")
-    parser.add_argument("--text", action="append",
-                        help="structure name, e.g. liver; repeat it or give a comma list ('liver, spleen, left "
-                             "kidney') for several structures, one segment each")
-    parser.add_argument("--point", nargs=3, type=float, action="append", default=[], metavar=("R", "A", "S"),
-                        help="positive click in RAS mm (repeatable)")
-    parser.add_argument("--negative-point", nargs=3, type=float, action="append", default=[],
-                        metavar=("R", "A", "S"), help="negative click in RAS mm (repeatable)")
-    parser.add_argument("--box", nargs=6, type=float, metavar=("R1", "A1", "S1", "R2", "A2", "S2"),
-                        help="two opposite corners of a RAS-aligned box in mm (LiteMedSAM segments the axial "
-                             "slices it spans unless --weights or --experts choose another model)")
-    parser.add_argument("--propagate", action="store_true",
-                        help="with --box and LiteMedSAM: take the box on its middle axial slice and follow the "
-                             "structure up and down until it ends")
-    parser.add_argument("--weights", help="weights folder or checkpoint (default: $MEDSEGX_WEIGHTS; else LiteMedSAM "
-                                          "for a box, and for text and clicks installed official weights, else the "
-                                          "bundled starter model)")
-    parser.add_argument("--tokenizer", help="folder of tokenizer files when they are not beside the weights")
-    parser.add_argument("--experts", metavar="PACK",
-                        help="expert pack to load on top of the weights: a .safetensors file from 'medsegx finetune' "
-                             "or the name of a bundled pack (e.g. abdominal_mr)")
-    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when present, else CPU")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto: bf16/fp16 where the hardware is fast at it; fp32 for exact results")
-    parser.add_argument("--modality", help="CT, MRI, ... (default: from the file, else guessed from the "
-                                           "intensities); routes the adapter experts")
-    parser.add_argument("--name", help="segment name (default: the structure name)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add_shared_options(parser)   # the prompts, weights and run options of 'medsegx segment', declared once
     return parser
 
 
@@ -90,34 +63,15 @@ def _box_node(scene, corners):
     return node
 
 
-def _engine_prompts(args):
-    """The prompt sets, checked by the engine's rules (the same as ``medsegx segment``'s) before any work."""
-    from medsegx_core.data.hierarchy import resolve_structures
-    from medsegx_core.prompts import BoxPrompt, PointPrompt, prompt_sets
-
-    points = [PointPrompt(tuple(p)) for p in args.point] + \
-        [PointPrompt(tuple(p), positive=False) for p in args.negative_point]
-    box = BoxPrompt(tuple(args.box[:3]), tuple(args.box[3:])) if args.box else None
-    # an unknown structure is refused before the volume is read
-    texts = [term.name for term in resolve_structures(args.text)] or [None]
-    return prompt_sets(texts, points, box, args.name)
-
-
-def _expert_pack_module():
-    from medsegx_core.weights import expert_pack
-    return expert_pack
-
-
 def engine_factories(args):
     """The Logic's model loader and Predictor factory with this run's tokenizer, expert pack and precision."""
     def load(spec):
+        from medsegx_core.weights.expert_pack import apply_expert_pack
         from medsegx_core.weights.store import load_model
 
         weights = spec[0] if isinstance(spec, tuple) else spec
         model = load_model(weights, tokenizer=args.tokenizer)
-        if args.experts:  # refused (WeightsError) when fine-tuned on another base
-            packs = _expert_pack_module()
-            packs.load_expert_pack(model, packs.find_expert_pack(args.experts))
+        apply_expert_pack(model, args.experts)   # refused (WeightsError) when fine-tuned on another base
         return model
 
     def make_predictor(model, device):
@@ -159,16 +113,15 @@ def run(args: argparse.Namespace) -> list:
 
     from MedSegXSlicerLib import MedSegXSlicerLogic, standalone
     from MedSegXSlicerLib.session import SessionStore
+    from medsegx_core.cli._segment_options import check_shared_options, prompt_sets_from_options
     from medsegx_core.data.readers import read_volume
     from medsegx_core.data.validation import check_image, check_outputs
     from medsegx_core.progress import CancelToken
 
     # Everything that can be refused is refused before the weights are read, as 'medsegx segment' does.
     output = check_outputs([args.output], args.overwrite, formats=("seg.nrrd",))[0]
-    if args.propagate and not args.box:
-        from medsegx_core.errors import PromptError
-        raise PromptError("--propagate follows a box from its middle slice: give --box")
-    prompt_sets = _engine_prompts(args)
+    check_shared_options(args)
+    prompt_sets = prompt_sets_from_options(args)   # the engine's prompt rules, as 'medsegx segment' applies them
     volume = check_image(read_volume(Path(args.input).expanduser(), series_uid=args.series_uid))
     for prompts in prompt_sets:
         prompts.to_voxel(volume)  # the engine's prompt rules, on the prompts as given (RAS mm)
@@ -177,6 +130,8 @@ def run(args: argparse.Namespace) -> list:
     scene = slicer.mrmlScene
     name = Path(volume.source).name.split(".")[0] or "volume"
     volume_node = slicer.util.addVolumeFromArray(volume.array, ijkToRAS=volume.ijk_to_ras, name=name)
+    if volume.modality:   # the file's modality, where Slicer's DICOM reader records it (not a user's choice)
+        volume_node.SetAttribute("DICOM.Modality", volume.modality)
     positive = _points_node(scene, "positive points", args.point, "positive") if args.point else None
     negative = _points_node(scene, "negative points", args.negative_point, "negative") if args.negative_point \
         else None
@@ -193,7 +148,7 @@ def run(args: argparse.Namespace) -> list:
         for prompts in prompt_sets:  # one engine session: the volume is encoded once for all structures
             logic.segment(volume_node, segmentation_node, text=prompts.text, pointsNode=positive,
                           negativePointsNode=negative, roiNode=roi, segmentName=args.name,
-                          modality=args.modality or volume.modality, progress=_print_progress, cancel=cancel,
+                          modality=args.modality, progress=_print_progress, cancel=cancel,
                           propagate=args.propagate)
     except KeyboardInterrupt:
         cancel.cancel()  # the engine stops at its next check

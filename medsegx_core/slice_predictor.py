@@ -18,7 +18,7 @@ not have. Here ``choice="iou"`` (default) takes the mask the IoU head rates high
 output always. ``Testing/benchmarks/medsegx_mask_choice.py`` measures how often the IoU head picks the oracle's.
 
 Context: the text names the structure (``hierarchy.resolve_term``), the modality comes from the user, else the
-file (DICOM Modality), else ``guess_modality`` for volumes that are not pictures, else the "unknown" row.
+file (DICOM Modality), else the intensities for volumes that are not pictures (``data.modality.routing_modality``).
 
 Propagation: from the box's slice, the neighbouring slices are segmented one after another in both directions,
 each with the bounding box of the previous slice's mask widened by ``propagation_margin`` pixels, until the mask
@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .data.hierarchy import ContextIndices, Modality, context_indices, guess_modality, load_hierarchy, resolve_term
+from .data.hierarchy import ContextIndices, Modality, context_indices, resolve_term
+from .data.modality import routing_modality
 from .data.volume import Volume
 from .errors import InputError, PromptError
 from .inference.device import resolve_device
@@ -130,12 +131,18 @@ def box_on_slice(volume: Volume, prompts: Prompts, slice_index: Optional[int] = 
     return k, np.array([lo[0], lo[1], hi[0], hi[1]], dtype=np.float32)
 
 
+def check_slice_precision(precision: str) -> None:
+    """MedSegX slice mode runs in fp32 only: "auto" means fp32 here, a reduced precision is refused (the command
+    line asks before any reading)."""
+    if precision not in ("auto", "fp32"):
+        raise InputError(f"precision {precision!r}: MedSegX slice mode runs in fp32 (its parity with the official "
+                         f"code is checked there); use --precision fp32 or auto")
+
+
 class SlicePredictor:
     def __init__(self, model: MedSegX2D, device: Union[str, torch.device] = "auto", choice: Union[str, int] = "iou",
                  propagation_margin: float = 2.0, cached_slices: int = 16, precision: str = "auto"):
-        if precision not in ("auto", "fp32"):
-            raise InputError(f"precision {precision!r}: MedSegX slice mode runs in fp32 (its parity with the official "
-                             f"code is checked there); use --precision fp32 or auto")
+        check_slice_precision(precision)
         if not isinstance(model, MedSegX2D):
             raise InputError(f"slice mode needs MedSegX's 2D model, got a {type(model).__name__}; load MedSegX "
                              f"weights (weights.medsegx2d.load_medsegx_weights)")
@@ -161,15 +168,7 @@ class SlicePredictor:
         if rgb is not None and (rgb.dtype != np.uint8 or rgb.shape != volume.array.shape + (3,)):
             raise InputError(f"colours of shape {rgb.shape} ({rgb.dtype}) do not fit the image "
                              f"{volume.array.shape}: uint8 (k, rows, cols, 3) is needed")
-        hierarchy = load_hierarchy()
-        if modality:
-            chosen = hierarchy.resolve_modality(modality, strict=True)
-        elif volume.modality:
-            chosen = hierarchy.resolve_modality(volume.modality)
-        elif rgb is None and volume.array.dtype != np.uint8:
-            chosen = guess_modality(volume.array)
-        else:
-            chosen = hierarchy.unknown_modality
+        chosen = routing_modality(volume, modality, picture=rgb is not None or volume.array.dtype == np.uint8)
         self.volume, self.rgb, self.modality = volume, rgb, chosen
         self._embeddings.clear()
         array = volume.array
@@ -290,4 +289,5 @@ class SlicePredictor:
         return embedding
 
 
-__all__ = ["SlicePredictor", "SliceResult", "SliceOutput", "box_of_mask", "box_on_slice", "INTENSITY_RULE"]
+__all__ = ["SlicePredictor", "SliceResult", "SliceOutput", "box_of_mask", "box_on_slice", "check_slice_precision",
+           "INTENSITY_RULE"]

@@ -145,6 +145,12 @@ def test_the_routing_modality_is_the_callers_else_the_files_else_guessed(model, 
     tagged.modality = "MR"
     predictor.set_volume(tagged)
     assert predictor.modality.name == "MRI"
+    tagged.modality = "PT"                             # a DICOM code the hierarchy has no row for: unknown
+    predictor.set_volume(tagged)
+    assert predictor.modality.name == "unknown"
+    # A user's explicit choice is strict, as in slice mode and training: a typo is refused, not routed as unknown.
+    with pytest.raises(PromptError, match="unknown modality 'CTT'"):
+        predictor.set_volume(volume, modality="CTT")
 
 
 @pytest.mark.parametrize("prompts", [

@@ -77,6 +77,8 @@ def test_nifti_output_with_ijk_prompts(paths, tmp_path, expected_mask):
     (("--point", "9999", "0", "0"), "outside the volume"),
     (("--negative-point", "60", "50", "50", "--ijk"), "only negative points"),
     (("--point", "60", "99", "50", "--ijk"), "empty border"),
+    (("--text", "liver", "--modality", "CTT"), "unknown modality 'CTT'"),    # a user's choice is strict
+    (("--text", "liver", "--propagate"), "--propagate follows a box"),
 ])
 def test_bad_prompts_are_one_line_errors_and_write_nothing(paths, tmp_path, capsys, extra, message):
     output = tmp_path / "out.seg.nrrd"
@@ -148,3 +150,22 @@ def test_min_confidence_leaves_out_what_the_model_is_unsure_of(paths, tmp_path, 
     assert err[-1].startswith("medsegx: error: nothing written") and not none.exists()
     assert segment(paths, none, "--text", "liver", "--min-confidence", "1.5") == 1
     assert "between 0 and 1" in capsys.readouterr().err and not none.exists()
+
+
+def test_the_expert_pack_choice_keeps_drops_or_loads_experts(paths):
+    """weights.expert_pack.apply_expert_pack, the one rule of --experts (CLI, batch script, Slicer module)."""
+    from medsegx_core.errors import WeightsError
+    from medsegx_core.modeling.conmoae import ConMoAEConfig, attach_experts_to_model
+    from medsegx_core.weights.expert_pack import apply_expert_pack
+
+    model = load_model(paths["weights"], tokenizer=paths["tokenizer"])
+    attach_experts_to_model(model, ConMoAEConfig())
+    mlp = model.image_encoder.blocks[0].mlp
+    assert apply_expert_pack(model, None) is None and apply_expert_pack(model, " ") is None
+    assert hasattr(model, "conmoae") and mlp._forward_hooks                 # the weights' own experts kept
+    assert apply_expert_pack(model, "None") is None
+    assert not hasattr(model, "conmoae") and not mlp._forward_hooks         # left out: the plain backbone
+    with pytest.raises(WeightsError, match="no bundled pack of that name"):
+        apply_expert_pack(model, "no_such_pack")
+    with pytest.raises(WeightsError, match="trained on other base weights"):
+        apply_expert_pack(model, "abdominal_mr")                            # the starter's pack, not this base's

@@ -142,6 +142,13 @@ def test_refusals(imported, data_dir, fixtures_dir, ct_png, tmp_path, capsys):
         ([ct, "--ijk", "--box", "40", "25", "5", "100", "80", "5", "--propagate"], segvol, "not MedSegX's 2D model"),
         ([ct, "--ijk", "--box", "40", "25", "5", "100", "80", "5", "--min-confidence", "0.5"], imported,
          "--min-confidence applies to the volumetric"),
+        # every run option is honoured or refused: slice mode runs fp32 and reads slices its own way
+        ([ct, "--ijk", "--box", "40", "25", "5", "100", "80", "5", "--precision", "bf16"], imported,
+         "MedSegX slice mode runs in fp32"),
+        ([ct, "--ijk", "--box", "40", "25", "5", "100", "80", "5", "--preprocessing", "official"], imported,
+         "--preprocessing official is SegVol's"),
+        ([ct, "--ijk", "--box", "40", "25", "5", "100", "80", "5", "--modality", "CTT"], imported,
+         "unknown modality 'CTT'"),
     ]
     for arguments, weights, message in cases:
         assert main(["segment", *map(str, arguments), "--weights", str(weights), "-o", str(out)]) == 1, message

@@ -94,3 +94,31 @@ def test_interrupt_exits_130_and_writes_nothing(data_dir, imported_weights, tmp_
     assert process.returncode == 130, rest
     assert "interrupted; nothing was written" in rest
     assert not output.exists()
+
+
+def test_the_batch_script_takes_the_options_of_medsegx_segment_with_the_same_meaning():
+    """One declaration (medsegx_core/cli/_segment_options.py): the same words give the same values and the same
+    prompt sets in both command lines; only the input and output options are each its own."""
+    import importlib.util
+
+    from medsegx_core.cli import build_parser as medsegx_parser
+    from medsegx_core.cli._segment_options import prompt_sets_from_options
+
+    spec = importlib.util.spec_from_file_location("medsegx_batch", SCRIPT)
+    batch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(batch)
+    shared = ["--text", "liver", "--point", "1", "2", "3", "--negative-point", "4", "5", "6", "--box", "0", "0",
+              "0", "9", "9", "9", "--propagate", "--name", "mine", "--weights", "w", "--tokenizer", "t", "--experts",
+              "none", "--device", "cpu", "--precision", "bf16", "--modality", "MR", "--series-uid", "1.2.3",
+              "--overwrite"]
+    parsed = {}
+    for words in ([], shared):       # the defaults, and every shared option given
+        from_batch = batch.build_parser().parse_args(["--input", "v.nii.gz", "--output", "o.seg.nrrd", *words])
+        from_segment = medsegx_parser().parse_args(["segment", "v.nii.gz", "-o", "o.seg.nrrd", *words])
+        own = {"input", "output"}
+        assert set(vars(from_batch)) - own <= set(vars(from_segment))
+        assert {k: v for k, v in vars(from_batch).items() if k not in own} == \
+            {k: vars(from_segment)[k] for k in vars(from_batch) if k not in own}
+        parsed = (from_batch, from_segment)
+    sets = [prompt_sets_from_options(args) for args in parsed]
+    assert sets[0] == sets[1] and sets[0][0].text == "liver" and len(sets[0][0].points) == 2

@@ -69,6 +69,7 @@ HOSTILE_REQUESTS = {
                                         "with a single --text"),
     "unknown structure in a list": (("--text", "liver,  livr tumr xyz"), "x.seg.nrrd", "unknown structure"),
     "propagate without a box": (("--text", "liver", "--propagate"), "x.seg.nrrd", "--propagate follows a box"),
+    "unknown modality": (("--text", "liver", "--modality", "CTT"), "x.seg.nrrd", "unknown modality 'CTT'"),
 }
 
 

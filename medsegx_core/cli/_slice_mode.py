@@ -23,12 +23,18 @@ from ..prompts import Prompts
 
 def check_slice_options(args: argparse.Namespace, choice, prompt_sets) -> None:
     """Options MedSegX slice mode cannot honour, refused before any work."""
+    from ..slice_predictor import check_slice_precision
+
     if args.experts:
         raise WeightsError(f"--experts {args.experts}: expert packs are trained on a SegVol base; MedSegX's 2D model "
                            f"({choice.path}) carries its own experts: drop --experts")
     if args.min_confidence is not None:
         raise InputError("--min-confidence applies to the volumetric (SegVol) model; MedSegX slice mode reports no "
                          "presence confidence: drop the option")
+    if args.preprocessing != "canonical":
+        raise InputError(f"--preprocessing {args.preprocessing} is SegVol's; MedSegX slice mode reads the slices as "
+                         f"stored: drop the option")
+    check_slice_precision(args.precision)
 
 
 def read_input(args: argparse.Namespace, slices: bool):
@@ -48,7 +54,7 @@ def segment_slices(args: argparse.Namespace, weights: Path, volume, rgb, prompt_
     from ..weights.medsegx2d import load_medsegx_weights
 
     update(0.0, "loading the MedSegX weights")
-    predictor = SlicePredictor(load_medsegx_weights(weights), device=args.device)
+    predictor = SlicePredictor(load_medsegx_weights(weights), device=args.device, precision=args.precision)
     predictor.set_volume(volume, modality=args.modality, rgb=rgb)
     segments, notes = [], []
     share = 0.9 / len(prompt_sets)

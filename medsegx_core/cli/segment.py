@@ -1,8 +1,10 @@
 """``medsegx segment VOLUME [--text NAME ...] [--point R A S ...] [--box ...] [--weights W] -o OUT``.
 
-Segments structures with SegVol's zoom-out-zoom-in and writes them as named segments on the volume's grid
-(.seg.nrrd for Slicer, .nii.gz labelmap + .json names, or .dcm DICOM SEG, from the output's extension); one
-segment per ``--text``, or one for a structure given by clicks and/or a box (with at most one text).
+Segments structures and writes them as named segments on the volume's grid (.seg.nrrd for Slicer, .nii.gz
+labelmap + .json names, or .dcm DICOM SEG, from the output's extension); one segment per ``--text``, or one for a
+structure given by clicks and/or a box (with at most one text). Which model runs is ``_model_choice``'s rule (a box
+without ``--weights``: LiteMedSAM slice by slice; text and clicks: SegVol's zoom-out-zoom-in). The options shared
+with the Slicer batch script are declared once, in ``_segment_options``.
 Points and boxes are RAS millimetres (what Slicer shows), or voxel indices (i, j, k in ITK order) with
 ``--ijk``. Text, points and a box may be combined. ``--weights`` takes a published SegVol checkpoint file or
 folder (tokenizer files beside it, or ``--tokenizer``) or a folder made by ``medsegx weights import``.
@@ -20,33 +22,20 @@ from typing import List
 
 import numpy as np
 
-from ..data.hierarchy import resolve_structures
 from ..data.segments import Segment
 from ..data.validation import check_outputs, make_output_folders
 from ..data.writers import FORMATS, dicom_seg_sources, output_format, write_nifti_labelmap, write_segmentation
 from ..errors import InputError, OutputError, PromptError
 from ..inference.confidence import PRESENCE_WARNING_BELOW
-from ..inference.device import DEVICES, PRECISIONS
 from ..inference.preprocessing import PROFILES
 from ..progress import scaled
-from ..prompts import BoxPrompt, PointPrompt, Prompts, prompt_sets
 from ..slice_predictor import box_on_slice
 from ._progress import progress_bar
 from .. import registry
 from ._box_mode import check_options as check_box_options, check_prompts as check_box_prompts, segment_boxes
 from ._model_choice import choose_model
+from ._segment_options import add_shared_options, check_shared_options, prompt_sets_from_options
 from ._slice_mode import check_slice_options, read_input, segment_slices
-
-
-def _prompt_sets(args) -> List[Prompts]:
-    """One prompt set per structure: each ``--text`` alone, or one set holding the clicks and the box. The
-    structures are resolved here (the hierarchy's list rule), so an unknown one is refused before any reading."""
-    space = "ijk" if args.ijk else "ras"
-    points = [PointPrompt(tuple(p), positive=True, space=space) for p in args.point or []]
-    points += [PointPrompt(tuple(p), positive=False, space=space) for p in args.negative_point or []]
-    box = None if args.box is None else BoxPrompt(tuple(args.box[:3]), tuple(args.box[3:]), space=space)
-    texts = [term.name for term in resolve_structures(args.text)] or [None]
-    return prompt_sets(texts, points, box, args.name)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
         raise InputError(f"--min-confidence {args.min_confidence}: give a number between 0 and 1 (e.g. "
                          f"{PRESENCE_WARNING_BELOW}, the level below which a structure is reported as maybe absent)")
-    prompt_sets = _prompt_sets(args)
+    check_shared_options(args)
+    prompt_sets = prompt_sets_from_options(args, "ijk" if args.ijk else "ras")
     choice = choose_model(args, prompt_sets)
     runner = RUNNERS[choice.kind.name]
     runner.check(args, choice, prompt_sets)
@@ -111,12 +101,11 @@ def _segment_volume(args, choice, volume, rgb, prompt_sets, update):
 
     update(0.0, "loading the weights")
     model = choice.kind.load(choice.path, tokenizer=args.tokenizer)
-    # adapter experts fine-tuned on this base (medsegx finetune); refused on another base
-    if args.experts:
-        from ..weights.expert_pack import find_expert_pack, load_expert_pack
+    if args.experts:   # adapter experts fine-tuned on this base (medsegx finetune); refused on another base
+        from ..weights.expert_pack import apply_expert_pack
 
         update(0.02, "loading the expert pack")
-        load_expert_pack(model, find_expert_pack(args.experts))
+        apply_expert_pack(model, args.experts)
     predictor = Predictor(model, device=args.device, precision=args.precision, preprocessing=args.preprocessing)
     predictor.set_volume(volume, modality=args.modality, progress=scaled(update, 0.05, 0.3))
     segments, notes, dropped = [], [], []
@@ -174,58 +163,27 @@ def _without_overlaps(segments: List[Segment]) -> List[Segment]:
     return exclusive[::-1]
 
 
-def _triples(value_count: int):
-    return dict(nargs=value_count, type=float)
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "segment", help="segment a structure from text, points and/or a box (SegVol zoom-out-zoom-in)",
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("volume", help="CT/MRI volume (NIfTI, NRRD, MHA, .mgz, or a DICOM folder)")
-    parser.add_argument("--text", action="append",
-                        help="structure name, e.g. 'liver' (see 'medsegx categories'); repeat it or give a comma "
-                             "list ('liver, spleen') for several structures (one segment each)")
-    parser.add_argument("--point", action="append", metavar=("R", "A", "S"), **_triples(3),
-                        help="a positive click (repeatable); RAS mm, or i j k with --ijk")
-    parser.add_argument("--negative-point", action="append", metavar=("R", "A", "S"), **_triples(3),
-                        help="a negative click (repeatable)")
-    parser.add_argument("--box", metavar=("R1", "A1", "S1", "R2", "A2", "S2"), **_triples(6),
-                        help="two opposite corners of a box")
+    add_shared_options(parser, coordinates="RAS mm, or i j k with --ijk")
     parser.add_argument("--ijk", action="store_true",
                         help="points and box are voxel indices (i, j, k in ITK order), not RAS mm")
-    parser.add_argument("--weights",
-                        help="published checkpoint file or folder, or a folder from 'medsegx weights import' "
-                             "(default: $MEDSEGX_WEIGHTS, installed official weights, else the bundled starter "
-                             "model)")
-    parser.add_argument("--experts", metavar="PACK",
-                        help="expert pack to load on top of the weights: a .safetensors file from 'medsegx finetune' "
-                             "or the name of a bundled pack (e.g. abdominal_mr, for the starter model)")
-    parser.add_argument("--tokenizer", help="folder of tokenizer files when they are not beside the weights")
     parser.add_argument("--preprocessing", choices=PROFILES, default="canonical",
                         help="canonical (default): reorient to RAS+ first, so storage order does not matter; "
                              "official: exactly SegVol's (voxel order as stored)")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when present, else CPU")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto: bf16/fp16 where the hardware is fast at it; fp32 for exact results")
-    parser.add_argument("--modality", help="CT, MRI, ... (default: from the file, else guessed from the "
-                                           "intensities); routes the adapter experts")
-    parser.add_argument("--name", help="segment name (default: the structure's name)")
     parser.add_argument("-o", "--output", required=True,
                         help="output file: .seg.nrrd (Slicer), .nii.gz (labelmap + .json names), .dcm (DICOM SEG)")
     parser.add_argument("--format", choices=FORMATS, help="output type when the extension does not say it")
     parser.add_argument("--labelmap", help="also write the segments as one NIfTI labelmap (.nii.gz + .json names)")
     parser.add_argument("--figure", help="also write a PNG overview (axial, coronal, sagittal slices)")
-    parser.add_argument("--series-uid", help="which DICOM series, when the folder holds several")
     parser.add_argument("--slice", type=int, metavar="K",
                         help="MedSegX slice mode: segment slice K (k index) with the box's outline on it (default: "
                              "the slice the box is drawn on)")
-    parser.add_argument("--propagate", action="store_true",
-                        help="MedSegX slice mode: from the box's slice, segment the neighbouring slices one after "
-                             "another (box from the previous slice's mask) until the mask vanishes")
     parser.add_argument("--min-confidence", type=float, metavar="C",
                         help="leave out a structure whose presence confidence (the model's mean probability inside "
                              f"its zoom-out mask, 0-1) is below C; below {PRESENCE_WARNING_BELOW} it is always "
                              "reported as maybe not in the volume")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.set_defaults(func=run)

@@ -16,8 +16,9 @@ The rules follow the published SegVol inference (fixture README 5.3-5.4), on the
   can only confirm background the zoom-out pass already found; it is skipped and adds nothing to the average
   (a voxel that only skipped windows cover keeps the coarse result).
 
-``zoom_in`` blends the windows in order from a caller's ``readable_logits(index)``; the model calls (batched),
-their caches and which windows are skipped belong to the predictor.
+``zoom_in`` blends the windows in order from a caller's ``readable_logits(index)``; ``blend_region`` writes that
+blend over the crop canvases and, given the previous call's ``BlendedRegion``, re-blends only the rows a new prompt
+changed. The model calls (batched), their caches and which windows are skipped belong to ``window_refiner.py``.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from monai.data.utils import dense_patch_slices
 
 from ..progress import CancelToken, ProgressCallback, check, report
 from .prompt_mapping import CropPrompts
-from .zoom import ZoomMaps
+from .zoom import ZoomMaps, foreground
 
 OVERLAP = 0.5
 EMPTY_BOX = (-1.0,) * 6
@@ -325,3 +326,66 @@ def zoom_in(plan: WindowPlan, readable_logits: Callable[[int], Optional[np.ndarr
         else:
             blender.skip(index)
     blender.finish()
+
+
+@dataclass(frozen=True)
+class BlendedRegion:
+    """A blend written over the plan's region, kept so that the next call on the same plan re-blends only the rows
+    of windows whose logits changed (a click changes the prompts of a few windows; the others give the same
+    logits)."""
+
+    plan: WindowPlan
+    keys: tuple                        # per window: what its logits depend on; None for a skipped window
+    mask: np.ndarray                   # uint8, the region of interest of the crop
+    logits: Optional[np.ndarray]       # float32, the same region, when the canvas had logits
+
+
+def blend_region(plan: WindowPlan, keys: Sequence, readable_logits: Callable[[int], Optional[np.ndarray]],
+                 mask_crop: np.ndarray, logits_crop: Optional[np.ndarray], previous: Optional[BlendedRegion] = None,
+                 progress: Optional[ProgressCallback] = None,
+                 cancel: Optional[CancelToken] = None) -> BlendedRegion:
+    """The windows' average written over the region of interest of the crop canvases: its foreground on
+    ``mask_crop``, its values on ``logits_crop`` (or None). ``keys[i]`` says what window i's logits depend on
+    (None: skipped; a voxel only skipped windows cover keeps what the canvas held, the coarse result).
+    With ``previous`` on the same plan, the windows' rows whose keys did not change are copied from it and only
+    the rows reaching into the changed windows' slices are blended again (bit-identical: the same windows in the
+    same order)."""
+    region = plan.region
+    slices = None
+    if previous is not None and previous.plan == plan and (logits_crop is None or previous.logits is not None):
+        _copy_covered(plan, keys, previous, mask_crop, logits_crop)
+        changed = [i for i, (key, before) in enumerate(zip(keys, previous.keys)) if key != before]
+        rows = [plan.readable(i)[0][0] for i in changed]
+        slices = (min((r.start for r in rows), default=0) - plan.region_lo[0],
+                  max((r.stop for r in rows), default=0) - plan.region_lo[0])
+
+    def write_final(d_start: int, d_stop: int, logits: np.ndarray, covered: Optional[np.ndarray]) -> None:
+        rows = (slice(plan.region_lo[0] + d_start, plan.region_lo[0] + d_stop),) + region[1:]
+        if covered is None:
+            mask_crop[rows] = foreground(logits)
+            if logits_crop is not None:
+                logits_crop[rows] = logits
+        else:
+            mask_crop[rows][covered] = foreground(logits[covered])
+            if logits_crop is not None:
+                logits_crop[rows][covered] = logits[covered]
+
+    if slices is None or slices[0] < slices[1]:
+        zoom_in(plan, readable_logits, write_final, progress, cancel, slices=slices)
+    return BlendedRegion(plan, tuple(keys), mask_crop[region].copy(),
+                         None if logits_crop is None else logits_crop[region].copy())
+
+
+def _copy_covered(plan: WindowPlan, keys: Sequence, previous: BlendedRegion, mask_crop: np.ndarray,
+                  logits_crop: Optional[np.ndarray]) -> None:
+    """The previous result wherever a window that ran covered it (the changed rows are blended again after)."""
+    region = plan.region
+    if all(key is not None for key in keys):
+        boxes = [tuple(slice(0, n) for n in plan.region_shape)]
+    else:   # voxels only skipped windows cover show this call's coarse result, already on the canvas
+        boxes = [tuple(slice(c.start - lo, c.stop - lo) for c, lo in zip(plan.readable(i)[0], plan.region_lo))
+                 for i, key in enumerate(keys) if key is not None]
+    for box in boxes:
+        mask_crop[region][box] = previous.mask[box]
+        if logits_crop is not None:
+            logits_crop[region][box] = previous.logits[box]

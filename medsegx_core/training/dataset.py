@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..data.hierarchy import Modality, ResolvedTerm, guess_modality, load_hierarchy
+from ..data.hierarchy import Modality, ResolvedTerm, load_hierarchy
+from ..data.modality import routing_modality
 from ..data.readers import read_labelmap, read_volume
 from ..data.segments import read_label_names
 from ..data.validation import check_image
@@ -99,9 +100,7 @@ def load_case(image_path: PathLike, label_path: PathLike, names_spec: Optional[s
     image = check_image(read_volume(image_path))   # the rule every entry point applies to images
     labelmap, names = read_labels(label_path, image, names_spec)
     hierarchy = load_hierarchy()
-    chosen_modality = (hierarchy.resolve_modality(modality, strict=True) if modality
-                       else hierarchy.resolve_modality(image.modality) if image.modality
-                       else guess_modality(image.array))
+    chosen_modality = routing_modality(image, modality)   # the rule the predictors route by
     wanted = {hierarchy.resolve(n).node for n in only} if only else None
     present = {int(v) for v in np.unique(labelmap) if v != 0}
     structures = []

@@ -49,6 +49,26 @@ def find_expert_pack(name_or_path: Union[str, Path]) -> Path:
                        f"{', '.join(packs) or 'none'}); give the .safetensors file 'medsegx finetune' wrote")
 
 
+def apply_expert_pack(model: nn.Module, choice: Union[str, Path, None], replace_experts: bool = False
+                      ) -> Optional[Dict]:
+    """A user's expert-pack choice on a freshly loaded base ``model``, the one rule of ``medsegx segment
+    --experts``, the Slicer batch script and the Slicer module: None (or "") keeps the weights' own experts, if
+    any; "none" (any case) leaves them out (detached: the backbone computes exactly what it did without them);
+    anything else names a pack (a file, or a bundled pack's name: ``find_expert_pack``) loaded on top
+    (``load_expert_pack``: WeightsError on another base or hierarchy). Returns the loaded pack's metadata, else
+    None."""
+    text = "" if choice is None else str(choice).strip()
+    if not text:
+        return None
+    if text.lower() == "none":
+        experts = getattr(model, "conmoae", None)
+        if experts is not None:
+            experts.detach()
+            del model.conmoae
+        return None
+    return load_expert_pack(model, find_expert_pack(text), replace_experts=replace_experts)
+
+
 def base_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The base model's own tensors: everything but attached experts and weights that come from an installed
     package (``packaged_state_prefixes``, e.g. the MiniLM tower), i.e. what the weights file stores."""
