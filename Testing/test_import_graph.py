@@ -100,6 +100,25 @@ def test_no_import_cycle_in_the_engine_or_the_slicer_module():
     assert not message, message
 
 
+#: The tree's three layers, bottom first (each imports only its own or lower ones): the engine, the Slicer library
+#: (Logic, no Qt), and the module file and the batch script, which both drive the Logic. The engine's own layers
+#: are checked by Testing/engine/test_import_layers.py.
+TREE_LAYERS = (("medsegx_core",), ("MedSegXSlicerLib",), ("MedSegXSlicer", "medsegx_batch"))
+
+
+def tree_layer(module: str) -> int:
+    return next(index for index, tops in enumerate(TREE_LAYERS) if module.split(".")[0] in tops)
+
+
+def test_no_import_points_up_the_tree():
+    graph = import_graph()
+    assert {module.split(".")[0] for module in graph} == {top for tops in TREE_LAYERS for top in tops}
+    upward = sorted(f"{source} -> {target}" for source, targets in graph.items() for target in targets
+                    if tree_layer(target) > tree_layer(source))
+    assert not upward, "imports against the layers engine < Slicer library < module and batch script:\n" + \
+        "\n".join(upward)
+
+
 # ---- the checker on a tiny package written for the purpose ------------------------------------------------------
 def write_tree(root: Path, files: Mapping[str, str]) -> None:
     for relative, text in files.items():
