@@ -6,9 +6,12 @@ through it still costs an import order that works by luck).
 Modules are named as Python finds them: the engine from the repository root, the module's files from their own
 folder (Slicer puts a scripted module's folder on ``sys.path``; the batch script does the same), so
 ``from MedSegXSlicerLib import models`` and ``from .models import x`` inside ``MedSegXSlicerLib`` are the same edge.
-An edge from a package's ``__init__`` to its own modules is left out: a package re-exporting its modules is
-how packages are built, not a cycle (the same rule as Testing/engine/test_import_layers.py, whose cycle finder
-this test reuses; that file also checks the engine's layer order).
+An edge from a module to a package it lies in is left out: Python has begun importing that package before the
+module, so ``from . import b`` inside ``pkg.a`` is no edge back to ``pkg/__init__``. An edge from a package's
+``__init__`` to the modules it re-exports is kept, because importing the package runs them: the Slicer library's
+``__init__`` imports the Logic, so a module of the library importing the module file (which imports the library)
+is a cycle even when no two modules import each other directly. (Testing/engine/test_import_layers.py, whose
+cycle finder this test reuses and which checks the engine's layer order, drops the package's edges instead.)
 
 Reads source text only; imports nothing it checks. Run alone: ``python -m pytest -q Testing/test_import_graph.py``.
 """
@@ -74,10 +77,10 @@ def imported_names(name: str, path: Path) -> Set[str]:
 
 
 def import_graph(trees: Mapping[Path, Iterable[str]] = SOURCE_TREES) -> Dict[str, Set[str]]:
-    """Module -> the modules of ``trees`` it imports (itself and a package's own modules left out)."""
+    """Module -> the modules of ``trees`` it imports (itself and the packages it lies in left out)."""
     modules = modules_in(trees)
     return {name: {target for target in imported_names(name, path) if target in modules and target != name
-                   and not (path.name == "__init__.py" and target.startswith(name + "."))}
+                   and not name.startswith(target + ".")}
             for name, path in modules.items()}
 
 
@@ -166,8 +169,21 @@ def test_a_package_reexporting_its_modules_and_imports_of_other_packages_are_no_
     })
     trees = {tmp_path: ["pkg", "tool.py"]}
     graph = import_graph(trees)
-    assert graph == {"pkg": set(), "pkg.a": {"pkg", "pkg.b"}, "pkg.b": set(), "tool": {"pkg", "pkg.a"}}
+    assert graph == {"pkg": {"pkg.a", "pkg.b"}, "pkg.a": {"pkg.b"}, "pkg.b": set(), "tool": {"pkg", "pkg.a"}}
     assert cycle_message(trees) == ""
+
+
+def test_a_cycle_through_a_package_that_reexports_its_logic_is_found(tmp_path):
+    """The shape the Slicer library would have if its worker imported the module file lazily: no two modules
+    import each other, but importing the module file runs the library's __init__, which runs the worker."""
+    write_tree(tmp_path, {
+        "lib/__init__.py": "from .logic import Logic\n",
+        "lib/logic.py": "from .worker import Worker\n\nclass Logic:\n    pass\n",
+        "lib/worker.py": "class Worker:\n    def late(self):\n        import module\n",
+        "module.py": "from lib import Logic\n",
+    })
+    assert find_cycle(import_graph({tmp_path: ["lib", "module.py"]})) == ["lib", "lib.logic", "lib.worker",
+                                                                          "module", "lib"]
 
 
 def test_a_relative_import_above_the_top_package_is_reported(tmp_path):
