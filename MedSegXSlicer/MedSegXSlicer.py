@@ -440,7 +440,7 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except MedSegXError as exc:  # e.g. chosen weights that are gone: say so, still list what exists
             self.ui.weightsStatusLabel.text = str(exc)
         self.ui.modelsListLabel.text = "\n".join(entry.describe() for entry in entries)
-        packs = [entry for entry in entries if entry.kind == "expert pack" and entry.path.parent.name != "starter"]
+        packs = [entry for entry in entries if entry.choosable_pack]
         combo = self.ui.expertPackComboBox
         combo.clear()
         combo.addItem(OWN_EXPERTS, "")

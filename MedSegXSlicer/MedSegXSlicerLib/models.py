@@ -39,6 +39,12 @@ class ModelEntry:
     licence: str
     devices: Tuple[str, ...]  # where it can run here
 
+    @property
+    def choosable_pack(self) -> bool:
+        """An expert pack for the pack menu: not the starter's bundled pack, which is those weights' own experts
+        (the menu's first item)."""
+        return self.kind == "expert pack" and self.path is not None and self.path.parent.name != "starter"
+
     def describe(self) -> str:
         size = f"{self.size_bytes / 1e6:.1f} MB" if self.size_bytes else "size unknown"
         state = "" if self.installed else " (not installed)"

@@ -127,6 +127,8 @@ def test_listing_offline_instructions_and_remembered_choice(home, imported_weigh
     assert [e.name for e in listed if e.kind == "expert pack"] == (
         ["starter experts (bundled)"] + [f"{name} (bundled)" for name in bundled_packs()])
     assert "abdominal_mr" in bundled_packs()
+    # the pack menu offers all but the starter's own (its first item, "the weights' own experts")
+    assert [e.name for e in listed if e.choosable_pack] == [f"{name} (bundled)" for name in bundled_packs()]
     assert "experts trained on" in next(e for e in listed if e.kind == "expert pack").source
 
     shutil.copytree(imported_weights, home / "weights" / "tiny")
