@@ -66,7 +66,8 @@ POSITIVE_COLOR = (0.25, 0.85, 0.35)
 NEGATIVE_COLOR = (0.95, 0.25, 0.25)
 POLL_INTERVAL_MS = 100
 PRESET_PROMPT = "Presets..."
-OWN_EXPERTS, NO_EXPERTS, PACK_FILE = "the weights' own experts", "no experts", "expert pack file..."
+#: the expert-pack menu's fixed items (the packs found are listed between the second and the last)
+OWN_EXPERTS_ITEM, NO_EXPERTS_ITEM, PACK_FILE_ITEM = "the weights' own experts", "no experts", "expert pack file..."
 
 
 #
@@ -443,11 +444,11 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         packs = [entry for entry in entries if entry.choosable_pack]
         combo = self.ui.expertPackComboBox
         combo.clear()
-        combo.addItem(OWN_EXPERTS, "")
-        combo.addItem(NO_EXPERTS, "none")
+        combo.addItem(OWN_EXPERTS_ITEM, "")
+        combo.addItem(NO_EXPERTS_ITEM, "none")
         for entry in packs:
             combo.addItem(entry.name, str(entry.path))
-        combo.addItem(PACK_FILE, None)
+        combo.addItem(PACK_FILE_ITEM, None)
         current = self.logic.expertPack or ""
         combo.setCurrentIndex(max(combo.findData(current), 0))
         self.logic.saveChoice(slicer.app.settings())

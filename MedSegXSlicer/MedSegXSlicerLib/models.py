@@ -212,13 +212,6 @@ def read_pack_metadata(path):
     return read(path)
 
 
-def load_expert_pack(model, path):
-    """The pack on top of the weights' own experts (kept for volumes of other modalities), or instead of them when
-    they have another configuration."""
-    from medsegx_core.weights.expert_pack import load_expert_pack as load
-    return load(model, path, replace_experts=True)
-
-
 def download_offer(name: str = "segvol") -> str:
     """What the user agrees to before a download starts: what, licence, size, where it goes."""
     from medsegx_core.weights.default import OFFICIAL_NAME

@@ -12,7 +12,6 @@ from typing import List, Optional
 
 from medsegx_core.progress import CancelToken, ProgressCallback, scaled
 
-from . import models
 from .segmentation_task import StructureRequest, StructureResult
 from .session import SessionStore
 
@@ -21,19 +20,14 @@ MODEL_NAME = "SegVol"
 
 def load_model(spec):
     """``spec``: a weights path, or ``(weights path, expert pack)`` with the pack a file, ``models.NO_EXPERTS``
-    (drop the weights' bundled experts) or None (keep them)."""
+    (leave the weights' bundled experts out) or None (keep them): the engine's one expert-pack rule
+    (``apply_expert_pack``), a pack for another expert configuration replacing the weights' own."""
+    from medsegx_core.weights.expert_pack import apply_expert_pack
     from medsegx_core.weights.store import load_model as load_weights
 
     weights, pack = spec if isinstance(spec, tuple) else (spec, None)
     model = load_weights(weights)
-    if pack is None:
-        return model
-    bundled = getattr(model, "conmoae", None)
-    if pack == models.NO_EXPERTS and bundled is not None:   # the backbone computes exactly what it did without
-        bundled.detach()
-        del model.conmoae
-    elif pack != models.NO_EXPERTS:
-        models.load_expert_pack(model, pack)   # WeightsError: another base or another hierarchy
+    apply_expert_pack(model, pack, replace_experts=True)   # WeightsError: another base or another hierarchy
     return model
 
 
