@@ -1,4 +1,5 @@
-"""MedSegX's official evaluation of one 2D sample (README of the parity fixture, section 5, steps 4-10).
+"""MedSegX's official evaluation of one 2D sample (README of the parity fixture, section 5, steps 4-10), for the
+parity test (``engine/test_medsegx_parity.py``); the engine's own slice path is ``medsegx_core.slice_predictor``.
 
 From a MedSegDB-style slice (uint8 (S, S, 3) image, 0/1 (S, S) label, ``Modality_Task`` folder name): the box of
 the label, the context from the folder name, image and box brought to the 256 input (bilinear with antialias;
@@ -15,12 +16,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ...data.hierarchy import ContextIndices, resolve_task_folder
-from ...data.metrics import dice
-from ...errors import InputError
-from ...inference.slice_preprocessing import CT_WINDOW, window_to_uint8
-from .model import MedSegX2D
-
+from medsegx_core.data.hierarchy import ContextIndices, resolve_task_folder
+from medsegx_core.data.metrics import dice
+from medsegx_core.errors import InputError
+from medsegx_core.inference.slice_preprocessing import CT_WINDOW, window_to_uint8
+from medsegx_core.modeling.medsegx2d.model import MedSegX2D
 
 
 def medsegdb_slice(raw_slice: np.ndarray, label: np.ndarray, window: Tuple[float, float] = CT_WINDOW

@@ -18,7 +18,7 @@ import torch
 from fixture_paths import MEDSEGX_FIXTURE, fixture_record
 from medsegx_core.data.hierarchy import ContextIndices
 from medsegx_core.errors import InputError, WeightsError
-from medsegx_core.modeling.medsegx2d import box_from_label, context_from_task_folder, evaluate_slice, medsegdb_slice
+from medsegx_evaluation import box_from_label, context_from_task_folder, evaluate_slice, medsegdb_slice
 from medsegx_core.weights.medsegx2d import fit_to_config, infer_config, load_medsegx, read_medsegx_state
 
 LAYOUTS = {"split": ("sam_base.pth", "medsegx_trained.pth"), "full_model.pth": ("full_model.pth", None),

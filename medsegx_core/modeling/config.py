@@ -125,11 +125,6 @@ class SegVolConfig:
         """Token grid of one window, e.g. (8, 16, 16)."""
         return tuple(s // p for s, p in zip(self.image_size, self.patch_size))
 
-    @property
-    def lowres_size(self) -> Triple:
-        """Size of the decoder's low-resolution logits: the token grid upscaled 4x, e.g. (32, 64, 64)."""
-        return tuple(4 * g for g in self.embedding_grid)
-
     # ---- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         data = dataclasses.asdict(self)
