@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medsegx_core.data.hierarchy import (LEVEL_NAMES, context_indices, guess_modality, load_hierarchy,
-                                         normalise, resolve_modality, resolve_structures, resolve_task_folder,
-                                         resolve_term, word_key)
+from medsegx_core.data.hierarchy import (LEVEL_NAMES, context_indices, load_hierarchy, normalise, resolve_modality,
+                                         resolve_structures, resolve_task_folder, resolve_term, word_key)
+from medsegx_core.data.modality import guess_modality, routing_modality
+from medsegx_core.data.volume import Volume
 from medsegx_core.errors import PromptError, UnknownTermError
 
 H = load_hierarchy()
@@ -291,6 +292,22 @@ def test_modality_guess_from_real_intensities(data_dir, path, expected):
 
 def test_modality_guess_is_unknown_when_nothing_fits():
     assert guess_modality(np.full((4, 4, 4), -5.0)).name == "unknown"
+
+
+def test_the_routing_modality_rule(data_dir):
+    """One rule for every predictor and for training: a user's choice (strict), else the file's (lenient: a DICOM
+    code without a row is unknown), else the intensities (never for pictures)."""
+    image = sitk.ReadImage(str(data_dir / "ct" / "totalseg_ct.nii.gz"))
+    volume = Volume(sitk.GetArrayFromImage(image), (1.0, 1.0, 1.0), np.zeros(3), np.eye(3))
+    assert routing_modality(volume).name == "CT"                                   # Hounsfield units
+    assert routing_modality(volume, picture=True).name == "unknown"
+    assert routing_modality(volume, "mri").name == "MRI"                           # the user's choice wins
+    volume.modality = "MR"
+    assert routing_modality(volume).name == "MRI"                                  # the file's beats a guess
+    volume.modality = "PT"
+    assert routing_modality(volume).name == "unknown"                              # no row: unknown, no error
+    with pytest.raises(PromptError, match="unknown modality 'PT'"):
+        routing_modality(volume, "PT")                                             # typed by a user: refused
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -149,6 +149,8 @@ def test_refusals(imported, data_dir, fixtures_dir, ct_png, tmp_path, capsys):
          "--preprocessing official is SegVol's"),
         ([ct, "--ijk", "--box", "40", "25", "5", "100", "80", "5", "--modality", "CTT"], imported,
          "unknown modality 'CTT'"),
+        ([ct, "--ijk", "--box", "40", "25", "5", "100", "80", "5", "--tokenizer", tmp_path], imported,
+         "a tokenizer is for SegVol's text tower"),
     ]
     for arguments, weights, message in cases:
         assert main(["segment", *map(str, arguments), "--weights", str(weights), "-o", str(out)]) == 1, message

@@ -31,6 +31,9 @@ def check_slice_options(args: argparse.Namespace, choice, prompt_sets) -> None:
     if args.min_confidence is not None:
         raise InputError("--min-confidence applies to the volumetric (SegVol) model; MedSegX slice mode reports no "
                          "presence confidence: drop the option")
+    if args.tokenizer:
+        raise InputError(f"--tokenizer {args.tokenizer}: a tokenizer is for SegVol's text tower; MedSegX's 2D model "
+                         f"reads --text through the anatomy hierarchy: drop the option")
     if args.preprocessing != "canonical":
         raise InputError(f"--preprocessing {args.preprocessing} is SegVol's; MedSegX slice mode reads the slices as "
                          f"stored: drop the option")
