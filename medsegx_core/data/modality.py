@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
-
 from .hierarchy import Modality, guess_modality, load_hierarchy
 
 
