@@ -30,6 +30,7 @@ import importlib
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -116,7 +117,9 @@ def make_image_encoder(model, backend: str = "auto", cache_dir: Optional[PathLik
 def missing_packages(backend: str) -> Tuple[str, ...]:
     """The packages ``backend`` needs that are not installed (found, never imported)."""
     needed = RUNTIME_PACKAGES[backend] + EXPORT_PACKAGES
-    return tuple(name for name in needed if importlib.util.find_spec(name) is None)
+    # sys.modules[name] = None is Python's way of blocking an import: find_spec would raise on it
+    return tuple(name for name in needed
+                 if (name in sys.modules and sys.modules[name] is None) or importlib.util.find_spec(name) is None)
 
 
 def unsupported_reason(encoder: torch.nn.Module) -> Optional[str]:
@@ -270,6 +273,7 @@ def export_validated(encoder: torch.nn.Module, path: Path, record_path: Path, ba
         if not difference <= EXPORT_TOLERANCE:
             raise RuntimeError(f"the export differs from torch by {difference:.3g} (> {EXPORT_TOLERANCE:g}); "
                                f"it is not used")
+        os.chmod(temporary, 0o644)        # mkstemp's 0600 would hide the export from the folder's other users
         record = {"size": temporary.stat().st_size, "sha256": file_sha256(temporary), "torch": torch.__version__,
                   "format": EXPORT_FORMAT, "opset": ONNX_OPSET, "max_abs_difference": difference}
         os.replace(temporary, path)
@@ -292,6 +296,7 @@ def write_text_atomically(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
+        os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)

@@ -1,0 +1,188 @@
+"""The image encoder through ONNX Runtime / OpenVINO: the same embeddings and masks as torch on a real slice, the
+fallback to torch when a runtime is missing, the export cache reused, and a corrupted export refused and rebuilt.
+
+The cache tests use a TinyViT of a tiny configuration (random weights, seeded): exporting it takes seconds; the
+real-slice test exports LiteMedSAM's real encoder once (about a minute on 2 threads) and skips when its weights or
+the runtime are absent.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from medsegx_core.inference import encoder_backends as backends
+from medsegx_core.modeling.tiny_vit import TinyViT, TinyViTConfig
+
+RUNTIMES = ("onnxruntime", "openvino")
+TINY = TinyViTConfig(image_size=64, embed_dims=(8, 16, 16, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
+                     window_sizes=(7, 7, 7, 7), out_chans=16)
+
+
+def require(backend: str) -> None:
+    missing = backends.missing_packages(backend)
+    if missing:
+        pytest.skip(f"{backend} backend needs {', '.join(missing)}: {backends.INSTALL_HINT}")
+
+
+def tiny_encoder(seed: int = 0) -> TinyViT:
+    torch.manual_seed(seed)
+    encoder = TinyViT(TINY).eval()
+    with torch.no_grad():       # BatchNorm statistics away from the identity, so every layer matters
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    return encoder
+
+
+def images(count: int, side: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(count, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def warnings_of(caplog) -> list:
+    return [r.getMessage() for r in caplog.records if r.name == "medsegx" and r.levelno >= logging.WARNING]
+
+
+# ---- real weights on a real slice -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def litemedsam():
+    from medsegx_core.weights import litemedsam as weights
+
+    if weights.wheel_checkpoint() is None:
+        pytest.skip(f"LiteMedSAM's weights are absent: {weights.INSTALL_HINT}")
+    return weights.load_litemedsam()
+
+
+@pytest.fixture(scope="module")
+def export_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("encoder-exports")     # one export of the real encoder for both runtimes
+
+
+@pytest.mark.parametrize("backend", RUNTIMES)
+def test_runtime_gives_torch_embeddings_and_masks_on_a_real_slice(litemedsam, export_folder, data_dir, backend):
+    require(backend)
+    from medsegx_core.data.readers import read_volume
+    from medsegx_core.inference.slice_preprocessing import (box_to_model, litemedsam_input, litemedsam_window,
+                                                            logits_to_slice)
+
+    volume = read_volume(data_dir / "ct" / "totalseg_ct_small.nii.gz")
+    kidney = read_volume(data_dir / "ct" / "totalseg_ct_small_labels.nii.gz").array == 2   # TotalSegmentator: kidney_right
+    k = int(np.argmax(kidney.sum(axis=(1, 2))))
+    image = litemedsam_input(litemedsam_window(volume.array, "CT").apply(volume.array[k]))[None]
+    rows, cols = np.nonzero(kidney[k])
+    box = torch.from_numpy(box_to_model(np.array([cols.min(), rows.min(), cols.max(), rows.max()], np.float32),
+                                        kidney.shape[1:]))[None]
+
+    encoder = backends.make_image_encoder(litemedsam, backend, cache_dir=export_folder, threads=2)
+    assert encoder.backend == backend, encoder.describe()
+    with torch.inference_mode():
+        expected = litemedsam.encode(image)
+        found = encoder(image)
+        masks = [logits_to_slice(litemedsam.decode(e, box).logits, kidney.shape[1:])[0] > 0 for e in (expected, found)]
+    assert found.shape == expected.shape == (1, 256, 64, 64) and found.dtype == torch.float32
+    assert float((found - expected).abs().max()) <= backends.EXPORT_TOLERANCE
+    assert masks[0].sum() > 100 and bool(torch.equal(masks[0], masks[1]))
+
+
+# ---- a runtime missing ----------------------------------------------------------------------------------------------
+def test_a_missing_runtime_falls_back_to_torch_with_one_message(monkeypatch, caplog, tmp_path):
+    encoder = tiny_encoder()
+    for name in RUNTIMES:
+        monkeypatch.setitem(sys.modules, name, None)      # Python's own way of making a package unimportable
+    told = []
+    for backend in ("openvino", "auto"):
+        caplog.clear()
+        chosen = backends.make_image_encoder(encoder, backend, cache_dir=tmp_path,
+                                             progress=lambda fraction, message: told.append(message))
+        assert chosen.backend == "torch"
+        messages = warnings_of(caplog)
+        assert len(messages) == 1, messages
+        assert "openvino" in messages[0] and "runs in torch" in messages[0] and backends.INSTALL_HINT in messages[0]
+    assert len(told) == 2 and all(m.startswith("warning: ") for m in told)
+    assert not any(tmp_path.iterdir())                     # nothing exported for a runtime that is not there
+    batch = images(2, TINY.image_size)
+    with torch.inference_mode():
+        assert torch.equal(chosen(batch), encoder(batch))
+
+
+def test_hooked_or_unknown_encoders_are_not_exported(caplog, tmp_path):
+    require("onnxruntime")
+    encoder = tiny_encoder()
+    encoder.transformer_blocks[0].mlp.register_forward_hook(lambda module, inputs, output: output * 2)
+    chosen = backends.make_image_encoder(encoder, "onnxruntime", cache_dir=tmp_path)
+    assert chosen.backend == "torch" and "hooks" in warnings_of(caplog)[0]
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="choose auto or one of torch, onnxruntime, openvino"):
+        backends.make_image_encoder(encoder, "tensorrt")
+
+
+# ---- the export cache -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """(encoder, cache folder, export path) after one export of the tiny encoder."""
+    require("onnxruntime")
+    folder = tmp_path_factory.mktemp("tiny-exports")
+    encoder = tiny_encoder()
+    backends.make_image_encoder(encoder, "onnxruntime", cache_dir=folder)
+    path, _ = backends.cached_paths(encoder, folder)
+    return encoder, folder, path
+
+
+def test_the_export_is_reused_and_other_weights_get_their_own(tiny_export, caplog):
+    encoder, folder, path = tiny_export
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["size"] == path.stat().st_size and record["max_abs_difference"] <= backends.EXPORT_TOLERANCE
+    before = (path.stat().st_mtime_ns, path.stat().st_ino)
+    caplog.clear()
+    again = backends.make_image_encoder(encoder, "onnxruntime", cache_dir=folder)
+    assert again.backend == "onnxruntime" and warnings_of(caplog) == []          # no export, no message
+    assert (path.stat().st_mtime_ns, path.stat().st_ino) == before
+    batch = images(3, TINY.image_size)                 # another batch size than the export's probe
+    with torch.inference_mode():
+        assert float((again(batch) - encoder(batch)).abs().max()) <= backends.EXPORT_TOLERANCE
+
+    other = tiny_encoder(seed=1)
+    other_path, _ = backends.cached_paths(other, folder)
+    assert other_path != path
+    with torch.inference_mode():
+        assert float((backends.make_image_encoder(other, "onnxruntime", cache_dir=folder)(batch)
+                      - other(batch)).abs().max()) <= backends.EXPORT_TOLERANCE
+    assert other_path.is_file() and path.is_file()
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]          # no temporary file left behind
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "missing record"])
+def test_a_corrupted_export_is_refused_and_rebuilt(tiny_export, caplog, damage):
+    encoder, folder, path = tiny_export
+    if damage == "flipped bytes":        # same size, other content: only the sha256 tells
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
+        path.write_bytes(bytes(data))
+    else:
+        path.with_suffix(".json").unlink()
+    assert backends.cache_problem(path, path.with_suffix(".json")) is not None
+    caplog.clear()
+    rebuilt = backends.make_image_encoder(encoder, "onnxruntime", cache_dir=folder)
+    messages = warnings_of(caplog)
+    assert rebuilt.backend == "onnxruntime" and len(messages) == 1
+    assert str(path) in messages[0] and "exporting the encoder again" in messages[0]
+    assert backends.cache_problem(path, path.with_suffix(".json")) is None
+    batch = images(2, TINY.image_size, seed=5)
+    with torch.inference_mode():
+        assert float((rebuilt(batch) - encoder(batch)).abs().max()) <= backends.EXPORT_TOLERANCE
+
+
+def test_runtimes_stay_optional():
+    """The engine imports no optional runtime until one is asked for."""
+    import subprocess
+
+    code = ("import sys; import medsegx_core.inference.encoder_backends, medsegx_core.volume_slice_predictor; "
+            "print(sorted(m for m in ('onnxruntime', 'openvino', 'onnx', 'onnxscript') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
