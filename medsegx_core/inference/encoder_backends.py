@@ -29,10 +29,12 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Tuple, Union
 
@@ -285,10 +287,19 @@ def export_validated(encoder: torch.nn.Module, path: Path, record_path: Path, ba
 def export_onnx(encoder: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     """``torch.onnx.export`` (the torch.export-based exporter) with a dynamic batch dimension."""
     batch = torch.export.Dim("batch", min=1, max=1024)
-    with torch.no_grad():
-        torch.onnx.export(encoder, (example,), str(path), dynamo=True, external_data=False, opset_version=ONNX_OPSET,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_shapes={"image": {0: batch}}, verbose=False)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    # the exporter's notes (torchvision's operators not registered, deprecations inside torch) are not the user's
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(encoder, (example,), str(path), dynamo=True, external_data=False,
+                              opset_version=ONNX_OPSET,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_shapes={"image": {0: batch}}, verbose=False)
+    finally:
+        exporter_log.setLevel(level)
 
 
 def write_text_atomically(path: Path, text: str) -> None:
