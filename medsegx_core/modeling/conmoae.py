@@ -12,11 +12,13 @@ where the gate ``g`` (one vector per sample and block, shared by all tokens) is 
     image = input_embed(mean of h over all tokens)                        image summary
     g     = softmax(gate(concat[organ, e_task, e_modality, image])))      dense soft mixture, no top-k
 
-The experts are attached with a forward hook on each block's ``mlp`` module: its input is exactly ``h`` and the
-hook adds the mixture to its output. Nothing in the backbone changes (parameter names included, so the base
-weights still load by name), and blocks whose ``forward`` takes no context argument (MONAI's) need no change: the
-context is set for a forward with ``with experts.context(ctx): model(...)``. Without a context the explicit
-"unknown" rows are used.
+The experts are attached with a forward hook on each block's ``mlp`` module, which adds the mixture to its output.
+``h`` is the mlp's input for blocks of the form ``x + mlp(norm(x))`` (SegVol, SAM, MONAI); an mlp that holds its
+own pre-norm (TinyViT's ``TinyViTMLP``: ``x + mlp(x)``, norm inside) names it in ``EXPERT_INPUT``, and ``h`` is that
+submodule's output, caught by a second hook: the experts see the post-norm tokens in both layouts. Nothing in the
+backbone changes (parameter names included, so the base weights still load by name), and blocks whose ``forward``
+takes no context argument (MONAI's, TinyViT's) need no change: the context is set for a forward with
+``with experts.context(ctx): model(...)``. Without a context the explicit "unknown" rows are used.
 
 Initialisation makes an attached, untrained ConMoAE an identity: up-projections and context tables are zero.
 """
@@ -128,13 +130,23 @@ class BlockExperts(nn.Module):
         return {"hierarchy_attention": attention, "gate_logits": logits, "gates": F.softmax(logits, dim=-1)}
 
     def forward(self, h: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scaled mixture to add to the MLP output, and the gates (B, n_experts)."""
+        """The scaled mixture to add to the MLP output, and the gates (B, n_experts).
+
+        ``sum_e g_e * up_e(a_e)`` is computed as one product: ``[W_up_1 .. W_up_n] @ (g * [a_1 .. a_n]) +
+        sum_e g_e * b_up_e`` with ``a_e = dropout(gelu(down_e(h)))`` from one product of the stacked
+        down-projections. The same mathematics as one expert after another, but two matrix products over the
+        tokens instead of 2n and no full-width tensor per expert (on TinyViT's 128 x 128-token stage the per-expert
+        loop cost as much as the block's own MLP)."""
         gates = self.route(context, self.summarise(h))["gates"].to(h.dtype)
-        mixture = torch.zeros_like(h)
         token_axes = (1,) * (h.ndim - 2)
-        for e, (down, up) in enumerate(zip(self.adapter_down, self.adapter_up)):
-            expert = up(self.dropout(F.gelu(down(h))))
-            mixture = mixture + gates[:, e].view(-1, *token_axes, 1) * expert
+        down_weight = torch.cat([down.weight for down in self.adapter_down])           # (n * b, C)
+        down_bias = torch.cat([down.bias for down in self.adapter_down])
+        hidden = self.dropout(F.gelu(F.linear(h, down_weight.to(h.dtype), down_bias.to(h.dtype))))
+        bottleneck = self.adapter_down[0].out_features
+        weights = gates.repeat_interleave(bottleneck, dim=1).view(gates.shape[0], *token_axes, -1)
+        up_weight = torch.cat([up.weight for up in self.adapter_up], dim=1)            # (C, n * b)
+        up_bias = gates @ torch.stack([up.bias for up in self.adapter_up]).to(h.dtype)  # (B, C)
+        mixture = F.linear(hidden * weights, up_weight.to(h.dtype)) + up_bias.view(gates.shape[0], *token_axes, -1)
         return self.scale * mixture, gates
 
 
@@ -185,9 +197,10 @@ class ConMoAE(nn.Module):
         return self.context_tables(rows)
 
     # ---- hooks
-    def _hook(self, position: int):
+    def _hook(self, position: int, caught: Optional[Dict[int, torch.Tensor]] = None):
+        """The hook on block ``position``'s mlp; ``caught``: where the hook on the mlp's own pre-norm left h."""
         def add_experts(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            h = inputs[0]
+            h = inputs[0] if caught is None else caught.pop(position)
             context = self._context_embeddings(h.shape[0], h.device).to(h.dtype)
             mixture, gates = self.experts[position](h, context)
             self.last_gates[self.block_indices[position]] = gates.detach()
@@ -197,8 +210,18 @@ class ConMoAE(nn.Module):
     def attach(self, blocks: Sequence[nn.Module]) -> None:
         if self._handles:
             raise RuntimeError("these experts are already attached; call detach() first")
+        caught: Dict[int, torch.Tensor] = {}
         for position, index in enumerate(self.block_indices):
-            self._handles.append(blocks[index].mlp.register_forward_hook(self._hook(position)))
+            mlp = blocks[index].mlp
+            own_norm = _own_pre_norm(mlp, index)
+            if own_norm is None:
+                self._handles.append(mlp.register_forward_hook(self._hook(position)))
+                continue
+
+            def catch(module, inputs, output, position=position):
+                caught[position] = output
+            self._handles.append(own_norm.register_forward_hook(catch))
+            self._handles.append(mlp.register_forward_hook(self._hook(position, caught)))
 
     def detach(self) -> None:
         """Remove the hooks: the backbone computes exactly what it did before."""
@@ -209,6 +232,17 @@ class ConMoAE(nn.Module):
     @property
     def attached(self) -> bool:
         return bool(self._handles)
+
+
+def _own_pre_norm(mlp: nn.Module, position: int) -> Optional[nn.Module]:
+    """The submodule an mlp names in ``EXPERT_INPUT`` (its own pre-norm, whose output is h), or None."""
+    name = getattr(mlp, "EXPERT_INPUT", None)
+    if name is None:
+        return None
+    module = getattr(mlp, name, None)
+    if not isinstance(module, nn.Module):
+        raise WeightsError(f"block {position}: its mlp names {name!r} as the experts' input but has no such module")
+    return module
 
 
 def _mlp_width(block: nn.Module, position: int) -> int:
@@ -235,16 +269,18 @@ def attach_experts(blocks: Sequence[nn.Module], config: Optional[ConMoAEConfig] 
     return experts
 
 
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a model: ``image_encoder.blocks`` (SegVol, SAM) or ``blocks`` (a bare ViT)."""
-    for path in ("image_encoder.blocks", "blocks"):
+def find_blocks(model: nn.Module) -> Sequence[nn.Module]:
+    """The transformer blocks of a model: ``image_encoder.blocks`` (SegVol, SAM), ``blocks`` (a bare ViT) or
+    ``image_encoder.transformer_blocks`` (TinyViT: the blocks of its attention stages, in order; its first stage
+    is convolutional)."""
+    for path in ("image_encoder.blocks", "blocks", "image_encoder.transformer_blocks"):
         module = model
         for part in path.split("."):
             module = getattr(module, part, None)
-        if isinstance(module, nn.ModuleList):
+        if isinstance(module, (nn.ModuleList, list)) and module:
             return module
-    raise WeightsError(f"{type(model).__name__} has neither image_encoder.blocks nor blocks: attach experts with "
-                       f"attach_experts(blocks, config)")
+    raise WeightsError(f"{type(model).__name__} has none of image_encoder.blocks, blocks or "
+                       f"image_encoder.transformer_blocks: attach experts with attach_experts(blocks, config)")
 
 
 def attach_experts_to_model(model: nn.Module, config: Optional[ConMoAEConfig] = None) -> ConMoAE:

@@ -141,7 +141,7 @@ class TinyViTBlock(nn.Module):
         self.window = window
         self.attn = WindowAttention(dim, num_heads, window)
         self.local_conv = Conv2dBN(dim, dim, local_conv_size, groups=dim)
-        self.mlp = TinyViTMLP(dim, int(dim * mlp_ratio))    # ConMoAE would hook here: its input is the block's x
+        self.mlp = TinyViTMLP(dim, int(dim * mlp_ratio))    # ConMoAE hooks here (h: the mlp's own norm output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, W, C) channels-last."""
@@ -162,6 +162,10 @@ class TinyViTBlock(nn.Module):
 
 class TinyViTMLP(nn.Module):
     """LayerNorm -> Linear -> GELU -> Linear (``norm``, ``fc1``, ``fc2``)."""
+
+    # The norm sits inside the MLP (the block adds mlp(x), not mlp(norm(x))): ConMoAE's experts take its output,
+    # the post-norm tokens MedSegX's adapters see in SAM's blocks (modeling/conmoae.py).
+    EXPERT_INPUT = "norm"
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()

@@ -83,7 +83,7 @@ def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")  # 0-dim too
     return digest.hexdigest()
 
 
@@ -103,6 +103,7 @@ def save_expert_pack(path: Union[str, Path], model: nn.Module, trained_prefixes:
         "conmoae": json.dumps(experts.config.to_dict()),
         "hierarchy_version": experts.config.hierarchy_version,
         "base_sha256": base_sha256,
+        "base_model": type(model).__name__,
         "trained_prefixes": json.dumps(list(trained_prefixes)),
         "structures": json.dumps(list(structures)),
         "extra": json.dumps(dict(extra or {})),
@@ -204,6 +205,12 @@ def use_pack_for(model: nn.Module, modality) -> Optional[str]:
         return None
     return (f"expert pack {domain.name!r} is for {'/'.join(domain.modalities)} volumes: this {modality.name} volume "
             f"is segmented without it (with the model's own experts)")
+
+
+def pack_base_model(metadata: Mapping[str, object]) -> str:
+    """The class of model a pack was fine-tuned on ("SegVol", "LiteMedSAM"): recorded since LiteMedSAM packs
+    exist; an older pack is SegVol's."""
+    return str(metadata.get("base_model") or "SegVol")
 
 
 def pack_modalities(metadata: Mapping[str, object]) -> list:
