@@ -27,21 +27,25 @@ checkpoint was trained with boxes only, and points given to its decoder lowered 
 refused). The propagation follows the box alone and is kept, so a click re-runs the decoder on its slice only and
 never changes the other slices.
 
-Caching: one embedding per slice (the key holds the slice, the axis and the intensity window) in the shared
-``EmbeddingCache`` under its byte budget; a moved box or an added click re-runs only the decoder on slices already
-encoded. Progress per slice; cancel between slices.
+Caching: one embedding per slice (the key holds the slice, the axis, the intensity window and, with ConMoAE experts
+attached, the routing context: the text's anatomy and the modality, or the modality alone for a box without text)
+in the shared ``EmbeddingCache`` under its byte budget; a moved box or an added click re-runs only the decoder on
+slices already encoded. Experts make the embedding depend on the context, so each structure named by another text
+encodes its slices again. A loaded expert pack applies to volumes of its modality only (``use_pack_for``).
+Progress per slice; cancel between slices.
 """
 from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .data.hierarchy import Modality, guess_modality, load_hierarchy, resolve_term
+from .data.hierarchy import ContextIndices, Modality, context_indices, guess_modality, load_hierarchy, resolve_term
 from .data.orientation import AxisReorientation
 from .data.volume import Volume
 from .errors import InputError, PromptError
@@ -51,6 +55,7 @@ from .inference.slice_preprocessing import (IntensityWindow, box_to_model, litem
                                             logits_to_slice, points_to_model)
 from .progress import CancelToken, ProgressCallback, check, report
 from .prompts import Prompts
+from .weights.expert_pack import use_pack_for
 
 # Model pixels (256 scale) added around the previous slice's mask: inside a 3D box (which bounds the slices) and
 # for open propagation from a box on one slice. Chosen by Testing/benchmarks/sweep_propagation.py on every shared CT
@@ -119,6 +124,8 @@ class VolumeSlicePredictor:
         self.modality: Optional[Modality] = None
         self.window: Optional[IntensityWindow] = None
         self._last_propagation = None     # (key, mask, boxes) of the last box's propagation
+        self._context: Optional[ContextIndices] = None   # the experts' routing of the current prompt
+        self._pack_note: Optional[str] = None
 
     @property
     def model(self):
@@ -142,6 +149,7 @@ class VolumeSlicePredictor:
         self.orientation = AxisReorientation.to_radiological(volume.direction_ras, volume.shape_ijk)
         self.working = self.orientation.array_to_working(volume.array)
         self.window = litemedsam_window(volume.array, chosen.name)
+        self._pack_note = use_pack_for(self.model, chosen)   # a pack of another modality is left out
         self.cache.clear()
         self._last_propagation = None
         check(cancel)
@@ -149,8 +157,10 @@ class VolumeSlicePredictor:
 
     # ---- one slice ------------------------------------------------------------------------------------------
     def embedding(self, k: int) -> Tuple[torch.Tensor, bool]:
-        """(embedding (1, 256, 64, 64), whether it was computed now) of working slice ``k``."""
-        key = (k, AXIAL, self.window)
+        """(embedding (1, 256, 64, 64), whether it was computed now) of working slice ``k`` (under the current
+        prompt's expert routing)."""
+        context = self._context
+        key = (k, AXIAL, self.window, None if context is None else context.rows())
         cached = self.cache.get(WINDOW, key)
         if cached is not None:
             return (cached.unpack() if isinstance(cached, PackedEmbedding) else cached), False
@@ -158,7 +168,9 @@ class VolumeSlicePredictor:
         device = self.runner.runtime.device
         if device.type == "cpu":
             image = image.contiguous(memory_format=torch.channels_last)
-        embedding = self.runner.call(lambda: self.model.encode(image.to(device)))
+        experts = getattr(self.model, "conmoae", None)
+        with experts.context(context) if experts is not None and context is not None else nullcontext():
+            embedding = self.runner.call(lambda: self.model.encode(image.to(device)))
         embedding = embedding.to(self.runner.runtime.storage_dtype)
         reduced = embedding.dtype != torch.float32
         self.cache.put(WINDOW, key, PackedEmbedding.pack(embedding) if reduced else embedding)
@@ -218,7 +230,10 @@ class VolumeSlicePredictor:
                 cancel: Optional[CancelToken] = None) -> SliceSegmentation:
         started = time.perf_counter()
         box, clicks, labels = self.working_prompts(prompts)
-        name = resolve_term(prompts.text).name if prompts.text else None
+        term = resolve_term(prompts.text) if prompts.text else None
+        name = term.name if term else None
+        # the experts' routing, as trained: the text's anatomy and the modality, or the modality alone
+        self._context = context_indices(term, self.modality) if hasattr(self.model, "conmoae") else None
         slices = self.working.shape[0]
         covered = list(range(math.ceil(box[0, 2] - EPS), math.floor(box[1, 2] + EPS) + 1))
         if not covered:
@@ -252,7 +267,8 @@ class VolumeSlicePredictor:
         # The propagation follows the box alone; clicks then refine only the slices they lie on, so a click never
         # changes the boxes handed to other slices (a negative click that shrank one slice's mask would otherwise
         # stop the propagation there). The propagation of the last box is kept: a click re-runs one slice.
-        key = (tuple(np.round(box.ravel(), 3)), low, high, margin, self.min_area_fraction, self.start)
+        key = (tuple(np.round(box.ravel(), 3)), low, high, margin, self.min_area_fraction, self.start,
+               None if self._context is None else self._context.rows())
         if self._last_propagation is not None and self._last_propagation[0] == key:
             mask, boxes_used = self._last_propagation[1].copy(), self._last_propagation[2]
         else:
@@ -264,6 +280,8 @@ class VolumeSlicePredictor:
         segmented = [int(k) for k in np.flatnonzero(mask.any(axis=(1, 2)))]
         stored = np.ascontiguousarray(self.orientation.array_to_stored(mask))
         runtime = f"{self.runner.describe()}, {time.perf_counter() - started:.1f} s"
+        if self._pack_note:
+            notes.append(self._pack_note)
         if self.modality is not None and not self.modality.known:
             notes.append("modality unknown: intensities mapped as MR (percentiles); give --modality CT for a CT")
         return SliceSegmentation(stored, name, segmented, counts["encoded"], counts["decoded"], runtime=runtime,

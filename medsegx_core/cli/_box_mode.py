@@ -1,7 +1,9 @@
 """``medsegx segment`` with LiteMedSAM: each prompt set's box segmented slice by slice over the volume.
 
 A 3D box: every slice it spans, propagated from its middle slice. A box on one slice with ``--propagate``: on until
-the mask vanishes. Clicks with the box refine the slices they lie on; a text names the segment.
+the mask vanishes. Clicks with the box refine the slices they lie on; a text names the segment and, with an expert
+pack (``--experts``, fine-tuned by ``medsegx finetune --base litemedsam``), routes its experts by the structure
+(without a text: by the modality alone). A pack applies to volumes of its own modality only.
 """
 from __future__ import annotations
 
@@ -17,8 +19,7 @@ from ..prompts import Prompts
 
 def check_options(args: argparse.Namespace, title: str) -> None:
     """Options LiteMedSAM cannot honour are refused before any work."""
-    refused = [(args.experts, "--experts: expert packs are trained on a SegVol base; LiteMedSAM has none yet"),
-               (args.min_confidence is not None, "--min-confidence: LiteMedSAM reports no presence confidence"),
+    refused = [(args.min_confidence is not None, "--min-confidence: LiteMedSAM reports no presence confidence"),
                (args.preprocessing != "canonical", "--preprocessing official is SegVol's; LiteMedSAM always reads "
                                                    "axial slices in the radiological view")]
     for given, message in refused:
@@ -37,7 +38,13 @@ def segment_boxes(args: argparse.Namespace, choice, volume, prompt_sets: List[Pr
                   ) -> Tuple[List[Segment], List[str], str]:
     """Each prompt set -> one segment; (segments, notes, runtime)."""
     update(0.0, f"loading {choice.kind.title}")
-    predictor = choice.kind.predictor(choice.kind.load(choice.path), device=args.device, precision=args.precision)
+    model = choice.kind.load(choice.path)
+    if args.experts:    # fine-tuned on this base (medsegx finetune --base litemedsam); refused on another base
+        from ..weights.expert_pack import find_expert_pack, load_expert_pack
+
+        update(0.01, "loading the expert pack")
+        load_expert_pack(model, find_expert_pack(args.experts))
+    predictor = choice.kind.predictor(model, device=args.device, precision=args.precision)
     predictor.set_volume(volume, modality=args.modality, progress=scaled(update, 0.02, 0.05))
     segments, notes = [], []
     share = 0.95 / len(prompt_sets)

