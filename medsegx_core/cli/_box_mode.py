@@ -40,10 +40,10 @@ def segment_boxes(args: argparse.Namespace, choice, volume, prompt_sets: List[Pr
     update(0.0, f"loading {choice.kind.title}")
     model = choice.kind.load(choice.path)
     if args.experts:    # fine-tuned on this base (medsegx finetune --base litemedsam); refused on another base
-        from ..weights.expert_pack import find_expert_pack, load_expert_pack
+        from ..weights.expert_pack import apply_expert_pack
 
         update(0.01, "loading the expert pack")
-        load_expert_pack(model, find_expert_pack(args.experts))
+        apply_expert_pack(model, args.experts)
     predictor = choice.kind.predictor(model, device=args.device, precision=args.precision)
     predictor.set_volume(volume, modality=args.modality, progress=scaled(update, 0.02, 0.05))
     segments, notes = [], []

@@ -71,12 +71,14 @@ def choose_model(args: argparse.Namespace, prompt_sets: List[Prompts]) -> ModelC
 
 
 def _pack_base(args: argparse.Namespace) -> Optional[str]:
-    """The model class an ``--experts`` pack was fine-tuned on ("LiteMedSAM", "SegVol"), or None without one."""
-    if not getattr(args, "experts", None):
+    """The model class an ``--experts`` pack was fine-tuned on ("LiteMedSAM", "SegVol"), or None without one
+    (``apply_expert_pack``'s choices: empty or "none" name no pack)."""
+    choice = str(getattr(args, "experts", None) or "").strip()
+    if not choice or choice.lower() == "none":
         return None
     from ..weights.expert_pack import find_expert_pack, pack_base_model, read_pack_metadata
 
-    return pack_base_model(read_pack_metadata(find_expert_pack(args.experts)))
+    return pack_base_model(read_pack_metadata(find_expert_pack(choice)))
 
 
 def registry_home() -> Path:
