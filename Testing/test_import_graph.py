@@ -10,8 +10,8 @@ An edge from a module to a package it lies in is left out: Python has begun impo
 module, so ``from . import b`` inside ``pkg.a`` is no edge back to ``pkg/__init__``. An edge from a package's
 ``__init__`` to the modules it re-exports is kept, because importing the package runs them: the Slicer library's
 ``__init__`` imports the Logic, so a module of the library importing the module file (which imports the library)
-is a cycle even when no two modules import each other directly. (Testing/engine/test_import_layers.py, whose
-cycle finder this test reuses and which checks the engine's layer order, drops the package's edges instead.)
+is a cycle even when no two modules import each other directly. (Testing/engine/test_import_layers.py checks the
+engine's layer order on this test's graph.)
 
 Reads source text only; imports nothing it checks. Run alone: ``python -m pytest -q Testing/test_import_graph.py``.
 """
@@ -24,7 +24,6 @@ from typing import Dict, Iterable, Mapping, Set
 
 import pytest
 
-from engine.test_import_layers import find_cycle   # Testing/ is on sys.path (rootdir conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Where each part of the tree is imported from (a ``sys.path`` entry) -> the files and folders it holds there.
@@ -82,6 +81,32 @@ def import_graph(trees: Mapping[Path, Iterable[str]] = SOURCE_TREES) -> Dict[str
     return {name: {target for target in imported_names(name, path) if target in modules and target != name
                    and not name.startswith(target + ".")}
             for name, path in modules.items()}
+
+
+def find_cycle(graph: dict):
+    """One import cycle as a list of modules, or None (depth-first search, white/grey/black)."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "grey"
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "grey":
+                return stack[stack.index(target):] + [target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = "black"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
 
 
 def cycle_message(trees: Mapping[Path, Iterable[str]] = SOURCE_TREES) -> str:
@@ -190,3 +215,8 @@ def test_a_relative_import_above_the_top_package_is_reported(tmp_path):
     write_tree(tmp_path, {"pkg/__init__.py": "", "pkg/a.py": "from ... import nothing\n"})
     with pytest.raises(AssertionError, match="goes above the top of package 'pkg'"):
         import_graph({tmp_path: ["pkg"]})
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None

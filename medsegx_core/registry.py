@@ -106,8 +106,8 @@ def _medsegx_build(config=None):
 
 
 def _medsegx_recognises(path: Path) -> bool:
-    from .weights.medsegx2d import is_medsegx_checkpoint
-    return is_medsegx_checkpoint(path)
+    from .weights.medsegx2d import is_medsegx2d_checkpoint
+    return is_medsegx2d_checkpoint(path)
 
 
 def _medsegx_load(path: PathLike, trained=None, **_):
@@ -148,12 +148,12 @@ def kind_named(name: str) -> ModelKind:
 
 def kind_of(path: PathLike) -> ModelKind:
     """The kind of a folder of ours (its config.json says) or of a checkpoint file (recognised by content)."""
-    from .weights.store import KIND_KEY, is_medsegx_folder, read_config_record
+    from .weights.store import KIND_KEY, is_our_weights_folder, read_config_record
 
     from .errors import WeightsError
 
     path = Path(path).expanduser()
-    if path.is_dir() and is_medsegx_folder(path):
+    if path.is_dir() and is_our_weights_folder(path):
         name = read_config_record(path).get(KIND_KEY, SEGVOL)
         if name not in KINDS:
             raise WeightsError(f"weights folder {path}: its config.json names the model kind {name!r}, which this "
@@ -169,13 +169,13 @@ def installed(kind_name: str):
     """Folders of ours of one kind in ``$MEDSEGX_HOME/weights``, sorted."""
     from .errors import WeightsError
     from .weights.hub import weights_dir
-    from .weights.store import is_medsegx_folder
+    from .weights.store import is_our_weights_folder
 
     folder = weights_dir()
     if not folder.is_dir():
         return []
     found = []
-    for candidate in sorted(p for p in folder.iterdir() if p.is_dir() and is_medsegx_folder(p)):
+    for candidate in sorted(p for p in folder.iterdir() if p.is_dir() and is_our_weights_folder(p)):
         try:
             if kind_of(candidate).name == kind_name:
                 found.append(candidate)

@@ -135,11 +135,6 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
             pass  # finishSegmentation keeps what finished and re-raises
         return self.finishSegmentation(task)
 
-    def segmentStructures(self, volumeNode, segmentationNode=None, structureNames=(), **kwargs) -> list:
-        """Several structures by name (a list, "liver, spleen" or a preset); always a list of segment IDs."""
-        ids = self.segment(volumeNode, segmentationNode, text=structureNames, **kwargs)
-        return ids if isinstance(ids, list) else [ids]
-
     def segmentSlice(self, volumeNode, roiNode, segmentationNode=None, text=None, propagate: bool = False,
                      sliceIndex: Optional[int] = None, progress: Optional[ProgressCallback] = None,
                      cancel: Optional[CancelToken] = None, **kwargs) -> str:

@@ -79,9 +79,9 @@ def size_of(path: Path) -> int:
 
 
 def _record_source(folder: Path) -> str:
-    from medsegx_core.weights.store import is_medsegx_folder, read_config_record
+    from medsegx_core.weights.store import is_our_weights_folder, read_config_record
 
-    if not is_medsegx_folder(folder):
+    if not is_our_weights_folder(folder):
         return f"published checkpoint files in {folder}"
     source = read_config_record(folder).get("source") or {}
     origin = source.get("imported_from") or source.get("path") or source.get("downloaded_from")
@@ -156,12 +156,12 @@ def available_models() -> List[ModelEntry]:
     from medsegx_core import registry
     from medsegx_core.weights.default import OFFICIAL_NAME, starter_weights_dir
     from medsegx_core.weights.hub import weights_dir
-    from medsegx_core.weights.store import is_medsegx_folder
+    from medsegx_core.weights.store import is_our_weights_folder
 
     devices = available_devices()
     entries = litemedsam_entries(devices)
     starter = starter_weights_dir()
-    entries.append(ModelEntry("starter", "bundled starter model", starter, is_medsegx_folder(starter),
+    entries.append(ModelEntry("starter", "bundled starter model", starter, is_our_weights_folder(starter),
                               "trained for this project on a few public volumes (see its MODEL_CARD.md)",
                               size_of(starter), "Apache-2.0 (with the project)", devices))
     official = weights_dir() / OFFICIAL_NAME
@@ -173,7 +173,7 @@ def available_models() -> List[ModelEntry]:
                               size_of(official) if installed else 0, published.licence, devices))
     if weights_dir().is_dir():
         for folder in sorted(p for p in weights_dir().iterdir() if p.is_dir() and p.name != OFFICIAL_NAME
-                             and not p.name.startswith(".") and is_medsegx_folder(p)
+                             and not p.name.startswith(".") and is_our_weights_folder(p)
                              and registry.kind_of(p).name == registry.SEGVOL):   # other kinds: their own lines
             entries.append(ModelEntry("imported", folder.name, folder, True, _record_source(folder),
                                       size_of(folder), "as its source's", devices))

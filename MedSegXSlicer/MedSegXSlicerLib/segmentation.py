@@ -17,6 +17,7 @@ import logging
 import time
 from typing import Optional
 
+from medsegx_core.data.modality import check_modality_choice
 from medsegx_core.errors import Cancelled, InputError
 from medsegx_core.progress import CancelToken, ProgressCallback
 
@@ -67,6 +68,7 @@ class SegmentationSession:
                                            text=inputs.text, modality=modality, propagate=propagate,
                                            segmentName=inputs.segment_name, cancel=cancel)
         mrml_conversion.check_volume_node(volume_node)
+        check_modality_choice(modality)   # a typed modality is checked strictly, before anything is queued
         if segmentation_node is not None and not segmentation_node.IsA("vtkMRMLSegmentationNode"):
             raise InputError(f"output '{segmentation_node.GetName()}' is a {segmentation_node.GetClassName()}, "
                              f"not a segmentation: choose or create a segmentation node")
@@ -80,10 +82,10 @@ class SegmentationSession:
             if not has_box:
                 self._choice.refuse_litemedsam_without_box()
             weights = self._choice.check_weights()
-            key, current = mrml_conversion.volume_key(volume_node), self.segvol_sessions.current
+            current = self.segvol_sessions.current
         else:
-            key = (mrml_conversion.volume_key(volume_node), modality)
             current = self.litemedsam_sessions.current
+        key = (mrml_conversion.volume_key(volume_node), modality)   # another modality routes the experts anew
         volume = current.volume if current is not None and current.key == key else \
             mrml_conversion.volume_from_node(volume_node, modality)
         requests, warnings = structure_requests(inputs, terms, volume, volume_node, segmentation_node)
@@ -107,10 +109,12 @@ class SegmentationSession:
             logger.warning(note)
         warnings += notes
         spec, device, finished = self._choice.segvol_spec(weights), self._choice.device, []
-        sessions, volume_modality = self.segvol_sessions, modality or volume.modality
+        sessions = self.segvol_sessions
 
+        # Only the user's choice goes on as ``modality`` (checked strictly); the file's own (volume.modality) is
+        # read leniently by the engine's one rule (data.modality.routing_modality): a DICOM PT is not an error.
         def run(progress: ProgressCallback, cancel_token: CancelToken):
-            return segvol_mode.segment_structures(sessions, key, volume, spec, device, volume_modality, requests,
+            return segvol_mode.segment_structures(sessions, key, volume, spec, device, modality, requests,
                                                   finished, progress, cancel_token)
 
         names = structures.describe([r.name for r in requests], limit=3)

@@ -224,6 +224,27 @@ def test_clicks_are_checked_by_the_engine_before_any_work(ct, logic, unchanged):
         logic.startSegmentation(ct, unchanged, negativePointsNode=exclude_only)
 
 
+def test_a_modality_the_file_records_is_read_leniently_and_a_typed_one_strictly(ct, logic, reference_predictor):
+    """A DICOM volume records its modality (PT here, which the hierarchy has no row for): the engine routes it as
+    "unknown" rather than refusing what the user never typed; a modality the user types must be one the hierarchy
+    knows (the one rule, data.modality.routing_modality)."""
+    scene = ct.GetScene()
+    pet = slicer.modules.volumes.logic().CloneVolume(scene, ct, "pet-like copy")
+    pet.SetAttribute("DICOM.Modality", "PT")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "pt result")
+    try:
+        segment_id = logic.segment(pet, segmentation, text="liver")
+        expected = engine_mask(reference_predictor, pet, Prompts(text="liver"))
+        assert np.array_equal(mask_in(segmentation, segment_id, pet), expected)
+        before = sb.segmentation_state(segmentation, pet)
+        with pytest.raises(PromptError, match="unknown modality 'PTT'"):
+            logic.segment(pet, segmentation, text="spleen", modality="PTT")
+        assert sb.segmentation_state(segmentation, pet) == before
+    finally:
+        scene.RemoveNode(segmentation)
+        scene.RemoveNode(pet)
+
+
 def test_unknown_text(ct, logic, unchanged):
     with pytest.raises(UnknownTermError, match="unknown structure 'livr tumr xyz'") as error:
         logic.segment(ct, unchanged, text="livr tumr xyz")

@@ -54,11 +54,10 @@ def add_shared_options(parser: argparse.ArgumentParser, coordinates: str = "RAS 
 def check_shared_options(args: argparse.Namespace) -> None:
     """What the shared options alone can refuse, before anything is read: a modality the hierarchy does not know
     (a user's explicit choice is strict: ``data.modality.routing_modality``), ``--propagate`` without a box."""
-    from ..data.hierarchy import resolve_modality
+    from ..data.modality import check_modality_choice
     from ..errors import PromptError
 
-    if args.modality:
-        resolve_modality(args.modality, strict=True)
+    check_modality_choice(args.modality)
     if args.propagate and args.box is None:
         raise PromptError("--propagate follows a box from its slice (a 3D box's middle one): give --box")
 

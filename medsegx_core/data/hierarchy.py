@@ -29,8 +29,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
-import numpy as np
-
 from ..errors import InputError, PromptError, UnknownTermError
 
 HIERARCHY_FILE = Path(__file__).resolve().parents[1] / "resources" / "hierarchy.json"
@@ -491,21 +489,6 @@ def resolve_task_folder(folder: str) -> tuple[ResolvedTerm, Modality]:
     task_text = re.sub(r"\d+$", "", task_text.replace("_", ""))
     modality = resolve_modality(modality_text, strict=True)
     return resolve_term(task_text).with_modality(modality), modality
-
-
-def guess_modality(array: np.ndarray) -> Modality:
-    """A guess from intensities alone, for when the file says nothing: CT if the values look like Hounsfield
-    units (air near -1000 and soft tissue/bone above 0), MRI if they are non-negative, else unknown."""
-    values = np.asarray(array)
-    if values.size == 0:
-        return load_hierarchy().unknown_modality
-    sample = values.ravel()[:: max(1, values.size // 200_000)].astype(np.float64)
-    low, high = np.percentile(sample, [1, 99])
-    if sample.min() >= -3100 and low <= -500 and high >= 0 and sample.max() <= 5000:
-        return resolve_modality("CT")
-    if high > 0 and low >= -0.05 * high:    # (almost) non-negative: bias-corrected MRI may dip slightly below 0
-        return resolve_modality("MRI")
-    return load_hierarchy().unknown_modality
 
 
 def iter_terms(level: Optional[int] = None) -> Iterable[Node]:

@@ -72,18 +72,29 @@ def resized_shape(shape: Tuple[int, int], side: int) -> Tuple[int, int]:
     return int(shape[0] * scale + 0.5), int(shape[1] * scale + 0.5)
 
 
+def longest_side_to(plane: np.ndarray, side: int) -> torch.Tensor:
+    """A plane (H, W) as float32 (1, 1, h, w) with its longest side scaled to ``side`` (area when shrinking,
+    bilinear when enlarging), as LiteMedSAM's training resized its images."""
+    image = torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32))[None, None]
+    new_h, new_w = resized_shape(plane.shape, side)
+    if (new_h, new_w) == tuple(plane.shape):
+        return image
+    shrinking = new_h < plane.shape[0]
+    return F.interpolate(image, size=(new_h, new_w), mode="area" if shrinking else "bilinear",
+                         align_corners=None if shrinking else False)
+
+
+def pad_to_square(image: torch.Tensor, side: int) -> torch.Tensor:
+    """Zero padding at the bottom and right up to ``side`` x ``side`` (the model's input grid)."""
+    return F.pad(image, (0, side - image.shape[-1], 0, side - image.shape[-2]))
+
+
 def litemedsam_input(grey: np.ndarray, side: int = 256) -> torch.Tensor:
     """A slice on the 0..255 scale (H, W) -> the model input (3, side, side) float32 in [0, 1]."""
-    image = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float32))[None, None]
-    new_h, new_w = resized_shape(grey.shape, side)
-    if (new_h, new_w) != tuple(grey.shape):
-        shrinking = new_h < grey.shape[0]
-        image = F.interpolate(image, size=(new_h, new_w), mode="area" if shrinking else "bilinear",
-                              align_corners=None if shrinking else False)
+    image = longest_side_to(grey, side)
     low, high = image.min(), image.max()
     image = (image - low) / torch.clamp(high - low, min=1e-8)
-    image = F.pad(image, (0, side - new_w, 0, side - new_h))
-    return image[0].expand(3, -1, -1).contiguous()
+    return pad_to_square(image, side)[0].expand(3, -1, -1).contiguous()
 
 
 def box_to_model(box: np.ndarray, shape: Tuple[int, int], side: int = 256) -> np.ndarray:

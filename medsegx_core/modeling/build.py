@@ -1,14 +1,14 @@
-"""Model registry: a configuration (or a preset name) -> a model with freshly initialised weights.
+"""SegVol's builder: a configuration (or a preset name) -> a SegVol with freshly initialised weights.
 
-``config.architecture`` picks the builder, so later architectures register here without touching callers.
+Which builder a model kind uses is the model registry's business (``medsegx_core.registry``: SegVol, MedSegX 2D,
+LiteMedSAM); this module builds the one kind it names.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Union
+from typing import Union
 
 import torch
-from torch import nn
 
 from ..errors import WeightsError
 from .config import SegVolConfig, preset
@@ -30,9 +30,6 @@ def build_segvol(config: SegVolConfig, empty: bool = False) -> SegVol:
     return SegVol(config, text_encoder=text_encoder, **parts)
 
 
-MODEL_BUILDERS: Dict[str, Callable[[SegVolConfig, bool], nn.Module]] = {"segvol": build_segvol}
-
-
 def build_model(config_or_preset: Union[SegVolConfig, str], tokenizer=None, empty: bool = False) -> SegVol:
     """Build a model (random weights, eval mode). ``tokenizer``: a tokenizer or a folder of tokenizer files.
 
@@ -40,10 +37,10 @@ def build_model(config_or_preset: Union[SegVolConfig, str], tokenizer=None, empt
     widths) for a caller that then adopts every tensor from a checkpoint (``weights.checkpoints.load_state``)
     and calls ``model.restore_buffers()``; parts that read package weights are still built for real."""
     config = preset(config_or_preset) if isinstance(config_or_preset, str) else config_or_preset
-    if config.architecture not in MODEL_BUILDERS:
-        raise WeightsError(f"model config {config.name!r}: unknown architecture {config.architecture!r}; "
-                           f"known: {', '.join(MODEL_BUILDERS)}")
-    model = MODEL_BUILDERS[config.architecture](config, empty)
+    if config.architecture != "segvol":
+        raise WeightsError(f"model config {config.name!r}: architecture {config.architecture!r} is not SegVol's; "
+                           f"other model kinds are built through medsegx_core.registry")
+    model = build_segvol(config, empty)
     if tokenizer is not None:
         model.set_tokenizer(tokenizer)
     return model.eval()

@@ -93,10 +93,10 @@ def _read_seg_nrrd(path: Path, image: Volume) -> tuple[np.ndarray, Dict[int, str
     return labelmap, names
 
 
-def load_case(image_path: PathLike, label_path: PathLike, names_spec: Optional[str] = None,
-              only: Optional[Sequence[str]] = None, modality: Optional[str] = None,
-              profile: str = "canonical") -> LabelledCase:
-    """Read, resolve and preprocess one labelled volume. ``only``: train just these structures (names)."""
+def read_labelled_volume(image_path: PathLike, label_path: PathLike, names_spec: Optional[str] = None,
+                         only: Optional[Sequence[str]] = None, modality: Optional[str] = None):
+    """(image, labelmap, structures present, routing modality) of one labelled volume, read and checked as every
+    training entry point reads them (3D and slice-wise). ``only``: just these structures (names)."""
     image = check_image(read_volume(image_path))   # the rule every entry point applies to images
     labelmap, names = read_labels(label_path, image, names_spec)
     hierarchy = load_hierarchy()
@@ -113,6 +113,15 @@ def load_case(image_path: PathLike, label_path: PathLike, names_spec: Optional[s
     if not structures:
         raise InputError(f"{label_path}: none of the named structures ({', '.join(sorted(names.values()))}) is "
                          f"present" + (f" among {', '.join(only)}" if only else ""))
+    return image, labelmap, structures, chosen_modality
+
+
+def load_case(image_path: PathLike, label_path: PathLike, names_spec: Optional[str] = None,
+              only: Optional[Sequence[str]] = None, modality: Optional[str] = None,
+              profile: str = "canonical") -> LabelledCase:
+    """Read, resolve and preprocess one labelled volume. ``only``: train just these structures (names)."""
+    image, labelmap, structures, chosen_modality = read_labelled_volume(image_path, label_path, names_spec, only,
+                                                                        modality)
     prepared = preprocess(image.array, image.direction_ras, profile=profile, name=str(image_path))
     labels = np.ascontiguousarray(prepared.orientation.array_to_working(labelmap)[prepared.crop_slices])
     counts = {s.label: int((labels == s.label).sum()) for s in structures}

@@ -30,7 +30,7 @@ from ..weights.expert_pack import base_state, save_expert_pack, weights_sha256
 from .batch import SentenceTable
 from .dataset import LabelledCase
 from .loop import TRAINABLE_SETS, Distributed, LoopSettings, TrainingResult, set_trainable, train_loop
-from .sampling import Item, Sampler, SamplingSettings, split_items
+from .sampling import Item, Sampler, SamplingSettings, training_items
 
 # The sampler of fine-tuning: the user's structures all count the same (the starter's emphasis on the organs the
 # benchmarks measure would drown a new structure).
@@ -117,13 +117,7 @@ def finetune(model: nn.Module, cases: Sequence[LabelledCase], settings: Finetune
     validation). ``state_path``: the training state, written at every validation (for ``resume``)."""
     prefixes = trainable_prefixes(settings)
     prepare_model(model, settings)
-    all_cases = list(cases) + list(validation_cases)
-    if validation_cases:
-        train_items = [(c, s) for c, case in enumerate(cases) for s in range(len(case.structures))]
-        val_items = [(len(cases) + c, s) for c, case in enumerate(validation_cases)
-                     for s in range(len(case.structures))]
-    else:
-        train_items, val_items = split_items(cases, settings.val_fraction, settings.seed)
+    all_cases, train_items, val_items = training_items(cases, validation_cases, settings.val_fraction, settings.seed)
     model_shape = tuple(model.config.image_size)
     sampler = Sampler(all_cases, model_shape, settings.seed, settings.sampling, items=train_items)
     texts = SentenceTable.for_model(model, [s.name for case in all_cases for s in case.structures])

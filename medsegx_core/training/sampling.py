@@ -219,3 +219,15 @@ def split_items(cases: Sequence[LabelledCase], val_fraction: float, seed: int) -
     order = np.random.default_rng(seed).permutation(len(items))
     held = min(max(1, int(round(val_fraction * len(items)))), len(items) - 1)
     return [items[i] for i in sorted(order[held:])], [items[i] for i in sorted(order[:held])]
+
+
+def training_items(cases: Sequence, validation_cases: Sequence, val_fraction: float,
+                   seed: int) -> Tuple[List, List[Item], List[Item]]:
+    """(all cases, training items, validation items): the validation cases' structures when there are any (their
+    indices after ``cases``'), else a seeded fraction of ``cases``' (``split_items``)."""
+    all_cases = list(cases) + list(validation_cases)
+    if not validation_cases:
+        return (all_cases, *split_items(cases, val_fraction, seed))
+    train_items = [(c, s) for c, case in enumerate(cases) for s in range(len(case.structures))]
+    val_items = [(len(cases) + c, s) for c, case in enumerate(validation_cases) for s in range(len(case.structures))]
+    return all_cases, train_items, val_items

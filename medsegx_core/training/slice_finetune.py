@@ -16,7 +16,7 @@ from torch import nn
 from ..progress import CancelToken, ProgressCallback
 from .finetune import FinetuneResult, FinetuneSettings, _run_record, prepare_model, trainable_prefixes
 from .loop import Distributed, train_loop
-from .sampling import split_items
+from .sampling import training_items
 from .slice_samples import NoTextBranch, SliceCase, SliceSampler
 
 
@@ -30,13 +30,7 @@ def finetune_slices(model: nn.Module, cases: Sequence[SliceCase], settings: Fine
     validated state at the end, the training state at every validation)."""
     prefixes = trainable_prefixes(settings)
     prepare_model(model, settings)
-    all_cases = list(cases) + list(validation_cases)
-    if validation_cases:
-        train_items = [(c, s) for c, case in enumerate(cases) for s in range(len(case.structures))]
-        val_items = [(len(cases) + c, s) for c, case in enumerate(validation_cases)
-                     for s in range(len(case.structures))]
-    else:
-        train_items, val_items = split_items(cases, settings.val_fraction, settings.seed)
+    all_cases, train_items, val_items = training_items(cases, validation_cases, settings.val_fraction, settings.seed)
     sampler = SliceSampler(all_cases, model.config.image_size, settings.seed, settings.sampling, items=train_items)
     result = FinetuneResult(train_items=train_items, val_items=val_items)
     return train_loop(model, prefixes, sampler, NoTextBranch(), settings.loop_settings(settings.val_every),

@@ -30,18 +30,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
-import torch
-from torch.nn import functional as F
 
-from ..data.hierarchy import Modality, guess_modality, load_hierarchy
+from ..data.hierarchy import Modality
 from ..data.orientation import AxisReorientation
-from ..data.readers import read_volume
-from ..data.validation import check_image
 from ..errors import InputError
 from ..inference.slice_preprocessing import (IntensityWindow, box_to_model, litemedsam_input, litemedsam_window,
-                                            resized_shape)
+                                            longest_side_to, pad_to_square, resized_shape)
 from ..volume_slice_predictor import DEFAULT_MARGIN, DEFAULT_OPEN_MARGIN
-from .dataset import Structure, read_labels, resolve_label_name
+from .dataset import Structure, read_labelled_volume
 from .domain_randomisation import intensity_jitter
 from .prompt_simulation import PromptedSample
 from .sampling import Item, SamplingSettings, routing_rows
@@ -73,23 +69,7 @@ class SliceCase:
 def load_slice_case(image_path: PathLike, label_path: PathLike, names_spec: Optional[str] = None,
                     only: Optional[Sequence[str]] = None, modality: Optional[str] = None) -> SliceCase:
     """Read one labelled volume as the LiteMedSAM predictor reads it. ``only``: just these structures (names)."""
-    image = check_image(read_volume(image_path))
-    labelmap, names = read_labels(label_path, image, names_spec)
-    hierarchy = load_hierarchy()
-    chosen = (hierarchy.resolve_modality(modality, strict=True) if modality
-              else hierarchy.resolve_modality(image.modality) if image.modality else guess_modality(image.array))
-    wanted = {hierarchy.resolve(n).node for n in only} if only else None
-    present = {int(v) for v in np.unique(labelmap) if v != 0}
-    structures = []
-    for label, name in sorted(names.items()):
-        if label not in present:
-            continue
-        term = resolve_label_name(name).with_modality(chosen)
-        if wanted is None or term.node in wanted:
-            structures.append(Structure(label, term))
-    if not structures:
-        raise InputError(f"{label_path}: none of the named structures ({', '.join(sorted(names.values()))}) is "
-                         f"present" + (f" among {', '.join(only)}" if only else ""))
+    image, labelmap, structures, chosen = read_labelled_volume(image_path, label_path, names_spec, only, modality)
     orientation = AxisReorientation.to_radiological(image.direction_ras, image.shape_ijk)
     window = litemedsam_window(image.array, chosen.name)
     working = np.ascontiguousarray(window.apply(orientation.array_to_working(image.array)), dtype=np.float32)
@@ -101,13 +81,7 @@ def load_slice_case(image_path: PathLike, label_path: PathLike, names_spec: Opti
 def model_mask(mask: np.ndarray, side: int) -> np.ndarray:
     """A slice's mask (rows, cols) on the model grid (S, S) as ``litemedsam_input`` places the slice: the longest
     side scaled to S (area when shrinking, bilinear when enlarging: a soft mask), zero-padded bottom and right."""
-    tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-    new_h, new_w = resized_shape(mask.shape, side)
-    if (new_h, new_w) != tuple(mask.shape):
-        shrinking = new_h < mask.shape[0]
-        tensor = F.interpolate(tensor, size=(new_h, new_w), mode="area" if shrinking else "bilinear",
-                               align_corners=None if shrinking else False)
-    return F.pad(tensor, (0, side - new_w, 0, side - new_h))[0].numpy()
+    return pad_to_square(longest_side_to(mask, side), side)[0].numpy()
 
 
 def plane_box(mask: np.ndarray) -> Optional[np.ndarray]:

@@ -203,10 +203,10 @@ def continue_from(model: SegVol, init: Path) -> None:
     """Load an earlier stage's weights (and its experts, if any) into ``model``; only parts in
     ``ADDABLE_PREFIXES`` may be new, everything else must match by name and shape."""
     from ..modeling.text_encoder import MiniLMProjection
-    from ..weights.store import is_medsegx_folder, load_model, read_config_record
+    from ..weights.store import is_our_weights_folder, load_model, read_config_record
 
     earlier_config = None
-    if isinstance(model.text_encoder, MiniLMProjection) and Path(init).is_dir() and is_medsegx_folder(init):
+    if isinstance(model.text_encoder, MiniLMProjection) and Path(init).is_dir() and is_our_weights_folder(init):
         # Training from a prepared set builds no text tower; neither does loading the earlier stage, so --init
         # works where the MiniLM package is absent (a GPU machine with torch, numpy and MONAI only).
         earlier_config = SegVolConfig.from_dict(read_config_record(init)["model"])

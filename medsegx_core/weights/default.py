@@ -20,7 +20,7 @@ from typing import Optional
 
 from ..errors import WeightsError
 from .hub import weights_dir
-from .store import SEGVOL_KIND, is_medsegx_folder, read_config_record, weights_kind
+from .store import SEGVOL_KIND, is_our_weights_folder, read_config_record, weights_kind
 
 WEIGHTS_ENV = "MEDSEGX_WEIGHTS"
 OFFICIAL_NAME = "segvol"
@@ -53,11 +53,11 @@ def _is_starter(folder: Path) -> bool:
 
 def _installed(home_weights: Path) -> Optional[DefaultWeights]:
     official = home_weights / OFFICIAL_NAME
-    if official.is_dir() and (is_medsegx_folder(official) or any(official.iterdir())):
+    if official.is_dir() and (is_our_weights_folder(official) or any(official.iterdir())):
         return DefaultWeights(official, "official", f"using the official weights installed in {official}")
     if home_weights.is_dir():
         for folder in sorted(p for p in home_weights.iterdir() if p.is_dir()):
-            if is_medsegx_folder(folder) and not _is_starter(folder) and weights_kind(folder) == SEGVOL_KIND:
+            if is_our_weights_folder(folder) and not _is_starter(folder) and weights_kind(folder) == SEGVOL_KIND:
                 return DefaultWeights(folder, "installed", f"using the weights installed in {folder} (no "
                                                            f"official weights in {official})")
     return None
@@ -76,7 +76,7 @@ def default_weights() -> DefaultWeights:
     if installed is not None:
         return installed
     starter = starter_weights_dir()
-    if not is_medsegx_folder(starter):
+    if not is_our_weights_folder(starter):
         raise WeightsError(f"no weights given, none installed in {weights_dir()} and the bundled starter model "
                            f"is missing from {starter} (a broken install?); pass --weights, or run 'medsegx "
                            f"weights download segvol'")

@@ -22,7 +22,7 @@ import torch
 from ..errors import WeightsError
 from ..modeling.litemedsam import LiteMedSAM, LiteMedSAMConfig
 from .checkpoints import load_state
-from .store import (KIND_KEY, WEIGHTS_FILE, is_medsegx_folder, read_config_record, sha256_of,
+from .store import (KIND_KEY, WEIGHTS_FILE, is_our_weights_folder, read_config_record, sha256_of,
                     verify_folder, write_folder)
 
 LITEMEDSAM_KIND = "litemedsam"
@@ -99,8 +99,8 @@ def is_litemedsam_checkpoint(path: PathLike) -> bool:
     dict (read only when it is a file of a checkpoint type)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        return is_medsegx_folder(path) and read_config_record(path).get(KIND_KEY) == LITEMEDSAM_KIND
-    if path.name == WEIGHTS_FILE and is_medsegx_folder(path.parent):
+        return is_our_weights_folder(path) and read_config_record(path).get(KIND_KEY) == LITEMEDSAM_KIND
+    if path.name == WEIGHTS_FILE and is_our_weights_folder(path.parent):
         return is_litemedsam_checkpoint(path.parent)
     if not path.is_file() or path.suffix not in (".pth", ".pt", ".safetensors"):
         return False
@@ -126,12 +126,12 @@ def load_litemedsam(path: Optional[PathLike] = None) -> LiteMedSAM:
     path = Path(path).expanduser()
     if not path.exists():
         raise WeightsError(f"LiteMedSAM weights {path}: no such file or folder")
-    if path.name == WEIGHTS_FILE and is_medsegx_folder(path.parent):
+    if path.name == WEIGHTS_FILE and is_our_weights_folder(path.parent):
         path = path.parent
     if path.is_dir():
         if not is_litemedsam_checkpoint(path):
             raise WeightsError(f"weights folder {path}: not a LiteMedSAM folder (config.json kind "
-                               f"{read_config_record(path).get(KIND_KEY) if is_medsegx_folder(path) else 'missing'})")
+                               f"{read_config_record(path).get(KIND_KEY) if is_our_weights_folder(path) else 'missing'})")
         verify_folder(path)
         record = read_config_record(path)
         model = model_from_state(read_state(path / WEIGHTS_FILE), str(path / WEIGHTS_FILE),

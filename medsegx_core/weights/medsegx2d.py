@@ -30,7 +30,7 @@ from ..modeling.medsegx2d.config import MedSegX2DConfig
 from ..modeling.medsegx2d.model import MedSegX2D
 from ..progress import CancelToken, ProgressCallback, report
 from .checkpoints import load_state, mask_decoder_config, read_tensors
-from .store import (KIND_KEY, MEDSEGX2D_KIND, WEIGHTS_FILE, is_medsegx_folder, read_config_record,
+from .store import (KIND_KEY, MEDSEGX2D_KIND, WEIGHTS_FILE, is_our_weights_folder, read_config_record,
                     sha256_of, verify_folder, write_folder)
 
 StateDict = Dict[str, torch.Tensor]
@@ -202,16 +202,16 @@ def load_medsegx(path: PathLike, trained: Optional[PathLike] = None, config: Opt
 
 
 # ---- our folder format -------------------------------------------------------------------------------------------
-def is_medsegx_checkpoint(path: PathLike, trained: Optional[PathLike] = None) -> bool:
+def is_medsegx2d_checkpoint(path: PathLike, trained: Optional[PathLike] = None) -> bool:
     """Whether ``path`` (with ``trained``) is MedSegX 2D weights in any layout: our folder of that kind, a merged
     file with MedSegX's adapters, MedSegX's trained-only file, or a SAM checkpoint given with a trained file."""
     path = Path(path).expanduser()
     if trained is not None:
         return True
     if path.is_dir():
-        return is_medsegx_folder(path) and read_config_record(path).get(KIND_KEY) == MEDSEGX2D_KIND
-    if path.name == WEIGHTS_FILE and is_medsegx_folder(path.parent):
-        return is_medsegx_checkpoint(path.parent)
+        return is_our_weights_folder(path) and read_config_record(path).get(KIND_KEY) == MEDSEGX2D_KIND
+    if path.name == WEIGHTS_FILE and is_our_weights_folder(path.parent):
+        return is_medsegx2d_checkpoint(path.parent)
     if path.suffix == ".safetensors":
         tensors = dict.fromkeys(_safetensors_keys(path))      # the names only: a large file is not read
     else:
@@ -242,9 +242,9 @@ def load_medsegx_weights(path: PathLike, trained: Optional[PathLike] = None, dec
     if not path.exists():
         raise WeightsError(f"weights {path}: no such file or folder; give a MedSegX checkpoint or a folder made by "
                            f"'medsegx weights import'")
-    folder = path.parent if path.name == WEIGHTS_FILE and is_medsegx_folder(path.parent) else path
+    folder = path.parent if path.name == WEIGHTS_FILE and is_our_weights_folder(path.parent) else path
     if folder.is_dir():
-        if not is_medsegx_folder(folder):
+        if not is_our_weights_folder(folder):
             raise WeightsError(f"weights {folder}: not a folder made by 'medsegx weights import' (no config.json + "
                                f"{WEIGHTS_FILE}); give the MedSegX checkpoint files themselves")
         record = read_config_record(folder)

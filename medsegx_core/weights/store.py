@@ -55,7 +55,9 @@ def sha256_of(path: PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def is_medsegx_folder(folder: PathLike) -> bool:
+def is_our_weights_folder(folder: PathLike) -> bool:
+    """Whether ``folder`` is in this project's weights-folder format (a config record with our format key beside
+    the weights file), whichever model kind it holds (the record's kind says which)."""
     config = Path(folder) / CONFIG_FILE
     if not config.is_file() or not (Path(folder) / WEIGHTS_FILE).is_file():
         return False
@@ -94,7 +96,7 @@ def weights_kind(path: PathLike) -> str:
     """``MEDSEGX2D_KIND`` for a folder of ours holding MedSegX's 2D slice model, else ``SEGVOL_KIND`` (any other
     weights, published files included: their loaders say what they are not)."""
     path = Path(path).expanduser()
-    if path.is_dir() and is_medsegx_folder(path):
+    if path.is_dir() and is_our_weights_folder(path):
         return read_config_record(path).get(KIND_KEY, SEGVOL_KIND)
     return SEGVOL_KIND
 
@@ -113,7 +115,7 @@ def load_model(path_or_folder: PathLike, tokenizer: Optional[PathLike] = None,
                            f"published weights, or a folder made by 'medsegx weights import'")
     if isinstance(config, (str, Path)):
         config = SegVolConfig.from_json(config)
-    if path.is_dir() and is_medsegx_folder(path):
+    if path.is_dir() and is_our_weights_folder(path):
         if verify:
             verify_folder(path)
         record = read_config_record(path)
