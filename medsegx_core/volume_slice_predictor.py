@@ -16,7 +16,9 @@ another orientation gives the same mask in world space.
 Propagation: the 2D box (the 3D box's extent in the slice plane) is used on the middle slice of the box (``start=
 "widest"``: on the candidate slice of the box's middle half where it gives the largest mask); from
 there each next slice, up and down, gets the bounding box of the previous slice's mask widened by ``margin`` model
-pixels (256 scale; ``open_margin`` when a box on one slice is propagated). A 3D box bounds the slices (its end
+pixels (256 scale; ``open_margin`` when a box on one slice is propagated), decoded at ``margin_shares`` of that
+margin (0, half, all of it, in one batched decoder call) and kept at the one whose mask the decoder's IoU head
+rates highest, so the box can follow an organ that shrinks as well as one that grows. A 3D box bounds the slices (its end
 slices included); a box on one slice with ``propagate=True`` goes on until the mask vanishes or the volume ends.
 Propagation stops in a direction when a slice's mask is empty or smaller than ``min_area_fraction`` of the largest
 slice so far.
@@ -45,7 +47,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from .data.hierarchy import ContextIndices, Modality, context_indices, guess_modality, load_hierarchy, resolve_term
+from .data.hierarchy import ContextIndices, Modality, context_indices, resolve_term
+from .data.modality import routing_modality
 from .data.orientation import AxisReorientation
 from .data.volume import Volume
 from .errors import InputError, PromptError
@@ -63,6 +66,11 @@ from .weights.expert_pack import use_pack_for
 # slices to stop it, it also follows the neighbouring tissue past the organ's end.
 DEFAULT_MARGIN = 6.0
 DEFAULT_OPEN_MARGIN = 3.0   # upstream LiteMedSAM's value
+# Each propagated slice decodes the grown box at these shares of the margin (one batched decoder call) and keeps the
+# mask whose predicted IoU (the decoder's own quality head) is highest. One fixed margin cannot serve both ends of an
+# organ: a wide box follows a growing organ, but where the organ shrinks (a liver's lower tip) it keeps the previous
+# slice's extent and the model fills it with the neighbouring tissue. Measured in the model card (sweep_propagation.py).
+DEFAULT_MARGIN_SHARES = (0.0, 0.5, 1.0)
 # Propagation stops where a slice's mask falls below this share of the largest slice so far: past an organ's end
 # the model keeps finding small blobs of the neighbouring tissue in the widened box (a kidney's lower pole on the
 # shared CT: 27-53 pixel blobs for 11 more slices against 345 at its widest) instead of an empty mask.
@@ -104,7 +112,8 @@ def mask_box(mask: np.ndarray) -> Optional[np.ndarray]:
 class VolumeSlicePredictor:
     def __init__(self, model, device: str = "auto", precision: str = "auto", cache_megabytes: Optional[int] = None,
                  margin: float = DEFAULT_MARGIN, open_margin: float = DEFAULT_OPEN_MARGIN,
-                 min_area_fraction: float = DEFAULT_MIN_AREA_FRACTION, start: str = "middle"):
+                 min_area_fraction: float = DEFAULT_MIN_AREA_FRACTION, start: str = "middle",
+                 margin_shares: Tuple[float, ...] = DEFAULT_MARGIN_SHARES):
         if start not in START_RULES:
             raise InputError(f"start {start!r}: choose one of {', '.join(START_RULES)}")
         if precision == "auto":
@@ -119,6 +128,7 @@ class VolumeSlicePredictor:
         self.margin, self.open_margin = float(margin), float(open_margin)
         self.min_area_fraction = float(min_area_fraction)
         self.start = start
+        self.margin_shares = tuple(float(share) for share in margin_shares)
         self.side = int(model.config.image_size)
         self.volume: Optional[Volume] = None
         self.modality: Optional[Modality] = None
@@ -137,13 +147,7 @@ class VolumeSlicePredictor:
         """The volume to segment; ``modality`` (a user's explicit choice, checked strictly) overrides the file's,
         else the file's, else a guess from the intensities. Nothing is encoded here: slices are encoded when a
         prompt first reaches them."""
-        hierarchy = load_hierarchy()
-        if modality:
-            chosen = hierarchy.resolve_modality(modality, strict=True)
-        elif volume.modality:
-            chosen = hierarchy.resolve_modality(volume.modality)
-        else:
-            chosen = guess_modality(volume.array)
+        chosen = routing_modality(volume, modality)
         report(progress, 0.0, "reading the volume")
         self.volume, self.modality = volume, chosen
         self.orientation = AxisReorientation.to_radiological(volume.direction_ras, volume.shape_ijk)
@@ -192,6 +196,18 @@ class VolumeSlicePredictor:
                       torch.as_tensor(labels, dtype=torch.long)[None].to(device))
         lowres = self.runner.call(lambda: self.model.decode(embedding, boxes, clicks).logits)
         return (logits_to_slice(lowres.float().cpu(), shape, self.side)[0] > 0).numpy(), encoded
+
+    def decode_best_box(self, k: int, boxes: np.ndarray) -> Tuple[np.ndarray, int, bool]:
+        """(mask, index of the box it came from, whether slice k was encoded now) for the box among ``boxes``
+        (M, 4) whose mask the decoder predicts the highest IoU for: one decoder call on the slice's embedding."""
+        shape = self.working.shape[1:]
+        embedding, encoded = self.embedding(k)
+        device = self.runner.runtime.device
+        model_boxes = torch.from_numpy(np.stack([box_to_model(b, shape, self.side) for b in boxes])).to(device)
+        output = self.runner.call(lambda: self.model.decode(embedding, model_boxes))
+        best = int(torch.argmax(output.iou_pred.float().reshape(len(boxes), -1)[:, 0]))
+        mask = logits_to_slice(output.logits[best:best + 1].float().cpu(), shape, self.side)[0] > 0
+        return mask.numpy(), best, encoded
 
     def edit_slice(self, k: int, box: np.ndarray, points: np.ndarray, labels: np.ndarray,
                    margin: float = DEFAULT_OPEN_MARGIN) -> Tuple[np.ndarray, bool]:
@@ -253,29 +269,35 @@ class VolumeSlicePredictor:
         notes: List[str] = []
         margin = self.open_margin if flat and propagate else self.margin
 
-        def run(k: int, slice_box: np.ndarray, on_slice=None) -> np.ndarray:
+        def run(k: int, slice_box: np.ndarray, on_slice=None) -> Tuple[np.ndarray, np.ndarray]:
+            """(mask, the box it came from) of slice k: ``slice_box`` one box (4,) or candidates (M, 4), the one
+            with the highest predicted IoU kept; ``on_slice``: the clicks that refine it."""
             check(cancel)
             report(progress, min(0.99, counts["decoded"] / total), f"slice {k}")
-            if on_slice is None:
-                result, encoded = self.decode_slice(k, slice_box)
-            else:
+            if on_slice is not None:
                 result, encoded = self.edit_slice(k, slice_box, clicks[on_slice, :2], labels[on_slice], margin)
+            elif slice_box.ndim == 2 and len(slice_box) > 1:
+                result, best, encoded = self.decode_best_box(k, slice_box)
+                slice_box = slice_box[best]
+            else:
+                slice_box = slice_box.reshape(4)
+                result, encoded = self.decode_slice(k, slice_box)
             counts["encoded"] += int(encoded)
             counts["decoded"] += 1
-            return result
+            return result, slice_box
 
         # The propagation follows the box alone; clicks then refine only the slices they lie on, so a click never
         # changes the boxes handed to other slices (a negative click that shrank one slice's mask would otherwise
         # stop the propagation there). The propagation of the last box is kept: a click re-runs one slice.
-        key = (tuple(np.round(box.ravel(), 3)), low, high, margin, self.min_area_fraction, self.start,
-               None if self._context is None else self._context.rows())
+        key = (tuple(np.round(box.ravel(), 3)), low, high, margin, self.margin_shares, self.min_area_fraction,
+               self.start, None if self._context is None else self._context.rows())
         if self._last_propagation is not None and self._last_propagation[0] == key:
             mask, boxes_used = self._last_propagation[1].copy(), self._last_propagation[2]
         else:
             mask, boxes_used = self._propagate(run, start, low, high, box2d, margin, notes)
             self._last_propagation = (key, mask.copy(), boxes_used)
         for k in sorted(set(click_slices.tolist())):
-            mask[k] = run(k, self._box_for_click(k, boxes_used, box2d), click_slices == k)
+            mask[k] = run(k, self._box_for_click(k, boxes_used, box2d), click_slices == k)[0]
         report(progress, 1.0, "done")
         segmented = [int(k) for k in np.flatnonzero(mask.any(axis=(1, 2)))]
         stored = np.ascontiguousarray(self.orientation.array_to_stored(mask))
@@ -294,23 +316,28 @@ class VolumeSlicePredictor:
         if self.start == "widest" and high - low >= 2:
             quarter = (high - low) / 4
             candidates = sorted({int(round(v)) for v in np.linspace(low + quarter, high - quarter, START_CANDIDATES)})
-            decoded = {k: run(k, box2d) for k in candidates}
+            decoded = {k: run(k, box2d)[0] for k in candidates}
             start = max(candidates, key=lambda k: int(decoded[k].sum()))
             first = decoded[start]
         else:
-            first = run(start, box2d)
+            first = run(start, box2d)[0]
         mask[start] = first
         boxes_used = {start: box2d}
         if not first.any():
             notes.append(f"nothing found in the box on slice {start}" + ("; nothing to propagate" if high > low else ""))
             return mask, boxes_used
-        pad = margin * max(self.working.shape[1:]) / self.side
+        pixels = max(self.working.shape[1:]) / self.side     # slice pixels per model pixel
+        pads = sorted({share * margin * pixels for share in self.margin_shares}) or [margin * pixels]
         upper = np.array([self.working.shape[2] - 1, self.working.shape[1] - 1] * 2, dtype=np.float32)
         for step in (1, -1):
             previous, k, largest = first, start + step, int(first.sum())
             while low <= k <= high:
-                grown = np.clip(mask_box(previous) + np.array([-pad, -pad, pad, pad], dtype=np.float32), 0, upper)
-                current = run(k, grown)
+                tight = mask_box(previous)
+                grown_boxes = [np.clip(tight + np.array([-pad, -pad, pad, pad], dtype=np.float32), 0, upper)
+                               for pad in pads]
+                # a negative share shrinks the box; one that would turn it inside out is left out
+                candidates = np.stack([b for b in grown_boxes if b[2] - b[0] >= 1 and b[3] - b[1] >= 1] or [tight])
+                current, grown = run(k, candidates)
                 area = int(current.sum())
                 if area == 0 or area < self.min_area_fraction * largest:
                     break

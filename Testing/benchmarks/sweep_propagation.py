@@ -11,7 +11,10 @@ that slice's box in the decoder). It prints the mean Dice per (modality, configu
 filled box for reference.
 
     OMP_NUM_THREADS=2 python Testing/benchmarks/sweep_propagation.py [--margins 3 0 6] [--fractions 0.1 0]
-        [--cases ...] [--json rows.json]
+        [--shares 0,0.5,1 1] [--cases ...] [--json rows.json]
+
+``--shares``: each propagated slice decodes the grown box at these shares of the margin and keeps the mask with the
+highest predicted IoU (the predictor's ``margin_shares``); "1" is the margin alone.
 
 Nothing here is trained: the settings are chosen on these patients and the choice is reported as such.
 """
@@ -63,6 +66,9 @@ def main(argv=None) -> int:
     parser.add_argument("--margins", type=float, nargs="+", default=[3.0, 0.0, 6.0],
                         help="the first margin and fraction are also the configuration the click is measured on")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.0])
+    parser.add_argument("--shares", nargs="+", default=["0,0.5,1", "1"],
+                        help="margin shares to choose among by predicted IoU, each a comma list ('1': the margin "
+                             "alone)")
     parser.add_argument("--starts", nargs="+", default=["middle"], help="3D box start rules to compare (middle, widest)")
     parser.add_argument("--cases", nargs="*", default=None)
     parser.add_argument("--json", type=Path)
@@ -84,7 +90,8 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - started:7.0f} s] {message}", file=sys.stderr, flush=True)
 
     model = load_litemedsam()
-    configs = [(m, f) for m in args.margins for f in args.fractions]
+    configs = [(m, f, tuple(float(v) for v in shares.split(","))) for shares in args.shares
+               for m in args.margins for f in args.fractions]
     starts = list(args.starts)
     rows: List[Dict] = []
     for case in selected_cases(args.data, args.cases):
@@ -99,9 +106,10 @@ def main(argv=None) -> int:
             lo, hi = tight_box_ijk(truth)
             _, flat_lo, flat_hi = widest_slice_box(truth, axis)
             filled = dice(filled_box(truth), truth)
-            for margin, fraction in configs:
+            for margin, fraction, shares in configs:
                 predictor.margin = predictor.open_margin = margin
                 predictor.min_area_fraction = fraction
+                predictor.margin_shares = shares
                 by_start = {}
                 for start in starts:
                     predictor.start = start
@@ -109,19 +117,21 @@ def main(argv=None) -> int:
                     by_start[start] = predictor.segment(Prompts(box=BoxPrompt(lo, hi, space="ijk"))).mask
                 box3d = by_start[starts[0]]
                 flat = predictor.segment(Prompts(box=BoxPrompt(flat_lo, flat_hi, space="ijk")), propagate=True).mask
-                click = refinement_click(box3d, truth) if (margin, fraction) == configs[0] else None
+                click = refinement_click(box3d, truth) if (margin, fraction, shares) == configs[0] else None
                 clicked = box3d if click is None else predictor.segment(
                     Prompts(box=BoxPrompt(lo, hi, space="ijk"), points=(PointPrompt(**click),))).mask
                 rows.append(dict(case=case.key, modality=case.modality, organ=organ, margin=margin, fraction=fraction,
+                                 shares=",".join(f"{v:g}" for v in shares),
                                  filled=filled, box3d=dice(box3d, truth), flat=dice(flat, truth),
                                  box3d_lcc=dice(largest_component(box3d), truth),
                                  flat_lcc=dice(largest_component(flat), truth),
-                                 clicked=dice(clicked, truth) if (margin, fraction) == configs[0] else float("nan"),
+                                 clicked=dice(clicked, truth) if (margin, fraction, shares) == configs[0]
+                                 else float("nan"),
                                  click_positive=None if click is None else click["positive"],
                                  **{f"box3d_{start}": dice(mask, truth) for start, mask in by_start.items()}))
             best = max((r for r in rows if r["case"] == case.key and r["organ"] == organ), key=lambda r: r["box3d"])
             log(f"{case.key} {organ}: filled {filled:.3f}, best 3D {best['box3d']:.3f} at margin {best['margin']:g} "
-                f"fraction {best['fraction']:g}")
+                f"fraction {best['fraction']:g} shares {best['shares']}")
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
         del predictor
@@ -134,27 +144,28 @@ def cell(values) -> str:
     return f"{np.mean(values):.3f}" if values else "-"
 
 
-def tables(rows: List[Dict], configs: List[Tuple[float, float]]) -> str:
+def tables(rows: List[Dict], configs: List[Tuple[float, float, Tuple[float, ...]]]) -> str:
     keys = ("box3d", "box3d_lcc", "flat", "flat_lcc", "clicked", "filled")
-    out = ["| modality | margin | min area | n | 3D box | 3D + LCC | slice box | slice + LCC | 3D + 1 click | filled |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| modality | margin | shares | min area | n | 3D box | 3D + LCC | slice box | slice + LCC | 3D + 1 click "
+           "| filled |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    labels = [(margin, fraction, ",".join(f"{v:g}" for v in shares)) for margin, fraction, shares in configs]
     for modality in sorted({r["modality"] for r in rows}):
-        for margin, fraction in configs:
-            group = [r for r in rows if r["modality"] == modality and r["margin"] == margin
-                     and r["fraction"] == fraction]
+        for margin, fraction, shares in labels:
+            group = [r for r in rows if (r["modality"], r["margin"], r["fraction"], r["shares"])
+                     == (modality, margin, fraction, shares)]
             if group:
                 cells = " | ".join(f"{np.nanmean([r[k] for r in group]):.3f}" if not all(np.isnan(r[k]) for r in group)
                                    else "-" for k in keys)
-                out.append(f"| {modality} | {margin:g} | {fraction:g} | {len(group)} | {cells} |")
-    out += ["", "| modality | organ | margin | min area | n | 3D box | slice box | 3D + 1 click | filled | 3D > filled |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+                out.append(f"| {modality} | {margin:g} | {shares} | {fraction:g} | {len(group)} | {cells} |")
+    out += ["", "| modality | organ | margin | shares | min area | n | 3D box | slice box | 3D + 1 click | filled "
+            "| 3D > filled |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for modality, organ in sorted({(r["modality"], r["organ"]) for r in rows}):
-        for margin, fraction in configs:
-            group = [r for r in rows if (r["modality"], r["organ"], r["margin"], r["fraction"])
-                     == (modality, organ, margin, fraction)]
+        for margin, fraction, shares in labels:
+            group = [r for r in rows if (r["modality"], r["organ"], r["margin"], r["fraction"], r["shares"])
+                     == (modality, organ, margin, fraction, shares)]
             if group:
                 beats = sum(r["box3d"] > r["filled"] for r in group)
-                out.append(f"| {modality} | {organ} | {margin:g} | {fraction:g} | {len(group)} "
+                out.append(f"| {modality} | {organ} | {margin:g} | {shares} | {fraction:g} | {len(group)} "
                            f"| {np.mean([r['box3d'] for r in group]):.3f} | {np.mean([r['flat'] for r in group]):.3f} "
                            f"| {cell([r['clicked'] for r in group])} | {np.mean([r['filled'] for r in group]):.3f} "
                            f"| {beats}/{len(group)} |")

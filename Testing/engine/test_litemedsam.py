@@ -178,6 +178,53 @@ def test_a_3d_box_segments_every_slice_it_spans(predictor, small_ct):
     assert widened.decoded == 1 and np.array_equal(widened.mask[others], result.mask[others])
 
 
+def test_each_propagated_slice_keeps_the_margin_the_decoder_rates_best(model, small_ct):
+    """Each propagated slice is decoded with the previous mask's box widened by every share of the margin and keeps
+    the box whose mask the decoder's IoU head rates highest (checked here against the model's own decode); with the
+    one share 1 it is the fixed-margin rule."""
+    from medsegx_core.inference.slice_preprocessing import box_to_model
+    from medsegx_core.volume_slice_predictor import mask_box
+
+    volume, labels = small_ct
+    prompt = Prompts(box=label_box(labels == KIDNEY_RIGHT))
+    predictor = VolumeSlicePredictor(model, device="cpu", precision="fp32", margin_shares=(0.0, 0.5, 1.0))
+    predictor.set_volume(volume)
+    result = predictor.segment(prompt)
+    _, mask, boxes = predictor._last_propagation
+    corners = predictor.working_prompts(prompt)[0]          # the 3D box on the working grid; it starts mid-box
+    covered = range(int(np.ceil(corners[0, 2] - 1e-6)), int(np.floor(corners[1, 2] + 1e-6)) + 1)
+    start = covered[len(covered) // 2]
+    assert start in boxes
+    pixels = max(mask.shape[1:]) / predictor.side
+    upper = np.array([mask.shape[2] - 1, mask.shape[1] - 1] * 2, dtype=np.float32)
+    chose_narrower = 0
+    for k, box in boxes.items():
+        previous = k - 1 if k - 1 in boxes and abs(k - 1 - start) < abs(k - start) else k + 1
+        if k == start or previous not in boxes:
+            continue
+        candidates = [np.clip(mask_box(mask[previous]) + np.array([-1, -1, 1, 1]) * share * predictor.margin * pixels,
+                              0, upper) for share in predictor.margin_shares]
+        embedding, _ = predictor.embedding(k)
+        model_boxes = torch.from_numpy(np.stack([box_to_model(c, mask.shape[1:], predictor.side)
+                                                 for c in candidates]))
+        with torch.inference_mode():
+            rated = model.decode(embedding, model_boxes).iou_pred[:, 0]
+        best = int(torch.argmax(rated))
+        np.testing.assert_allclose(box, candidates[best], atol=1e-4)
+        chose_narrower += best < len(candidates) - 1
+    assert len(boxes) > 5 and result.decoded == len(boxes)
+    assert chose_narrower > 0                     # the choice is used, not always the widest box
+    fixed = VolumeSlicePredictor(model, device="cpu", precision="fp32", margin_shares=(1.0,))
+    fixed.set_volume(volume)
+    fixed.segment(prompt)
+    _, fixed_mask, fixed_boxes = fixed._last_propagation
+    for k, box in fixed_boxes.items():
+        previous = k - 1 if k - 1 in fixed_boxes and abs(k - 1 - start) < abs(k - start) else k + 1
+        if k != start and previous in fixed_boxes:
+            grown = mask_box(fixed_mask[previous]) + np.array([-1, -1, 1, 1]) * fixed.margin * pixels
+            np.testing.assert_allclose(box, np.clip(grown, 0, upper), atol=1e-4)
+
+
 def test_a_box_on_one_slice_propagates_until_the_mask_vanishes(predictor, small_ct):
     volume, labels = small_ct
     truth = labels == KIDNEY_RIGHT
@@ -244,6 +291,9 @@ def test_medsegx_segment_runs_litemedsam_for_a_box_by_default(data_dir, small_ct
     assert main(["segment", str(data_dir / SMALL_CT), "--ijk", "--box", "30", "20", "0", "60", "50", "5",
                  "--min-confidence", "0.5", "-o", str(tmp_path / "x.nii.gz")]) == 1
     assert "LiteMedSAM reports no presence confidence" in capsys.readouterr().err
+    assert main(["segment", str(data_dir / SMALL_CT), "--ijk", "--box", "30", "20", "0", "60", "50", "5",
+                 "--tokenizer", str(tmp_path), "-o", str(tmp_path / "x.nii.gz")]) == 1
+    assert "--tokenizer: LiteMedSAM has no text encoder" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
 
 

@@ -21,7 +21,9 @@ def check_options(args: argparse.Namespace, title: str) -> None:
     """Options LiteMedSAM cannot honour are refused before any work."""
     refused = [(args.min_confidence is not None, "--min-confidence: LiteMedSAM reports no presence confidence"),
                (args.preprocessing != "canonical", "--preprocessing official is SegVol's; LiteMedSAM always reads "
-                                                   "axial slices in the radiological view")]
+                                                   "axial slices in the radiological view"),
+               (args.tokenizer is not None, "--tokenizer: LiteMedSAM has no text encoder (a text names the "
+                                            "segment and routes its experts)")]
     for given, message in refused:
         if given:
             raise InputError(f"{message} ({title} runs this box); drop the option, or give --weights for SegVol")
