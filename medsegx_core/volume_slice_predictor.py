@@ -18,9 +18,9 @@ Propagation: the 2D box (the 3D box's extent in the slice plane) is used on the 
 there each next slice, up and down, gets the bounding box of the previous slice's mask widened by ``margin`` model
 pixels (256 scale; ``open_margin`` when a box on one slice is propagated), decoded at ``margin_shares`` of that
 margin (0, half, all of it, in one batched decoder call) and kept at the one whose mask the decoder's IoU head
-rates highest, so the box can follow an organ that shrinks as well as one that grows. A 3D box bounds the slices (its end
-slices included); a box on one slice with ``propagate=True`` goes on until the mask vanishes or the volume ends.
-Propagation stops in a direction when a slice's mask is empty or smaller than ``min_area_fraction`` of the largest
+rates highest, so the box can follow an organ that shrinks as well as one that grows. A 3D box bounds the slices
+(its end slices included); a box on one slice with ``propagate=True`` goes on until the mask vanishes or the volume
+ends. Propagation stops in a direction when a slice's mask is empty or smaller than ``min_area_fraction`` of the largest
 slice so far.
 
 Clicks refine the slices they lie on as box edits (``edit_slice``): a positive click widens that slice's box to hold
@@ -186,28 +186,35 @@ class VolumeSlicePredictor:
                      labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, bool]:
         """(mask (H, W) bool, whether slice k was encoded now) for a box [x0, y0, x1, y1] in slice pixels and
         clicks (N, 2) (x, y) with labels 1/0."""
-        shape = self.working.shape[1:]
-        embedding, encoded = self.embedding(k)
-        device = self.runner.runtime.device
-        boxes = torch.from_numpy(box_to_model(box, shape, self.side))[None].to(device)
         clicks = None
         if points is not None and len(points):
-            clicks = (torch.from_numpy(points_to_model(points, shape, self.side))[None].to(device),
-                      torch.as_tensor(labels, dtype=torch.long)[None].to(device))
-        lowres = self.runner.call(lambda: self.model.decode(embedding, boxes, clicks).logits)
-        return (logits_to_slice(lowres.float().cpu(), shape, self.side)[0] > 0).numpy(), encoded
+            shape = self.working.shape[1:]
+            clicks = (torch.from_numpy(points_to_model(points, shape, self.side))[None],
+                      torch.as_tensor(labels, dtype=torch.long)[None])
+        output, encoded = self._decode(k, np.asarray(box)[None], clicks)
+        return self._slice_mask(output, 0), encoded
 
     def decode_best_box(self, k: int, boxes: np.ndarray) -> Tuple[np.ndarray, int, bool]:
         """(mask, index of the box it came from, whether slice k was encoded now) for the box among ``boxes``
         (M, 4) whose mask the decoder predicts the highest IoU for: one decoder call on the slice's embedding."""
-        shape = self.working.shape[1:]
+        output, encoded = self._decode(k, boxes)
+        best = int(torch.argmax(output.iou_pred.float().reshape(len(boxes), -1)[:, 0]))
+        return self._slice_mask(output, best), best, encoded
+
+    def _decode(self, k: int, boxes: np.ndarray, clicks=None):
+        """(decoder output, whether slice k was encoded now) for boxes (M, 4) in slice pixels on slice k."""
         embedding, encoded = self.embedding(k)
         device = self.runner.runtime.device
+        shape = self.working.shape[1:]
         model_boxes = torch.from_numpy(np.stack([box_to_model(b, shape, self.side) for b in boxes])).to(device)
-        output = self.runner.call(lambda: self.model.decode(embedding, model_boxes))
-        best = int(torch.argmax(output.iou_pred.float().reshape(len(boxes), -1)[:, 0]))
-        mask = logits_to_slice(output.logits[best:best + 1].float().cpu(), shape, self.side)[0] > 0
-        return mask.numpy(), best, encoded
+        if clicks is not None:
+            clicks = (clicks[0].to(device), clicks[1].to(device))
+        return self.runner.call(lambda: self.model.decode(embedding, model_boxes, clicks)), encoded
+
+    def _slice_mask(self, output, index: int) -> np.ndarray:
+        """Mask ``index`` of a decoder output on the working slice's grid."""
+        logits = output.logits[index:index + 1].float().cpu()
+        return (logits_to_slice(logits, self.working.shape[1:], self.side)[0] > 0).numpy()
 
     def edit_slice(self, k: int, box: np.ndarray, points: np.ndarray, labels: np.ndarray,
                    margin: float = DEFAULT_OPEN_MARGIN) -> Tuple[np.ndarray, bool]:
@@ -276,12 +283,10 @@ class VolumeSlicePredictor:
             report(progress, min(0.99, counts["decoded"] / total), f"slice {k}")
             if on_slice is not None:
                 result, encoded = self.edit_slice(k, slice_box, clicks[on_slice, :2], labels[on_slice], margin)
-            elif slice_box.ndim == 2 and len(slice_box) > 1:
-                result, best, encoded = self.decode_best_box(k, slice_box)
-                slice_box = slice_box[best]
             else:
-                slice_box = slice_box.reshape(4)
-                result, encoded = self.decode_slice(k, slice_box)
+                candidates = np.atleast_2d(slice_box)
+                result, best, encoded = self.decode_best_box(k, candidates)
+                slice_box = candidates[best]
             counts["encoded"] += int(encoded)
             counts["decoded"] += 1
             return result, slice_box

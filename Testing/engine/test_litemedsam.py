@@ -197,11 +197,15 @@ def test_each_propagated_slice_keeps_the_margin_the_decoder_rates_best(model, sm
     assert start in boxes
     pixels = max(mask.shape[1:]) / predictor.side
     upper = np.array([mask.shape[2] - 1, mask.shape[1] - 1] * 2, dtype=np.float32)
+
+    def propagated_from(boxes):    # (slice, its box, the slice before it toward the start) of each propagated slice
+        for k, box in boxes.items():
+            previous = k - 1 if k - 1 in boxes and abs(k - 1 - start) < abs(k - start) else k + 1
+            if k != start and previous in boxes:
+                yield k, box, previous
+
     chose_narrower = 0
-    for k, box in boxes.items():
-        previous = k - 1 if k - 1 in boxes and abs(k - 1 - start) < abs(k - start) else k + 1
-        if k == start or previous not in boxes:
-            continue
+    for k, box, previous in propagated_from(boxes):
         candidates = [np.clip(mask_box(mask[previous]) + np.array([-1, -1, 1, 1]) * share * predictor.margin * pixels,
                               0, upper) for share in predictor.margin_shares]
         embedding, _ = predictor.embedding(k)
@@ -218,11 +222,9 @@ def test_each_propagated_slice_keeps_the_margin_the_decoder_rates_best(model, sm
     fixed.set_volume(volume)
     fixed.segment(prompt)
     _, fixed_mask, fixed_boxes = fixed._last_propagation
-    for k, box in fixed_boxes.items():
-        previous = k - 1 if k - 1 in fixed_boxes and abs(k - 1 - start) < abs(k - start) else k + 1
-        if k != start and previous in fixed_boxes:
-            grown = mask_box(fixed_mask[previous]) + np.array([-1, -1, 1, 1]) * fixed.margin * pixels
-            np.testing.assert_allclose(box, np.clip(grown, 0, upper), atol=1e-4)
+    for k, box, previous in propagated_from(fixed_boxes):
+        grown = mask_box(fixed_mask[previous]) + np.array([-1, -1, 1, 1]) * fixed.margin * pixels
+        np.testing.assert_allclose(box, np.clip(grown, 0, upper), atol=1e-4)
 
 
 def test_a_box_on_one_slice_propagates_until_the_mask_vanishes(predictor, small_ct):
