@@ -23,6 +23,16 @@ rates highest, so the box can follow an organ that shrinks as well as one that g
 ends. Propagation stops in a direction when a slice's mask is empty or smaller than ``min_area_fraction`` of the largest
 slice so far.
 
+Text (no box): the text localiser (``inference/text_localisation.py``, a small head on these same slice
+embeddings, bundled) reads slices about 4 mm apart, finds the named structure's blob and a box on each of its
+slices. ``text_zoom_in="boxes"`` (default): every slice decoded with the localiser's own box; ``"propagate"``:
+LiteMedSAM starts on the blob's widest slice with the localiser's box and propagates as for a 3D box, within the
+blob's slices widened by one sampling step; ``"both"``: propagates with the localiser's box of each slice as one
+more candidate. Measured against each other on held-out patients (the localiser's model card): about equal over
+CHAOS MR liver, spleen and kidneys, boxes clearly best for the liver, the propagating ones a little for kidneys. A structure it
+does not find gives an empty mask and ``found = False``. With positive clicks, the blob under the first click is
+taken, and clicks refine their slices as for a box.
+
 Clicks refine the slices they lie on as box edits (``edit_slice``): a positive click widens that slice's box to hold
 it, a negative click inside the box moves the box's nearest edge past it. They are not SAM point prompts: this
 checkpoint was trained with boxes only, and points given to its decoder lowered Dice (model card; clicks alone are
@@ -54,9 +64,10 @@ from .data.volume import Volume
 from .errors import InputError, PromptError
 from .inference.cache import WINDOW, EmbeddingCache, PackedEmbedding
 from .inference.runner import ModelRunner
+from .inference.text_localisation import Localisation, channels_for, locate, sampled_slices, CELL
 from .inference.slice_preprocessing import (IntensityWindow, box_to_model, litemedsam_input, litemedsam_window,
                                             logits_to_slice, points_to_model)
-from .progress import CancelToken, ProgressCallback, check, report
+from .progress import CancelToken, ProgressCallback, check, report, scaled as scaled_progress
 from .prompts import Prompts
 from .weights.expert_pack import use_pack_for
 
@@ -79,6 +90,8 @@ DEFAULT_MIN_AREA_FRACTION = 0.1
 # its middle half ("widest": the box's 2D extent decoded on START_CANDIDATES slices; the slices are encoded anyway).
 START_RULES = ("middle", "widest")
 START_CANDIDATES = 5
+# How a text prompt's zoom-in uses the localiser's boxes (see the module's text).
+TEXT_ZOOM_INS = ("boxes", "propagate", "both")
 EPS = 1e-6
 AXIAL = "axial"
 
@@ -93,6 +106,8 @@ class SliceSegmentation:
     model: str = "LiteMedSAM"
     runtime: str = ""
     notes: List[str] = field(default_factory=list)
+    found: Optional[bool] = None  # text prompts: whether the localiser found the structure (None: a box prompt)
+    confidence: float = 1.0       # text prompts: the localiser's highest probability on the structure (0-1)
 
     def describe(self) -> str:
         where = f"slices {self.slices[0]}..{self.slices[-1]}" if self.slices else "no slice"
@@ -113,9 +128,12 @@ class VolumeSlicePredictor:
     def __init__(self, model, device: str = "auto", precision: str = "auto", cache_megabytes: Optional[int] = None,
                  margin: float = DEFAULT_MARGIN, open_margin: float = DEFAULT_OPEN_MARGIN,
                  min_area_fraction: float = DEFAULT_MIN_AREA_FRACTION, start: str = "middle",
-                 margin_shares: Tuple[float, ...] = DEFAULT_MARGIN_SHARES):
+                 margin_shares: Tuple[float, ...] = DEFAULT_MARGIN_SHARES, localiser=None,
+                 encoder_backend: str = "auto", text_zoom_in: str = "boxes"):
         if start not in START_RULES:
             raise InputError(f"start {start!r}: choose one of {', '.join(START_RULES)}")
+        if text_zoom_in not in TEXT_ZOOM_INS:
+            raise InputError(f"text_zoom_in {text_zoom_in!r}: choose one of {', '.join(TEXT_ZOOM_INS)}")
         if precision == "auto":
             # fp32 on CPUs until reduced precision is measured on this model's masks; bf16/fp16 on CUDA
             precision = "auto" if torch.cuda.is_available() and device in ("auto", "cuda") else "fp32"
@@ -136,6 +154,12 @@ class VolumeSlicePredictor:
         self._last_propagation = None     # (key, mask, boxes) of the last box's propagation
         self._context: Optional[ContextIndices] = None   # the experts' routing of the current prompt
         self._pack_note: Optional[str] = None
+        self._localiser = localiser          # text localiser: a model, a folder, or None for the bundled one
+        self.encoder_backend = encoder_backend   # "auto" (a faster CPU runtime when installed), "torch", ...
+        self._image_encoder = None
+        self.slices_encoded = 0              # encoder runs so far (a call's count is the difference)
+        self.text_zoom_in = text_zoom_in
+        self._maps = {}                      # working slice -> (structures, G, G) float16 localiser probabilities
 
     @property
     def model(self):
@@ -156,6 +180,7 @@ class VolumeSlicePredictor:
         self._pack_note = use_pack_for(self.model, chosen)   # a pack of another modality is left out
         self.cache.clear()
         self._last_propagation = None
+        self._maps = {}
         check(cancel)
         report(progress, 1.0, "ready")
 
@@ -169,18 +194,42 @@ class VolumeSlicePredictor:
         if cached is not None:
             return (cached.unpack() if isinstance(cached, PackedEmbedding) else cached), False
         image = litemedsam_input(self.window.apply(self.working[k]), self.side)[None]
-        device = self.runner.runtime.device
-        if device.type == "cpu":
-            image = image.contiguous(memory_format=torch.channels_last)
-        experts = getattr(self.model, "conmoae", None)
-        with experts.context(context) if experts is not None and context is not None else nullcontext():
-            embedding = self.runner.call(lambda: self.model.encode(image.to(device)))
+        fast = self.fast_encoder()
+        if fast is not None:
+            embedding = fast(image)
+        else:
+            device = self.runner.runtime.device
+            if device.type == "cpu":
+                image = image.contiguous(memory_format=torch.channels_last)
+            experts = getattr(self.model, "conmoae", None)
+            with experts.context(context) if experts is not None and context is not None else nullcontext():
+                embedding = self.runner.call(lambda: self.model.encode(image.to(device)))
         embedding = embedding.to(self.runner.runtime.storage_dtype)
+        self.slices_encoded += 1
         reduced = embedding.dtype != torch.float32
         self.cache.put(WINDOW, key, PackedEmbedding.pack(embedding) if reduced else embedding)
         if reduced:   # decode from what the cache holds, so a cached slice gives what a fresh one gives
             embedding = PackedEmbedding.pack(embedding).unpack()
         return embedding, True
+
+    def fast_encoder(self):
+        """The encoder exported to a faster CPU runtime (``inference/encoder_backends.py``: OpenVINO, ONNX Runtime)
+        where it gives the same embeddings: on the CPU, in float32, without adapter experts (they change the
+        encoder with each prompt's context); else None (the model's own encoder runs)."""
+        if (self.encoder_backend == "torch" or self.runner.runtime.device.type != "cpu"
+                or self.runner.runtime.storage_dtype != torch.float32 or hasattr(self.model, "conmoae")):
+            return None
+        if self._image_encoder is None:
+            from .inference.encoder_backends import make_image_encoder
+            from .weights.hub import medsegx_home
+
+            self._image_encoder = make_image_encoder(self.model, self.encoder_backend,
+                                                     cache_dir=medsegx_home() / "encoders", quiet_when_missing=True)
+        return None if self._image_encoder.backend == "torch" else self._image_encoder
+
+    def describe_encoder(self) -> str:
+        fast = self.fast_encoder()
+        return f"encoder {fast.describe()}" if fast is not None else "encoder torch"
 
     def decode_slice(self, k: int, box: np.ndarray, points: Optional[np.ndarray] = None,
                      labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, bool]:
@@ -251,6 +300,8 @@ class VolumeSlicePredictor:
 
     def segment(self, prompts: Prompts, propagate: bool = False, progress: Optional[ProgressCallback] = None,
                 cancel: Optional[CancelToken] = None) -> SliceSegmentation:
+        if prompts.box is None and prompts.text:
+            return self.segment_text(prompts, progress, cancel)
         started = time.perf_counter()
         box, clicks, labels = self.working_prompts(prompts)
         term = resolve_term(prompts.text) if prompts.text else None
@@ -272,24 +323,10 @@ class VolumeSlicePredictor:
         self.cache.begin_call()
         self.cache.fit(self._slice_bytes() * (high - low + 1))
         total = high - low + 1
-        counts = {"encoded": 0, "decoded": 0}
         notes: List[str] = []
         margin = self.open_margin if flat and propagate else self.margin
 
-        def run(k: int, slice_box: np.ndarray, on_slice=None) -> Tuple[np.ndarray, np.ndarray]:
-            """(mask, the box it came from) of slice k: ``slice_box`` one box (4,) or candidates (M, 4), the one
-            with the highest predicted IoU kept; ``on_slice``: the clicks that refine it."""
-            check(cancel)
-            report(progress, min(0.99, counts["decoded"] / total), f"slice {k}")
-            if on_slice is not None:
-                result, encoded = self.edit_slice(k, slice_box, clicks[on_slice, :2], labels[on_slice], margin)
-            else:
-                candidates = np.atleast_2d(slice_box)
-                result, best, encoded = self.decode_best_box(k, candidates)
-                slice_box = candidates[best]
-            counts["encoded"] += int(encoded)
-            counts["decoded"] += 1
-            return result, slice_box
+        run = _SliceRun(self, total, progress, cancel, clicks, labels, margin)
 
         # The propagation follows the box alone; clicks then refine only the slices they lie on, so a click never
         # changes the boxes handed to other slices (a negative click that shrank one slice's mask would otherwise
@@ -306,17 +343,111 @@ class VolumeSlicePredictor:
         report(progress, 1.0, "done")
         segmented = [int(k) for k in np.flatnonzero(mask.any(axis=(1, 2)))]
         stored = np.ascontiguousarray(self.orientation.array_to_stored(mask))
-        runtime = f"{self.runner.describe()}, {time.perf_counter() - started:.1f} s"
+        runtime = f"{self.runner.describe()}, {self.describe_encoder()}, {time.perf_counter() - started:.1f} s"
         if self._pack_note:
             notes.append(self._pack_note)
         if self.modality is not None and not self.modality.known:
             notes.append("modality unknown: intensities mapped as MR (percentiles); give --modality CT for a CT")
-        return SliceSegmentation(stored, name, segmented, counts["encoded"], counts["decoded"], runtime=runtime,
-                                 notes=notes)
+        return SliceSegmentation(stored, name, segmented, run.encoded, run.decoded, runtime=runtime, notes=notes)
+
+    # ---- text --------------------------------------------------------------------------------------------------
+    @property
+    def localiser(self):
+        """The text localiser (the bundled one unless another was given), loaded on first use."""
+        if self._localiser is None or not hasattr(self._localiser, "config"):
+            from .weights.localiser import load_localiser
+
+            self._localiser = load_localiser(self._localiser)
+        return self._localiser
+
+    def slice_maps(self, slices: List[int], progress: Optional[ProgressCallback] = None,
+                   cancel: Optional[CancelToken] = None) -> np.ndarray:
+        """(len(slices), structures, G, G) localiser probabilities of working slices (kept per volume)."""
+        localiser = self.localiser
+        for index, k in enumerate(slices):
+            if k not in self._maps:
+                check(cancel)
+                report(progress, index / max(len(slices), 1), f"looking for the structure: slice {k}")
+                embedding = self.embedding(k)[0]
+                with torch.inference_mode():
+                    logits = localiser(embedding.float().cpu())
+                self._maps[k] = torch.sigmoid(logits)[0].numpy().astype(np.float16)
+        return np.stack([self._maps[k] for k in slices]).astype(np.float32)
+
+    def locate(self, text: str, clicks: Optional[np.ndarray] = None, progress: Optional[ProgressCallback] = None,
+               cancel: Optional[CancelToken] = None) -> List[Localisation]:
+        """Where each localiser structure ``text`` covers lies (one for "liver", two for "kidney")."""
+        term = resolve_term(text)
+        structures = self.localiser.config.structures
+        channels = channels_for(structures, term)
+        if not channels:
+            raise PromptError(f"the text localiser does not know {term.name!r} (it finds {', '.join(structures)}); "
+                              f"draw a box around it instead")
+        shape = self.working.shape
+        spacing = self.orientation.working_spacing(self._require_volume().spacing)
+        slices, step = sampled_slices(shape[0], spacing[2])
+        maps = self.slice_maps(slices, progress, cancel)
+        cell_mm = CELL * max(shape[1] * spacing[1], shape[2] * spacing[0]) / self.side
+        return [locate(structures[c], maps[:, c], slices, step, shape[1:], cell_mm, spacing[2], self.side,
+                       clicks=clicks, total_slices=shape[0]) for c in channels]
+
+    def segment_text(self, prompts: Prompts, progress: Optional[ProgressCallback] = None,
+                     cancel: Optional[CancelToken] = None) -> SliceSegmentation:
+        """A text prompt (with optional clicks): the localiser finds the structure, LiteMedSAM segments it (from the
+        localiser's widest slice, propagated, or each slice from its own localiser box: ``text_zoom_in``)."""
+        started = time.perf_counter()
+        volume = self._require_volume()
+        voxel = prompts.to_voxel(volume)
+        clicks = self.orientation.points_to_working(voxel.points_ijk) if len(voxel.points_ijk) else np.zeros((0, 3))
+        labels = np.asarray(voxel.labels)
+        term = resolve_term(prompts.text)
+        self._context = context_indices(term, self.modality) if hasattr(self.model, "conmoae") else None
+        self.cache.begin_call()
+        self.cache.fit(self._slice_bytes() * self.working.shape[0])
+        encoded_before = self.slices_encoded
+        found = self.locate(prompts.text, clicks[labels == 1] if len(clicks) else None,
+                            scaled_progress(progress, 0.0, 0.4), cancel)
+        mask = np.zeros(self.working.shape, dtype=np.uint8)
+        total = sum(len(place.boxes) for place in found) or 1
+        run = _SliceRun(self, total, scaled_progress(progress, 0.4, 1.0), cancel, clicks, labels, self.open_margin)
+        click_slices = np.rint(clicks[:, 2]).astype(int) if len(clicks) else np.zeros(0, int)
+        notes: List[str] = []
+        for place in found:
+            if not place.found:
+                continue
+            if self.text_zoom_in in ("propagate", "both"):
+                # LiteMedSAM follows the structure from the localiser's widest slice, the previous slice's mask
+                # giving the next box, within the localiser's slices and one sampling step beyond ("both": the
+                # localiser's own box of each slice is one more candidate)
+                low = max(0, place.slices[0] - place.step)
+                high = min(self.working.shape[0] - 1, place.slices[-1] + place.step)
+                extra = place.boxes if self.text_zoom_in == "both" else None
+                piece, boxes = self._propagate(run, place.widest, low, high, place.boxes[place.widest],
+                                               self.margin, notes, extra)
+            else:
+                piece, boxes = np.zeros(self.working.shape, dtype=np.uint8), dict(place.boxes)
+                for k, box in sorted(place.boxes.items()):
+                    piece[k] = run(k, box)[0]
+            for k in sorted(set(click_slices.tolist()) & set(boxes)):
+                piece[k] = run(k, boxes[k], click_slices == k)[0]
+            mask |= piece
+        report(progress, 1.0, "done")
+        notes = [place.note for place in found] + notes
+        if self.modality is not None and not self.modality.known:
+            notes.append("modality unknown: intensities mapped as MR (percentiles); give --modality CT for a CT")
+        stored = np.ascontiguousarray(self.orientation.array_to_stored(mask))
+        segmented = [int(k) for k in np.flatnonzero(mask.any(axis=(1, 2)))]
+        runtime = f"{self.runner.describe()}, {self.describe_encoder()}, {time.perf_counter() - started:.1f} s"
+        return SliceSegmentation(stored, term.name, segmented, self.slices_encoded - encoded_before, run.decoded,
+                                 model="LiteMedSAM + text localiser", runtime=runtime, notes=notes,
+                                 found=any(place.found for place in found),
+                                 confidence=max(place.peak for place in found))
 
     # ---- internals ---------------------------------------------------------------------------------------------
-    def _propagate(self, run, start: int, low: int, high: int, box2d: np.ndarray, margin: float, notes: List[str]):
-        """(mask (k, j, i) uint8 on the working grid, the box each slice was given) of the box alone."""
+    def _propagate(self, run, start: int, low: int, high: int, box2d: np.ndarray, margin: float, notes: List[str],
+                   extra_boxes: Optional[dict] = None):
+        """(mask (k, j, i) uint8 on the working grid, the box each slice was given) of the box alone;
+        ``extra_boxes``: slice -> one more candidate box for that slice."""
         mask = np.zeros(self.working.shape, dtype=np.uint8)
         if self.start == "widest" and high - low >= 2:
             quarter = (high - low) / 4
@@ -341,8 +472,10 @@ class VolumeSlicePredictor:
                 grown_boxes = [np.clip(tight + np.array([-pad, -pad, pad, pad], dtype=np.float32), 0, upper)
                                for pad in pads]
                 # a negative share shrinks the box; one that would turn it inside out is left out
-                candidates = np.stack([b for b in grown_boxes if b[2] - b[0] >= 1 and b[3] - b[1] >= 1] or [tight])
-                current, grown = run(k, candidates)
+                kept = [b for b in grown_boxes if b[2] - b[0] >= 1 and b[3] - b[1] >= 1] or [tight]
+                if extra_boxes is not None and k in extra_boxes:
+                    kept.append(extra_boxes[k])
+                current, grown = run(k, np.stack(kept))
                 area = int(current.sum())
                 if area == 0 or area < self.min_area_fraction * largest:
                     break
@@ -369,6 +502,32 @@ class VolumeSlicePredictor:
         if self.volume is None:
             raise InputError("no volume yet: call set_volume(volume) before segmenting")
         return self.volume
+
+
+class _SliceRun:
+    """One slice through LiteMedSAM for a call, counted and reported: ``run(k, box)`` -> (mask, the box it came
+    from), ``box`` one box (4,) or candidates (M, 4) of which the one with the highest predicted IoU is kept;
+    ``run(k, box, on_slice)``: the clicks selected by ``on_slice`` refine slice k as box edits."""
+
+    def __init__(self, predictor: "VolumeSlicePredictor", total: int, progress, cancel, clicks: np.ndarray,
+                 labels: np.ndarray, margin: float):
+        self.predictor, self.total, self.progress, self.cancel = predictor, max(1, total), progress, cancel
+        self.clicks, self.labels, self.margin = clicks, labels, margin
+        self.encoded = self.decoded = 0
+
+    def __call__(self, k: int, slice_box: np.ndarray, on_slice=None) -> Tuple[np.ndarray, np.ndarray]:
+        check(self.cancel)
+        report(self.progress, min(0.99, self.decoded / self.total), f"slice {k}")
+        if on_slice is not None:
+            result, encoded = self.predictor.edit_slice(k, slice_box, self.clicks[on_slice, :2],
+                                                        self.labels[on_slice], self.margin)
+        else:
+            candidates = np.atleast_2d(slice_box)
+            result, best, encoded = self.predictor.decode_best_box(k, candidates)
+            slice_box = candidates[best]
+        self.encoded += int(encoded)
+        self.decoded += 1
+        return result, slice_box
 
 
 __all__ = ["VolumeSlicePredictor", "SliceSegmentation", "mask_box", "DEFAULT_MARGIN"]

@@ -9,7 +9,9 @@ segments the box slice by slice on the volume's axial slices:
   shorter side), centred on the slice it was drawn on, so "draw a box on the slice, tick Propagate" works without
   resizing the ROI.
 Clicks refine the slices they lie on (clicks alone are refused: LiteMedSAM was trained with boxes); a structure name
-given with the box names the segment.
+given with the box names the segment. A structure name without a box (when the engine's text localiser knows it,
+``model_choice.text_weights``): the localiser finds the structure's slices and a box on each, which LiteMedSAM
+segments; a structure it does not find gives an empty segment and a note.
 
 The predictor and its per-slice embeddings are kept between requests for the same volume (a ``SessionStore`` of
 its own, keyed like SegVol's sessions plus the modality), so moving the box or adding a click re-runs only the

@@ -5,6 +5,8 @@
 - Boxes run LiteMedSAM (``models.litemedsam_weights``) unless the user chose weights on purpose (the field or
   ``$MEDSEGX_WEIGHTS``: LiteMedSAM weights run, any other kind takes the box itself), chose an expert pack
   (SegVol's experts), or ``use_litemedsam_for_boxes`` is off (the batch script with ``--experts``).
+- Text without a box runs LiteMedSAM with the engine's text localiser on the same terms (``text_weights``), when
+  the localiser knows every structure named; otherwise the weights in use.
 - Chosen LiteMedSAM weights take boxes only; chosen MedSegX 2D weights are what slice mode runs.
 - An expert pack: None = the weights' own (the starter's bundled pack), ``models.NO_EXPERTS`` = none, else a file.
 
@@ -162,6 +164,17 @@ class ModelChoice:
         if chosen is not None:
             return chosen if self.kind_of(chosen) == registry.LITEMEDSAM else None
         return models.litemedsam_weights() if self.boxes_default_to_litemedsam() else None
+
+    def text_weights(self, texts) -> Optional[Path]:
+        """The LiteMedSAM weights a text request without a box runs (the engine's text localiser finds the
+        structure, LiteMedSAM segments it), or None when the weights in use run it: weights or an expert pack
+        chosen, LiteMedSAM not installed, no text, or a text the localiser does not know (the rule
+        ``medsegx segment`` applies: ``weights.localiser.unknown_texts``)."""
+        if not texts or not self.boxes_default_to_litemedsam():
+            return None
+        from medsegx_core.weights.localiser import unknown_texts
+
+        return None if unknown_texts(texts) else models.litemedsam_weights()
 
     def describe_box_model(self) -> str:
         """One line for the Models panel: which model boxes run, and why."""

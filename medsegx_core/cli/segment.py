@@ -134,12 +134,12 @@ def _no_check(args, choice, prompt_sets) -> None:
 
 
 def _check_boxes(args, choice, prompt_sets) -> None:
-    check_box_options(args, choice.kind.title)
+    check_box_options(args, choice.kind.title, prompt_sets)
     check_box_prompts(prompt_sets, choice.kind.title)
 
 
 def _boxes(args, choice, volume, rgb, prompt_sets, update):
-    return (*segment_boxes(args, choice, volume, prompt_sets, update), [])
+    return segment_boxes(args, choice, volume, prompt_sets, update)
 
 
 def _slices(args, choice, volume, rgb, prompt_sets, update):

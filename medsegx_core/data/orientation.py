@@ -74,6 +74,10 @@ class AxisReorientation:
         view = np.flip(working, axes) if axes else working
         return np.transpose(view, np.argsort(self._array_permutation()))
 
+    def working_spacing(self, spacing_ijk) -> tuple[float, float, float]:
+        """The stored grid's spacing (along i, j, k) along the working axes i, j, k."""
+        return tuple(float(spacing_ijk[self.source_axis[r]]) for r in range(3))
+
     def points_to_working(self, points_ijk: np.ndarray) -> np.ndarray:
         """Stored (i, j, k) voxel coordinates (N, 3), float, to working ones."""
         points = np.asarray(points_ijk, dtype=np.float64).reshape(-1, 3)

@@ -85,8 +85,10 @@ class ImageEncoder:
 
 # ---- choosing -------------------------------------------------------------------------------------------------------
 def make_image_encoder(model, backend: str = "auto", cache_dir: Optional[PathLike] = None,
-                       threads: Optional[int] = None, progress=None) -> ImageEncoder:
-    """The image encoder of ``model`` (LiteMedSAM, or its TinyViT) run by ``backend``; see the module's text."""
+                       threads: Optional[int] = None, progress=None, quiet_when_missing: bool = False) -> ImageEncoder:
+    """The image encoder of ``model`` (LiteMedSAM, or its TinyViT) run by ``backend``; see the module's text.
+    ``quiet_when_missing``: with ``auto``, no runtime installed is said in ``describe()`` only, not warned about
+    (the predictors' default: the optional packages are optional)."""
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"encoder backend {backend!r}: choose auto or one of {', '.join(BACKENDS)}")
     encoder = getattr(model, "image_encoder", model)
@@ -102,6 +104,8 @@ def make_image_encoder(model, backend: str = "auto", cache_dir: Optional[PathLik
     installed = [name for name in candidates if not missing_packages(name)]
     if not installed:
         needed = sorted({p for name in candidates for p in missing_packages(name)})
+        if quiet_when_missing and backend == "auto":
+            return torch_encoder(encoder, note=f"{INSTALL_HINT} for a faster CPU encoder")
         wanted = "a faster encoder runtime" if backend == "auto" else f"the {backend} encoder backend"
         warn(f"{wanted} needs the package{'s' if len(needed) > 1 else ''} {', '.join(needed)}, not installed; the "
              f"encoder runs in torch (slower on the CPU); install them with {INSTALL_HINT}", progress)
@@ -137,7 +141,7 @@ def unsupported_reason(encoder: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def torch_encoder(encoder: torch.nn.Module) -> ImageEncoder:
+def torch_encoder(encoder: torch.nn.Module, note: str = "") -> ImageEncoder:
     """The reference: the model's own forward under inference mode, channels-last when the model is."""
     # a weight in one layout only tells (1x1 and depth-wise kernels are contiguous in both)
     channels_last = any(m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
@@ -151,7 +155,8 @@ def torch_encoder(encoder: torch.nn.Module) -> ImageEncoder:
         with torch.inference_mode():
             return encoder(images).float().cpu().numpy()
 
-    return ImageEncoder("torch", run, f"torch {torch.__version__} ({'channels-last' if channels_last else 'eager'})")
+    layout = "channels-last" if channels_last else "eager"
+    return ImageEncoder("torch", run, f"torch {torch.__version__} ({layout})" + (f"; {note}" if note else ""))
 
 
 # ---- the exported runtimes ------------------------------------------------------------------------------------------
