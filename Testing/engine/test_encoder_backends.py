@@ -89,7 +89,38 @@ def test_runtime_gives_torch_embeddings_and_masks_on_a_real_slice(litemedsam, ex
     assert masks[0].sum() > 100 and bool(torch.equal(masks[0], masks[1]))
 
 
+def test_the_slice_predictor_runs_the_fast_encoder_with_the_torch_masks(litemedsam, data_dir):
+    """VolumeSlicePredictor's default (encoder_backend "auto") on the CPU: the exported runtime encodes, and a 3D box
+    gives the masks of the torch encoder (Dice >= 0.99; the runtimes' float32 sums differ in the last bits)."""
+    if all(backends.missing_packages(b) for b in RUNTIMES):
+        pytest.skip(f"no encoder runtime installed: {backends.INSTALL_HINT}")
+    from medsegx_core.data.metrics import dice
+    from medsegx_core.data.readers import read_volume
+    from medsegx_core.prompts import BoxPrompt, Prompts
+    from medsegx_core.volume_slice_predictor import VolumeSlicePredictor
+
+    volume = read_volume(data_dir / "ct" / "totalseg_ct_small.nii.gz")
+    prompts = Prompts(box=BoxPrompt((20, 30, 10), (70, 80, 14), space="ijk"))
+    masks = {}
+    for backend in ("auto", "torch"):
+        predictor = VolumeSlicePredictor(litemedsam, encoder_backend=backend)
+        predictor.set_volume(volume)
+        masks[backend] = predictor.segment(prompts).mask
+        assert (predictor.fast_encoder() is None) == (backend == "torch")
+        assert predictor.describe_encoder().startswith("encoder " + ("torch" if backend == "torch" else "o"))
+    assert masks["torch"].sum() > 500 and dice(masks["auto"], masks["torch"]) >= 0.99
+
+
 # ---- a runtime missing ----------------------------------------------------------------------------------------------
+def test_the_predictors_auto_choice_is_quiet_without_a_runtime(monkeypatch, caplog, tmp_path):
+    """The optional packages are optional: with none installed, ``quiet_when_missing`` (the predictors' call)
+    keeps torch without a warning and says what to install in describe()."""
+    for name in RUNTIMES:
+        monkeypatch.setitem(sys.modules, name, None)
+    chosen = backends.make_image_encoder(tiny_encoder(), "auto", cache_dir=tmp_path, quiet_when_missing=True)
+    assert chosen.backend == "torch" and backends.INSTALL_HINT in chosen.describe()
+    assert warnings_of(caplog) == [] and not any(tmp_path.iterdir())
+
 def test_a_missing_runtime_falls_back_to_torch_with_one_message(monkeypatch, caplog, tmp_path):
     encoder = tiny_encoder()
     for name in RUNTIMES:
