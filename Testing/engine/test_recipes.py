@@ -14,6 +14,7 @@ from medsegx_core.cli.finetune import TRAINER as FINETUNE, add_learning_options,
 from medsegx_core.errors import InputError
 from medsegx_core.training.finetune import FinetuneSettings
 from medsegx_core.training.recipes import RECIPES_DIR, load_recipe, option_names
+from medsegx_core.training.train_localiser import TRAINER as LOCALISER, LocaliserRecipe
 from medsegx_core.training.train_starter import TRAINER as STARTER
 from medsegx_core.training.train_starter import parse_args, recipe_options, upgrade_recorded_argv
 from medsegx_core.weights.default import starter_weights_dir
@@ -56,7 +57,11 @@ def test_the_shipped_weights_were_trained_with_a_shipped_recipe():
 
 
 def test_every_shipped_recipe_expands_to_valid_options():
-    assert {json.loads(p.read_text())["trainer"] for p in RECIPES_DIR.glob("*.json")} == {STARTER, FINETUNE}
+    assert {json.loads(p.read_text())["trainer"] for p in RECIPES_DIR.glob("*.json")} == {STARTER, FINETUNE,
+                                                                                         LOCALISER}
+    for path in recipes_for(LOCALISER):
+        recipe, record = LocaliserRecipe.from_file(path.stem)
+        assert recipe.steps > 0 and recipe.learning_rate > 0 and record["name"] == json.loads(path.read_text())["recipe"]
     for path in recipes_for(STARTER):
         args = parse_args(["--recipe", path.stem])
         assert args.recipe_record["name"] == json.loads(path.read_text())["recipe"]
@@ -65,6 +70,17 @@ def test_every_shipped_recipe_expands_to_valid_options():
         options, record = learning_options(finetune_args("--recipe", path.stem))
         settings = settings_from_options(options, record)
         assert settings.steps > 0 and settings.lr > 0 and record["sha256"] and "overrides" not in record
+
+
+def test_a_localiser_recipe_with_an_unknown_option_or_another_trainer_is_refused(tmp_path):
+    shipped = json.loads((RECIPES_DIR / "text_localiser.json").read_text())
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({**shipped, "options": {**shipped["options"], "stepz": 3}}))
+    with pytest.raises(InputError, match="unknown option.*stepz"):
+        LocaliserRecipe.from_file(wrong)
+    wrong.write_text(json.dumps({**shipped, "trainer": FINETUNE}))
+    with pytest.raises(InputError, match="is for medsegx finetune"):
+        LocaliserRecipe.from_file(wrong)
 
 
 def test_finetunings_default_recipe_is_what_the_python_api_defaults_to():

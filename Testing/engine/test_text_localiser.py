@@ -114,11 +114,13 @@ def litemedsam():
 
 def test_a_tiny_recipe_trains_and_its_folder_round_trips(data_dir, litemedsam, tmp_path):
     from medsegx_core.inference.encoder_backends import torch_encoder
-    from medsegx_core.training.train_localiser import LocaliserRecipe, coarse_dice, train_localiser
+    from medsegx_core.training.train_localiser import DEFAULT_RECIPE, LocaliserRecipe, coarse_dice, train_localiser
 
     case = encode_case(data_dir, SMALL_CT, torch_encoder(litemedsam.image_encoder), VOCABULARY, step_mm=9.0)
     assert case.embeddings.shape == (10, 256, 64, 64) and case.targets.shape == (10, len(VOCABULARY), 64, 64)
     assert case.known[VOCABULARY.index("brain")] and case.targets[:, VOCABULARY.index("liver")].max() == 255
+    shipped, record = LocaliserRecipe.from_file(DEFAULT_RECIPE)
+    assert shipped.steps > 0 and record["name"] == "text-localiser" and len(record["sha256"]) == 64
     recipe = LocaliserRecipe(steps=40, batch=4, learning_rate=5e-3, seed=3)
     localiser, log = train_localiser([case], recipe, VOCABULARY)
     assert np.mean(log.losses[-5:]) < 0.7 * np.mean(log.losses[:5])
@@ -137,8 +139,8 @@ def test_a_tiny_recipe_trains_and_its_folder_round_trips(data_dir, litemedsam, t
 def test_the_bundled_localiser_records_its_recipe_and_never_trained_on_its_held_out_patients():
     record = localiser_record()
     recipe = json.loads((bundled_localiser_dir().parent / "recipes" / record["recipe_file"]).read_text())
-    assert record["recipe"]["held_out_patients"] == recipe["held_out_patients"]
-    held_out = set(recipe["held_out_patients"])
+    assert record["recipe"]["held_out_patients"] == recipe["options"]["held-out-patients"]
+    held_out = set(recipe["options"]["held-out-patients"])
     assert {case_named(f"mr_chaos_{nn}").patient for nn in ("10", "13", "15", "19", "20")} <= held_out
     assert any(p.startswith("ct-") for p in held_out)
     trained = {case_named(key.split("@")[0]).patient for key in record["training_cases"]}

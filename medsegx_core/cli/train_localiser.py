@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--data {args.data}: not found; point it at the shared data folder (holding ct/ and mri/)")
     if args.output.exists() and not args.overwrite:
         raise InputError(f"-o {args.output}: already exists; choose another folder or pass --overwrite")
-    recipe = LocaliserRecipe.from_file(args.recipe)
+    recipe, recipe_record = LocaliserRecipe.from_file(args.recipe)
     cache = args.cache or medsegx_home() / "localiser_samples"
     if args.steps:
         recipe.steps = args.steps
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     training = [c for c in cases if c.patient not in recipe.held_out_patients]
-    record = {"recipe": recipe.to_dict(), "recipe_file": Path(args.recipe).name, "training_cases": log.cases,
+    record = {"recipe": recipe.to_dict(), "recipe_file": Path(recipe_record["file"]).name,
+              "recipe_record": recipe_record, "training_cases": log.cases,
               "samples_sha256": samples_hash(training), "training_seconds": round(log.seconds, 1),
               "final_loss": round(float(np.mean(log.losses[-50:])), 5), "torch": torch.__version__}
     save_localiser(args.output, localiser, record, overwrite=args.overwrite)
@@ -66,7 +67,8 @@ def register(subparsers) -> None:
     parser.add_argument("--data", type=Path, required=True, help="the shared data folder (holding ct/ and mri/)")
     parser.add_argument("--cache", type=Path,
                         help="where the encoded slices are kept (default $MEDSEGX_HOME/localiser_samples)")
-    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="training recipe (JSON)")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE,
+                        help=f"training recipe: a shipped name or a JSON file (default {DEFAULT_RECIPE})")
     parser.add_argument("-o", "--output", type=Path, required=True, help="weights folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     parser.add_argument("--steps", type=int, help="replace the recipe's step count (a quick check)")

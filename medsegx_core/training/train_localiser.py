@@ -18,10 +18,8 @@ over the structures each slice's case teaches only (``known``).
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,7 +30,8 @@ from ..modeling.slice_localiser import SliceLocaliser, SliceLocaliserConfig
 from ..progress import CancelToken, ProgressCallback, check, report
 from .localiser_data import CaseSlices
 
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "resources" / "recipes" / "text_localiser.json"
+DEFAULT_RECIPE = "text_localiser"            # resources/recipes/text_localiser.json
+TRAINER = "medsegx train-localiser"
 
 
 @dataclass
@@ -48,19 +47,20 @@ class LocaliserRecipe:
     dropout: float = 0.1
     held_out_patients: Tuple[str, ...] = ()
     variants: Tuple[str, ...] = ("native",)     # localiser_data.VARIANTS of each case to train on
-    notes: str = ""
 
     @classmethod
-    def from_file(cls, path) -> "LocaliserRecipe":
-        values = json.loads(Path(path).read_text(encoding="utf-8"))
-        values["held_out_patients"] = tuple(values.get("held_out_patients", ()))
-        values["variants"] = tuple(values.get("variants", ("native",)))
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            from ..errors import InputError
+    def from_file(cls, name_or_path) -> Tuple["LocaliserRecipe", dict]:
+        """(the recipe, its record) from a recipe file in the shipped format (``training/recipes.py``: trainer
+        TRAINER, options named as the fields with dashes), by path or by shipped name."""
+        from .recipes import load_recipe
 
-            raise InputError(f"recipe {path}: unknown option(s) {', '.join(sorted(unknown))}")
-        return cls(**values)
+        fields = list(cls.__dataclass_fields__)
+        recipe = load_recipe(str(name_or_path), TRAINER, [name.replace("_", "-") for name in fields])
+        values = {key.replace("-", "_"): value for key, value in recipe.options.items()}
+        for name in ("held_out_patients", "variants"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values), recipe.record()
 
     def to_dict(self) -> dict:
         data = asdict(self)
