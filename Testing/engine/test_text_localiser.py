@@ -191,6 +191,13 @@ def test_the_command_line_runs_text_on_the_localiser_and_writes_an_absent_struct
     voxels = np.asarray(segmentation["voxels"])
     values = {s["name"]: s["labelValue"] for s in segmentation["segments"]}
     assert (voxels == values["liver"]).sum() > 1000 and (voxels == values["brain"]).sum() == 0
+    # --min-confidence reads the localiser's peak: the absent brain is left out, the liver kept
+    kept = tmp_path / "kept.seg.nrrd"
+    argv = ["segment", str(data_dir / HELD_OUT_MR), "--text", "liver", "--text", "brain", "--min-confidence", "0.5",
+            "-o", str(kept)]
+    assert main(argv) == 0
+    assert "left out 'brain'" in capsys.readouterr().err
+    assert [s["name"] for s in slicerio.read_segmentation(str(kept))["segments"]] == ["liver"]
 
 
 def test_a_text_the_localiser_does_not_know_is_left_to_segvol():
