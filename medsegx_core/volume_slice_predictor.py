@@ -29,9 +29,9 @@ slices. ``text_zoom_in="boxes"`` (default): every slice decoded with the localis
 LiteMedSAM starts on the blob's widest slice with the localiser's box and propagates as for a 3D box, within the
 blob's slices widened by one sampling step; ``"both"``: propagates with the localiser's box of each slice as one
 more candidate. Measured against each other on held-out patients (the localiser's model card): about equal over
-CHAOS MR liver, spleen and kidneys, boxes clearly best for the liver, the propagating ones a little for kidneys. A structure it
-does not find gives an empty mask and ``found = False``. With positive clicks, the blob under the first click is
-taken, and clicks refine their slices as for a box.
+CHAOS MR liver, spleen and kidneys, boxes clearly best for the liver, the propagating ones a little for kidneys.
+A structure it does not find gives an empty mask and ``found = False``. With positive clicks, the blob under the
+first click is taken, and clicks refine their slices as for a box.
 
 Clicks refine the slices they lie on as box edits (``edit_slice``): a positive click widens that slice's box to hold
 it, a negative click inside the box moves the box's nearest edge past it. They are not SAM point prompts: this

@@ -6,7 +6,8 @@ totalseg_ct and CHAOS T2 MR 10 13 15 19 20) and each of liver, spleen, right and
 * text: ``VolumeSlicePredictor.segment(Prompts(text=NAME))`` with the volume's modality read or guessed from the
   file (no ``--modality``, as users run it); Dice against the label; whether it was found;
 * 3D box: the label's tight box as a box prompt (the box path), for reference;
-* old text (``--old``): the SegVol text path with the default weights (the bundled starter), as before.
+* old text (``--old``): the SegVol text path with the default weights (the bundled starter), as before;
+* filled: the label's tight box filled in, no model at all (the trivial baseline).
 
 Absent structures: each volume is also cut into thirds (bottom, middle, top slices, each a volume of its own); an
 organ with no labelled voxel in a third is "absent" there, one with at least a fifth of its voxels "present" (in
@@ -27,18 +28,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_box import SHARED, case_structures, read_case, selected_cases, tight_box_ijk  # noqa: E402
+from eval_box import SHARED, case_structures, filled_box, read_case, selected_cases, tight_box_ijk  # noqa: E402
 
 ORGAN_TEXT = {"liver": "liver", "spleen": "spleen", "kidney_right": "right kidney", "kidney_left": "left kidney"}
 DEFAULT_CASES = ("totalseg_ct", "chaos_10", "chaos_13", "chaos_15", "chaos_19", "chaos_20")
 HEAD_CASE = ("brain_tumor_t1", "mri/brain_tumor_t1.nrrd")
 PRESENT_FRACTION = 0.2
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
 
 
 def presence(predictor, text: str) -> dict:
@@ -67,6 +62,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from medsegx_core.data.metrics import dice
     from medsegx_core.data.readers import read_volume
     from medsegx_core.prompts import BoxPrompt, Prompts
     from medsegx_core.volume_slice_predictor import VolumeSlicePredictor
@@ -97,7 +93,7 @@ def main() -> int:
             result = predictor.segment(Prompts(text=ORGAN_TEXT[organ]))
             row = dict(case=case.key, modality=case.modality, organ=organ, found=bool(result.found),
                        text=dice(result.mask, truth), seconds=round(time.perf_counter() - started, 1),
-                       encoded=result.encoded, decoded=result.decoded)
+                       encoded=result.encoded, decoded=result.decoded, filled=dice(filled_box(truth), truth))
             if not args.no_box:
                 lo, hi = tight_box_ijk(truth)
                 boxed = predictor.segment(Prompts(box=BoxPrompt(lo, hi, space="ijk")))
@@ -120,7 +116,8 @@ def main() -> int:
                 status = "absent" if here == 0 else "present" if here >= PRESENT_FRACTION * total else "partial"
                 if status == "partial" or total == 0:
                     continue
-                row = dict(case=case.key, part=part, organ=organ, status=status, **presence(predictor, ORGAN_TEXT[organ]))
+                row = dict(case=case.key, part=part, organ=organ, status=status,
+                           **presence(predictor, ORGAN_TEXT[organ]))
                 absent_rows.append(row)
                 print(f"  {case.key} {part} {organ}: {status}, found={row['found']} (peak {row['peak']:.2f}, "
                       f"{row['volume_ml']:.1f} mL)", flush=True)
@@ -138,7 +135,7 @@ def main() -> int:
             chosen = [r for r in rows if r["modality"] == modality and r["organ"] == organ]
             if not chosen:
                 continue
-            columns = [c for c in ("text", "box", "old_text") if c in chosen[0]]
+            columns = [c for c in ("text", "box", "old_text", "filled") if c in chosen[0]]
             figures = ", ".join(f"{c} {np.mean([r[c] for r in chosen]):.3f}" for c in columns)
             print(f"  {modality} {organ:13s} n={len(chosen)}: {figures}; found {sum(r['found'] for r in chosen)}"
                   f"/{len(chosen)}; {np.mean([r['seconds'] for r in chosen]):.1f} s")

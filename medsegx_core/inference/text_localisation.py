@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..data.hierarchy import ResolvedTerm
+from ..data.hierarchy import ResolvedTerm, resolve_term
 
 # Slices about this far apart are read by the localiser (its training sampled the same).
 SLICE_STEP_MM = 4.0
@@ -61,22 +61,8 @@ def channels_for(structures: Sequence[str], term: ResolvedTerm) -> List[int]:
     """The localiser's outputs that make up ``term``: the node itself, or every structure below it."""
     if term.name in structures:
         return [structures.index(term.name)]
-    from ..data.hierarchy import resolve_term
-
-    children = []
-    for index, name in enumerate(structures):
-        node = resolve_term(name).node
-        if term.node in _ancestors(node):
-            children.append(index)
-    return children
-
-
-def _ancestors(node) -> List:
-    found = []
-    while node is not None:
-        found.append(node)
-        node = getattr(node, "parent", None)
-    return found
+    return [index for index, name in enumerate(structures)
+            if resolve_term(name).node.ancestor(term.node.level) is term.node]
 
 
 def sampled_slices(count: int, spacing_k: float, step_mm: float = SLICE_STEP_MM) -> Tuple[List[int], int]:

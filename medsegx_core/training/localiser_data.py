@@ -99,7 +99,8 @@ def resolved_names(data_dir: Path, spec: CaseSpec) -> Dict[int, str]:
     return names
 
 
-def structure_labels(spec: CaseSpec, names: Dict[int, str], vocabulary: Sequence[str]) -> Tuple[Dict[str, List[int]], np.ndarray]:
+def structure_labels(spec: CaseSpec, names: Dict[int, str], vocabulary: Sequence[str]
+                     ) -> Tuple[Dict[str, List[int]], np.ndarray]:
     """({vocabulary name: label values that make it}, known (V,) bool) of one case."""
     labels: Dict[str, List[int]] = {}
     known = np.zeros(len(vocabulary), dtype=bool)
@@ -111,11 +112,9 @@ def structure_labels(spec: CaseSpec, names: Dict[int, str], vocabulary: Sequence
         else:
             values = sorted(v for v, n in names.items() if n in wanted)
         labels[structure] = values
-        is_head = structure in HEAD_STRUCTURES
-        ruled_out = head_case != is_head       # a trunk organ in a head scan, or the brain in a trunk scan
+        # a trunk organ in a head scan, or the brain in a trunk scan, is known to be absent
+        ruled_out = head_case != (structure in HEAD_STRUCTURES)
         known[index] = bool(values) or ruled_out
-        if ruled_out and not is_head:
-            labels[structure] = []
     return labels, known
 
 
