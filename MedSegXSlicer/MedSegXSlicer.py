@@ -61,10 +61,13 @@ ensure_engine_importable()
 from MedSegXSlicerLib import MedSegXSlicerLogic, install, sample_data  # noqa: E402
 from MedSegXSlicerLib.shortcuts import SHORTCUTS, shortcuts_help  # noqa: E402
 from medsegx_core.errors import Cancelled, MedSegXError  # noqa: E402
+from medsegx_core.inference.slice_interpolation import FAST_MODE_SLICE_STEP  # noqa: E402
 
 POSITIVE_COLOR = (0.25, 0.85, 0.35)
 NEGATIVE_COLOR = (0.95, 0.25, 0.25)
 POLL_INTERVAL_MS = 100
+#: how long the ROI must rest before LiteMedSAM starts encoding its slices ahead (a drag fires many events)
+ENCODE_AHEAD_DELAY_MS = 400
 PRESET_PROMPT = "Presets..."
 #: the expert-pack menu's fixed items (the packs found are listed between the second and the last)
 OWN_EXPERTS_ITEM, NO_EXPERTS_ITEM, PACK_FILE_ITEM = "the weights' own experts", "no experts", "expert pack file..."
@@ -128,6 +131,7 @@ class MedSegXSlicerParameterNode:
     sliceMode - MedSegX's 2D model on the box's slice (the box one slice thick) instead of SegVol on the volume.
     propagate - follow the structure from the box's slice to the neighbouring slices until it ends (LiteMedSAM: the
         box's middle slice, where it was drawn on a slice view; slice mode: a box one slice thick).
+    fastMode - LiteMedSAM decodes every FAST_MODE_SLICE_STEP-th slice and interpolates the slices between.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -140,6 +144,7 @@ class MedSegXSlicerParameterNode:
     autoSegment: bool = True
     sliceMode: bool = False
     propagate: bool = False
+    fastMode: bool = False
 
 
 #
@@ -158,6 +163,7 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._finishTask = None
         self._rerunWhenDone = False
         self._observedPointNodes = []
+        self._observedRoi = None
         self._shortcuts = []
 
     def setup(self) -> None:
@@ -188,6 +194,11 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(POLL_INTERVAL_MS)
         self.pollTimer.connect("timeout()", self.onPollTask)
+        # LiteMedSAM encodes the box's slices while the user is still placing it: once the ROI rests this long
+        self.encodeAheadTimer = qt.QTimer()
+        self.encodeAheadTimer.setSingleShot(True)
+        self.encodeAheadTimer.setInterval(ENCODE_AHEAD_DELAY_MS)
+        self.encodeAheadTimer.connect("timeout()", self.onEncodeAhead)
 
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.textLineEdit.connect("returnPressed()", self.onSegmentButton)
@@ -295,6 +306,7 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.negativePointsPlaceWidget.setCurrentNode(p.negativePoints)
         self.ui.segmentSelector.setCurrentNode(p.outputSegmentation)
         self._observePointNodes([p.positivePoints, p.negativePoints])
+        self._observeRoi(p.boxRoi)
         busy = self._task is not None
         hasPrompt = bool(p.text.strip()) or p.boxRoi is not None or any(
             node is not None and node.GetNumberOfDefinedControlPoints() > 0
@@ -317,6 +329,29 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for node in nodes:
             self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointPlaced)
         self._observedPointNodes = nodes
+
+    def _observeRoi(self, node) -> None:
+        """Encode the box's slices ahead whenever the ROI is moved or resized."""
+        if node is self._observedRoi:
+            return
+        if self._observedRoi is not None:
+            self.removeObserver(self._observedRoi, vtk.vtkCommand.ModifiedEvent, self.onRoiChanged)
+        if node is not None:
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.onRoiChanged)
+        self._observedRoi = node
+
+    def onRoiChanged(self, caller=None, event=None) -> None:
+        self.encodeAheadTimer.start()   # restarted by each move: runs once the ROI rests
+
+    def onEncodeAhead(self) -> None:
+        p = self._parameterNode
+        if p is None or self._task is not None or p.sliceMode or p.inputVolume is None or p.boxRoi is None:
+            return
+        try:
+            self.logic.device = p.device
+            self.logic.encodeAhead(p.inputVolume, p.boxRoi, propagate=p.propagate)
+        except MedSegXError as error:   # a box still being placed may be outside the volume: Segment will say so
+            logging.debug(f"MedSegX: not encoding ahead: {error}")
 
     def onPointPlaced(self, caller, event) -> None:
         self._updateButtons()
@@ -379,6 +414,7 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("MedSegX could not start."), waitCursor=True):
             self.logic.device = p.device
+            self.logic.sliceStep = FAST_MODE_SLICE_STEP if p.fastMode else 1
             task = self.logic.startSegmentation(
                 p.inputVolume, p.outputSegmentation, text=p.text, pointsNode=p.positivePoints,
                 negativePointsNode=p.negativePoints, roiNode=p.boxRoi,

@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> list:
     logic.sessions = SessionStore(*engine_factories(args))
     logic.boxSessions = SessionStore(*box_engine_factories(args))
     logic.useLiteMedSAMForBoxes = not args.experts   # an expert pack is SegVol's: the box goes to SegVol too
+    logic.sliceStep = args.slice_step                # LiteMedSAM's fast mode (--slice-step), checked as the CLI does
     cancel = CancelToken()
     try:
         for prompts in prompt_sets:  # one engine session: the volume is encoded once for all structures

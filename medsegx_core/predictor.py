@@ -201,6 +201,26 @@ class Predictor:
                                   windows_skipped=sum(w is None for w in windows),
                                   runtime=self.runner.describe(), notes=notes, confidence=confidence)
 
+    def coarse_mask(self, prompts: Prompts, progress: Optional[ProgressCallback] = None,
+                    cancel: Optional[CancelToken] = None) -> SegmentationResult:
+        """The zoom-out pass alone, on the volume's grid (no zoom-in windows): where the structure lies, for
+        another model's zoom-in (LiteMedSAM slice by slice: ``VolumeSlicePredictor.segment_region``; ``medsegx
+        segment --zoom-in litemedsam``). Its presence confidence and absence note are the zoom-out's, as in
+        ``segment``."""
+        self.cache.begin_call()
+        crop_prompts = self.map_prompts(prompts)
+        check(cancel)
+        report(progress, 0.0, "zoom-out")
+        coarse = self.zoom_out(crop_prompts, progress)
+        confidence = presence_confidence(coarse.logits, coarse.foreground)
+        absent = absence_warning(crop_prompts.text, confidence)
+        mask_full, mask_crop = self.prepared.working_canvas(np.uint8)
+        self.maps.back_to_crop_into(coarse.foreground, mask_crop)
+        notes = [note for note in (self._volume_note, absent) if note]
+        report(progress, 1.0, "zoom-out done")
+        return SegmentationResult(mask=self.prepared.to_stored(mask_full), name=crop_prompts.text,
+                                  runtime=self.runner.describe(), notes=notes, confidence=confidence)
+
     # ---- the steps of segment() -------------------------------------------------------------------------
     def map_prompts(self, prompts: Prompts) -> CropPrompts:
         """The prompts on the foreground crop: checked (``Prompts.to_voxel``, then the crop's border), the text

@@ -19,9 +19,20 @@ there each next slice, up and down, gets the bounding box of the previous slice'
 pixels (256 scale; ``open_margin`` when a box on one slice is propagated), decoded at ``margin_shares`` of that
 margin (0, half, all of it, in one batched decoder call) and kept at the one whose mask the decoder's IoU head
 rates highest, so the box can follow an organ that shrinks as well as one that grows. A 3D box bounds the slices
-(its end slices included); a box on one slice with ``propagate=True`` goes on until the mask vanishes or the volume
-ends. Propagation stops in a direction when a slice's mask is empty or smaller than ``min_area_fraction`` of the largest
-slice so far.
+(its end slices included) and the grown boxes in-plane (a box that left it followed the neighbouring tissue); a box on
+one slice with ``propagate=True`` goes on until the mask vanishes or the volume ends. Propagation stops in a direction
+when a slice's mask is empty or smaller than ``min_area_fraction`` of the largest slice so far.
+
+Fast mode (``slice_step`` n > 1, off by default): the propagation decodes (and so encodes) every n-th slice and the
+box's end slices, and fills the slices between by signed-distance interpolation (``inference/slice_interpolation.py``)
+where two decoded masks agree (Dice >= ``MIN_OVERLAP``, areas within ``MAX_AREA_CHANGE``); where they do not (near a
+structure's end) it decodes those slices one by one. Its Dice cost is in the model card (Testing/benchmarks/fast_mode.py).
+
+Encode ahead (``encode_ahead``): the slices a box will reach, its start slice first and then outwards, encoded before
+the prompt is final (Slicer does it while the ROI is being placed); cancellable, what it encoded stays cached.
+
+Another model's zoom-out (``segment_region``): a coarse mask on the volume's grid (SegVol's zoom-out,
+``Predictor.coarse_mask``) whose largest blob gives a box on each of its slices, which LiteMedSAM segments.
 
 Text (no box): the text localiser (``inference/text_localisation.py``, a small head on these same slice
 embeddings, bundled) reads slices about 4 mm apart, finds the named structure's blob and a box on each of its
@@ -64,7 +75,9 @@ from .data.volume import Volume
 from .errors import InputError, PromptError
 from .inference.cache import WINDOW, EmbeddingCache, PackedEmbedding
 from .inference.runner import ModelRunner
-from .inference.text_localisation import Localisation, channels_for, locate, sampled_slices, CELL
+from .inference.text_localisation import (Localisation, channels_for, connected_blobs, locate, sampled_slices,
+                                          CELL)
+from .inference.slice_interpolation import check_slice_step, interpolate_masks
 from .inference.slice_preprocessing import (IntensityWindow, box_to_model, litemedsam_input, litemedsam_window,
                                             logits_to_slice, points_to_model)
 from .progress import CancelToken, ProgressCallback, check, report, scaled as scaled_progress
@@ -90,6 +103,13 @@ DEFAULT_MIN_AREA_FRACTION = 0.1
 # its middle half ("widest": the box's 2D extent decoded on START_CANDIDATES slices; the slices are encoded anyway).
 START_RULES = ("middle", "widest")
 START_CANDIDATES = 5
+# The fast mode (slice_step > 1) interpolates between two decoded slices only when their masks overlap at least
+# MIN_OVERLAP (Dice) and their areas differ by at most a factor MAX_AREA_CHANGE; else the slices between are decoded
+# one by one. Near a structure's end its area falls fast, and a box grown from a mask several slices back finds the
+# neighbouring tissue, which the stop rule alone does not notice (the small CT's right kidney: a 97-pixel slice, three
+# slices on 52 pixels of something else, where slice by slice the next one was empty).
+MIN_OVERLAP = 0.6
+MAX_AREA_CHANGE = 1.5
 # How a text prompt's zoom-in uses the localiser's boxes (see the module's text).
 TEXT_ZOOM_INS = ("boxes", "propagate", "both")
 EPS = 1e-6
@@ -115,6 +135,12 @@ class SliceSegmentation:
                 f"decoded, {self.encoded} encoded)")
 
 
+def overlap(first: np.ndarray, second: np.ndarray) -> float:
+    """Dice of two 2D masks (1.0 when both are empty)."""
+    total = int(first.sum()) + int(second.sum())
+    return 1.0 if total == 0 else 2.0 * float(np.logical_and(first, second).sum()) / total
+
+
 def mask_box(mask: np.ndarray) -> Optional[np.ndarray]:
     """[x_min, y_min, x_max, y_max] (inclusive pixel indices) of a 2D mask, or None when it is empty."""
     rows = np.flatnonzero(mask.any(axis=1))
@@ -129,11 +155,12 @@ class VolumeSlicePredictor:
                  margin: float = DEFAULT_MARGIN, open_margin: float = DEFAULT_OPEN_MARGIN,
                  min_area_fraction: float = DEFAULT_MIN_AREA_FRACTION, start: str = "middle",
                  margin_shares: Tuple[float, ...] = DEFAULT_MARGIN_SHARES, localiser=None,
-                 encoder_backend: str = "auto", text_zoom_in: str = "boxes"):
+                 encoder_backend: str = "auto", text_zoom_in: str = "boxes", slice_step: int = 1):
         if start not in START_RULES:
             raise InputError(f"start {start!r}: choose one of {', '.join(START_RULES)}")
         if text_zoom_in not in TEXT_ZOOM_INS:
             raise InputError(f"text_zoom_in {text_zoom_in!r}: choose one of {', '.join(TEXT_ZOOM_INS)}")
+        check_slice_step(slice_step)
         if precision == "auto":
             # fp32 on CPUs until reduced precision is measured on this model's masks; bf16/fp16 on CUDA
             precision = "auto" if torch.cuda.is_available() and device in ("auto", "cuda") else "fp32"
@@ -159,6 +186,7 @@ class VolumeSlicePredictor:
         self._image_encoder = None
         self.slices_encoded = 0              # encoder runs so far (a call's count is the difference)
         self.text_zoom_in = text_zoom_in
+        self.slice_step = int(slice_step)    # fast mode: decode every n-th slice of a propagation, interpolate between
         self._maps = {}                      # working slice -> (structures, G, G) float16 localiser probabilities
 
     @property
@@ -303,22 +331,9 @@ class VolumeSlicePredictor:
         if prompts.box is None and prompts.text:
             return self.segment_text(prompts, progress, cancel)
         started = time.perf_counter()
-        box, clicks, labels = self.working_prompts(prompts)
-        term = resolve_term(prompts.text) if prompts.text else None
-        name = term.name if term else None
-        # the experts' routing, as trained: the text's anatomy and the modality, or the modality alone
-        self._context = context_indices(term, self.modality) if hasattr(self.model, "conmoae") else None
-        slices = self.working.shape[0]
-        covered = list(range(math.ceil(box[0, 2] - EPS), math.floor(box[1, 2] + EPS) + 1))
-        if not covered:
-            covered = [int(round(float(box[:, 2].mean())))]
-        flat = len(covered) == 1
-        if min(box[1, 0] - box[0, 0], box[1, 1] - box[0, 1]) < 0.5:
-            raise PromptError(f"{prompts.box.describe()} has no width or height on the volume's axial slices (drawn "
-                              f"on another view?); LiteMedSAM segments axial slices: draw the box on one of them")
-        low, high = (0, slices - 1) if flat and propagate else (covered[0], covered[-1])
-        start = covered[len(covered) // 2]
-        box2d = np.array([box[0, 0], box[0, 1], box[1, 0], box[1, 1]], dtype=np.float32)
+        plan = self._plan_box(prompts, propagate)
+        box, clicks, labels, name = plan.box, plan.clicks, plan.labels, plan.name
+        flat, low, high, start, box2d = plan.flat, plan.low, plan.high, plan.start, plan.box2d
         click_slices = np.rint(clicks[:, 2]).astype(int) if len(clicks) else np.zeros(0, int)
         self.cache.begin_call()
         self.cache.fit(self._slice_bytes() * (high - low + 1))
@@ -332,11 +347,13 @@ class VolumeSlicePredictor:
         # changes the boxes handed to other slices (a negative click that shrank one slice's mask would otherwise
         # stop the propagation there). The propagation of the last box is kept: a click re-runs one slice.
         key = (tuple(np.round(box.ravel(), 3)), low, high, margin, self.margin_shares, self.min_area_fraction,
-               self.start, None if self._context is None else self._context.rows())
+               self.start, self.slice_step, None if self._context is None else self._context.rows())
         if self._last_propagation is not None and self._last_propagation[0] == key:
             mask, boxes_used = self._last_propagation[1].copy(), self._last_propagation[2]
         else:
-            mask, boxes_used = self._propagate(run, start, low, high, box2d, margin, notes)
+            # a 3D box bounds the grown boxes in-plane too; a box on one slice only says where the structure starts
+            bounds = None if flat and propagate else box2d
+            mask, boxes_used = self._propagate(run, start, low, high, box2d, margin, notes, bounds=bounds)
             self._last_propagation = (key, mask.copy(), boxes_used)
         for k in sorted(set(click_slices.tolist())):
             mask[k] = run(k, self._box_for_click(k, boxes_used, box2d), click_slices == k)[0]
@@ -349,6 +366,77 @@ class VolumeSlicePredictor:
         if self.modality is not None and not self.modality.known:
             notes.append("modality unknown: intensities mapped as MR (percentiles); give --modality CT for a CT")
         return SliceSegmentation(stored, name, segmented, run.encoded, run.decoded, runtime=runtime, notes=notes)
+
+    def encode_ahead(self, prompts: Prompts, propagate: bool = False, progress: Optional[ProgressCallback] = None,
+                     cancel: Optional[CancelToken] = None) -> int:
+        """Encode the slices ``segment(prompts, propagate)`` will reach, its start slice first and then outwards
+        (the order the propagation needs them), so that the segment() that follows runs only the decoder where this
+        got to: Slicer calls it while the user is still placing the box. Cancellable between slices (what is
+        encoded stays cached); returns how many slices were encoded now. A box on one slice with ``propagate``
+        does not say where the structure ends: every slice of the volume, nearest first, until cancelled."""
+        plan = self._plan_box(prompts, propagate)
+        self.cache.begin_call()
+        self.cache.fit(self._slice_bytes() * (plan.high - plan.low + 1))
+        order = sorted(range(plan.low, plan.high + 1), key=lambda k: (abs(k - plan.start), k < plan.start))
+        encoded = 0
+        for index, k in enumerate(order):
+            check(cancel)
+            report(progress, index / len(order), f"encoding slice {k} ahead")
+            encoded += int(self.embedding(k)[1])
+        report(progress, 1.0, f"{len(order)} slices encoded")
+        return encoded
+
+    def _plan_box(self, prompts: Prompts, propagate: bool) -> "_BoxPlan":
+        """What a box prompt asks of the working grid: its slices, start slice and 2D box (checked)."""
+        box, clicks, labels = self.working_prompts(prompts)
+        term = resolve_term(prompts.text) if prompts.text else None
+        # the experts' routing, as trained: the text's anatomy and the modality, or the modality alone
+        self._context = context_indices(term, self.modality) if hasattr(self.model, "conmoae") else None
+        covered = list(range(math.ceil(box[0, 2] - EPS), math.floor(box[1, 2] + EPS) + 1))
+        if not covered:
+            covered = [int(round(float(box[:, 2].mean())))]
+        flat = len(covered) == 1
+        if min(box[1, 0] - box[0, 0], box[1, 1] - box[0, 1]) < 0.5:
+            raise PromptError(f"{prompts.box.describe()} has no width or height on the volume's axial slices (drawn "
+                              f"on another view?); LiteMedSAM segments axial slices: draw the box on one of them")
+        low, high = (0, self.working.shape[0] - 1) if flat and propagate else (covered[0], covered[-1])
+        box2d = np.array([box[0, 0], box[0, 1], box[1, 0], box[1, 1]], dtype=np.float32)
+        return _BoxPlan(box, clicks, labels, term.name if term else None, flat, low, high,
+                        covered[len(covered) // 2], box2d)
+
+    def segment_region(self, region: np.ndarray, name: Optional[str] = None,
+                       progress: Optional[ProgressCallback] = None,
+                       cancel: Optional[CancelToken] = None) -> SliceSegmentation:
+        """LiteMedSAM as the zoom-in of another model's zoom-out: ``region`` (k, j, i) on the volume's grid (SegVol's
+        coarse mask, ``Predictor.coarse_mask``) says where the structure lies; its largest 3D connected blob gives
+        a box on each of its axial slices, which LiteMedSAM segments (with ``slice_step`` n: every n-th slice,
+        interpolated between). An empty region gives an empty mask and a note."""
+        started = time.perf_counter()
+        volume = self._require_volume()
+        if tuple(region.shape) != tuple(volume.array.shape):
+            raise InputError(f"a region of shape {tuple(region.shape)} on a volume of shape "
+                             f"{tuple(volume.array.shape)}: give the region on the volume's own grid")
+        self._context = None
+        working = self.orientation.array_to_working(np.asarray(region) > 0)
+        notes: List[str] = []
+        boxes = {}
+        if working.any():
+            blobs = connected_blobs(working)
+            sizes = np.bincount(blobs.ravel())
+            sizes[0] = 0
+            blob = blobs == int(np.argmax(sizes))
+            boxes = {int(k): mask_box(blob[k]) for k in np.flatnonzero(blob.any(axis=(1, 2)))}
+        else:
+            notes.append("the zoom-out found nothing: nothing for LiteMedSAM to segment")
+        self.cache.begin_call()
+        self.cache.fit(self._slice_bytes() * max(1, len(boxes)))
+        run = _SliceRun(self, len(boxes), progress, cancel, np.zeros((0, 3)), np.zeros(0), self.open_margin)
+        mask = self._decode_boxes(run, boxes, notes)
+        report(progress, 1.0, "done")
+        stored = np.ascontiguousarray(self.orientation.array_to_stored(mask))
+        runtime = f"{self.runner.describe()}, {self.describe_encoder()}, {time.perf_counter() - started:.1f} s"
+        return SliceSegmentation(stored, name, [int(k) for k in np.flatnonzero(mask.any(axis=(1, 2)))], run.encoded,
+                                 run.decoded, runtime=runtime, notes=notes)
 
     # ---- text --------------------------------------------------------------------------------------------------
     @property
@@ -425,9 +513,7 @@ class VolumeSlicePredictor:
                 piece, boxes = self._propagate(run, place.widest, low, high, place.boxes[place.widest],
                                                self.margin, notes, extra)
             else:
-                piece, boxes = np.zeros(self.working.shape, dtype=np.uint8), dict(place.boxes)
-                for k, box in sorted(place.boxes.items()):
-                    piece[k] = run(k, box)[0]
+                piece, boxes = self._decode_boxes(run, place.boxes, notes), dict(place.boxes)
             for k in sorted(set(click_slices.tolist()) & set(boxes)):
                 piece[k] = run(k, boxes[k], click_slices == k)[0]
             mask |= piece
@@ -445,9 +531,12 @@ class VolumeSlicePredictor:
 
     # ---- internals ---------------------------------------------------------------------------------------------
     def _propagate(self, run, start: int, low: int, high: int, box2d: np.ndarray, margin: float, notes: List[str],
-                   extra_boxes: Optional[dict] = None):
-        """(mask (k, j, i) uint8 on the working grid, the box each slice was given) of the box alone;
-        ``extra_boxes``: slice -> one more candidate box for that slice."""
+                   extra_boxes: Optional[dict] = None, bounds: Optional[np.ndarray] = None):
+        """(mask (k, j, i) uint8 on the working grid, the box each decoded slice was given) of the box alone;
+        ``extra_boxes``: slice -> one more candidate box for that slice; ``bounds``: [x0, y0, x1, y1] no grown box
+        may leave (a 3D box's in-plane extent). With ``slice_step`` n > 1 only every n-th slice (and the range's end
+        slices) is decoded and the slices between two decoded ones are interpolated; where the structure ends
+        between two decoded slices, the slices there are decoded one by one to find its end."""
         mask = np.zeros(self.working.shape, dtype=np.uint8)
         if self.start == "widest" and high - low >= 2:
             quarter = (high - low) / 4
@@ -464,24 +553,97 @@ class VolumeSlicePredictor:
             return mask, boxes_used
         pixels = max(self.working.shape[1:]) / self.side     # slice pixels per model pixel
         pads = sorted({share * margin * pixels for share in self.margin_shares}) or [margin * pixels]
+        lower = np.zeros(4, dtype=np.float32)
         upper = np.array([self.working.shape[2] - 1, self.working.shape[1] - 1] * 2, dtype=np.float32)
+        if bounds is not None:
+            # the user's 3D box says where the structure lies: a box grown from the previous slice's mask that left
+            # it followed the neighbouring tissue (CHAOS 15's liver drifted into the stomach: 0.52 -> 0.79)
+            lower = np.maximum(lower, np.array([bounds[0], bounds[1]] * 2, dtype=np.float32))
+            upper = np.minimum(upper, np.array([bounds[2], bounds[3]] * 2, dtype=np.float32))
+
+        def follow(k, previous):
+            """(mask, box) of slice k from the previous decoded slice's mask."""
+            tight = mask_box(previous)
+            grown_boxes = [np.clip(tight + np.array([-pad, -pad, pad, pad], dtype=np.float32), lower, upper)
+                           for pad in pads]
+            # a negative share shrinks the box; one that would turn it inside out is left out
+            kept = [b for b in grown_boxes if b[2] - b[0] >= 1 and b[3] - b[1] >= 1] or [tight]
+            if extra_boxes is not None and k in extra_boxes:
+                kept.append(extra_boxes[k])
+            return run(k, np.stack(kept))
+
+        def stops(current, largest):
+            area = int(current.sum())
+            return area == 0 or area < self.min_area_fraction * largest
+
+        def consistent(previous, current):
+            """Close enough in shape to interpolate the slices between."""
+            areas = sorted((int(previous.sum()), int(current.sum())))
+            return overlap(previous, current) >= MIN_OVERLAP and areas[1] <= MAX_AREA_CHANGE * areas[0]
+
+        step_size, interpolated = max(1, int(self.slice_step)), 0
         for step in (1, -1):
-            previous, k, largest = first, start + step, int(first.sum())
-            while low <= k <= high:
-                tight = mask_box(previous)
-                grown_boxes = [np.clip(tight + np.array([-pad, -pad, pad, pad], dtype=np.float32), 0, upper)
-                               for pad in pads]
-                # a negative share shrinks the box; one that would turn it inside out is left out
-                kept = [b for b in grown_boxes if b[2] - b[0] >= 1 and b[3] - b[1] >= 1] or [tight]
-                if extra_boxes is not None and k in extra_boxes:
-                    kept.append(extra_boxes[k])
-                current, grown = run(k, np.stack(kept))
-                area = int(current.sum())
-                if area == 0 or area < self.min_area_fraction * largest:
+            previous, at, largest = first, start, int(first.sum())
+            end = high if step > 0 else low
+            while at != end:
+                # the next decoded slice: n slices on, or the range's end slice
+                k = at + step * step_size
+                k = min(k, end) if step > 0 else max(k, end)
+                current, grown = follow(k, previous)
+                if k - at not in (1, -1) and (stops(current, largest) or not consistent(previous, current)):
+                    # the structure ends, or changes too much to interpolate, between `at` and k: slice by slice
+                    # there (k again too, from its neighbour), so the end is found where every-slice decoding finds it
+                    ended = False
+                    for j in range(at + step, k + step, step):
+                        current, grown = follow(j, previous)
+                        if stops(current, largest):
+                            ended = True
+                            break
+                        mask[j], boxes_used[j] = current, grown
+                        previous, at, largest = current, j, max(largest, int(current.sum()))
+                    if ended:
+                        break
+                    continue
+                if stops(current, largest):
                     break
                 mask[k], boxes_used[k] = current, grown
-                previous, k, largest = current, k + step, max(largest, area)
+                interpolated += self._interpolate_gaps(mask, sorted((at, k)))
+                previous, at, largest = current, k, max(largest, int(current.sum()))
+        if interpolated:
+            notes.append(f"fast mode: every {step_size} slices decoded, {interpolated} slices interpolated between "
+                         f"them")
         return mask, boxes_used
+
+    def _decode_boxes(self, run, boxes: dict, notes: List[str]) -> np.ndarray:
+        """(mask (k, j, i) uint8 on the working grid) of each slice decoded from its own box; with ``slice_step`` n >
+        1 every n-th slice of the run (and its last) is decoded and the slices between are interpolated."""
+        piece = np.zeros(self.working.shape, dtype=np.uint8)
+        slices = sorted(boxes)
+        decoded = slices[::max(1, self.slice_step)]
+        if slices and decoded[-1] != slices[-1]:
+            decoded.append(slices[-1])
+        for k in decoded:
+            piece[k] = run(k, boxes[k])[0]
+        interpolated = self._interpolate_gaps(piece, decoded)
+        if interpolated:
+            notes.append(f"fast mode: every {self.slice_step} slices decoded, {interpolated} slices interpolated")
+        return piece
+
+    def _interpolate_gaps(self, mask: np.ndarray, decoded: List[int]) -> int:
+        """Fill the slices between consecutive ``decoded`` slices of ``mask`` by signed-distance interpolation;
+        returns how many were filled."""
+        spacing = self.orientation.working_spacing(self._require_volume().spacing)
+        filled = 0
+        for first, last in zip(decoded, decoded[1:]):
+            between = list(range(first + 1, last))
+            if not between:
+                continue
+            fractions = [(j - first) / (last - first) for j in between]
+            for j, shape in zip(between, interpolate_masks(mask[first], mask[last], fractions,
+                                                           (spacing[0], spacing[1]))):
+                mask[j] = shape
+            filled += len(between)
+        return filled
 
     @staticmethod
     def _box_for_click(k: int, boxes_used, box2d: np.ndarray) -> np.ndarray:
@@ -502,6 +664,20 @@ class VolumeSlicePredictor:
         if self.volume is None:
             raise InputError("no volume yet: call set_volume(volume) before segmenting")
         return self.volume
+
+
+@dataclass
+class _BoxPlan:
+    """A box prompt on the working grid (``VolumeSlicePredictor._plan_box``)."""
+    box: np.ndarray          # (2, 3) min/max working ijk
+    clicks: np.ndarray       # (N, 3) working ijk
+    labels: np.ndarray
+    name: Optional[str]      # the text's canonical name
+    flat: bool               # the box lies on one slice
+    low: int                 # the slices the propagation may reach
+    high: int
+    start: int               # where it starts (the box's middle slice)
+    box2d: np.ndarray        # [x0, y0, x1, y1] in slice pixels
 
 
 class _SliceRun:

@@ -72,7 +72,8 @@ def on_middle_slice(prompts, volume, roi_node):
 
 
 def segment(sessions: SessionStore, key: tuple, volume, weights, device: str, modality: Optional[str], prompts,
-            propagate: bool, progress: Optional[ProgressCallback], cancel: Optional[CancelToken]):
+            propagate: bool, progress: Optional[ProgressCallback], cancel: Optional[CancelToken],
+            slice_step: int = 1):
     """Engine thread: the session for this volume (model loaded and volume set only when needed), then the box
     segmented; returns the engine's ``SliceSegmentation`` (mask on the volume's grid, ``model`` "LiteMedSAM")."""
     session = sessions.session_for(key, volume, str(weights), device, modality, scaled(progress, 0.0, 0.05), cancel)
@@ -81,4 +82,15 @@ def segment(sessions: SessionStore, key: tuple, volume, weights, device: str, mo
     def each_slice(fraction: float, message: str = "") -> None:
         report(progress, 0.05 + 0.95 * fraction, f"{MODEL_NAME}: {message}" if message else MODEL_NAME)
 
+    session.predictor.slice_step = slice_step    # the fast mode: a setting of the request, the embeddings are kept
     return session.predictor.segment(prompts, propagate=propagate, progress=each_slice, cancel=cancel)
+
+
+def encode_ahead(sessions: SessionStore, key: tuple, volume, weights, device: str, modality: Optional[str], prompts,
+                 propagate: bool, progress: Optional[ProgressCallback], cancel: Optional[CancelToken]) -> int:
+    """Engine thread: the same session as ``segment`` (model loaded and volume set only when needed), then the
+    slices the box will reach encoded, nearest its start slice first (``VolumeSlicePredictor.encode_ahead``);
+    returns how many were encoded now. Cancelled by the next request, it keeps what it encoded."""
+    session = sessions.session_for(key, volume, str(weights), device, modality, scaled(progress, 0.0, 0.05), cancel)
+    return session.predictor.encode_ahead(prompts, propagate=propagate, progress=scaled(progress, 0.05, 1.0),
+                                          cancel=cancel)

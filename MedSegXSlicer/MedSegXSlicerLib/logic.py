@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from medsegx_core.errors import Cancelled, WeightsError
+from medsegx_core.inference.slice_interpolation import check_slice_step
 from medsegx_core.progress import CancelToken, ProgressCallback
 
 from . import models, prompt_nodes, structures
@@ -69,6 +70,10 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
     useLiteMedSAMForBoxes = property(lambda self: self.choice.use_litemedsam_for_boxes,
                                      lambda self, value: setattr(self.choice, "use_litemedsam_for_boxes", value),
                                      doc="False: boxes use the weights in use, as the other prompts do.")
+    sliceStep = property(lambda self: self.segmentation.slice_step,
+                         lambda self, value: setattr(self.segmentation, "slice_step", check_slice_step(value)),
+                         doc="LiteMedSAM's fast mode: 1 (every slice), or n: decode every n-th slice and "
+                             "interpolate the slices between (FAST_MODE_SLICE_STEP is the widget's).")
     installMissingPackages = property(lambda self: self.dependencies.install_missing,
                                       lambda self, value: setattr(self.dependencies, "install_missing", value),
                                       doc="True (the widget): missing packages are installed after the user "
@@ -113,6 +118,12 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         ``sliceMode``: MedSegX's 2D model on the box's slice (``propagate``: and its neighbours)."""
         inputs = PromptInputs(text, pointsNode, negativePointsNode, roiNode, segmentId, segmentName)
         return self.segmentation.start(volumeNode, segmentationNode, inputs, modality, propagate, sliceMode, cancel)
+
+    def encodeAhead(self, volumeNode, roiNode, modality: Optional[str] = None, propagate: bool = False):
+        """Start encoding the slices the ROI will need (LiteMedSAM) while the user is still placing it; returns the
+        background job, or None when the box would not run LiteMedSAM. The next request cancels it and re-uses
+        what it encoded (main thread; the widget calls it when the ROI moves)."""
+        return self.segmentation.encode_ahead(volumeNode, roiNode, modality, propagate)
 
     def finishSegmentation(self, task):
         """Write a finished task's masks (main thread); returns the segment ID (a list for several structures).

@@ -18,6 +18,7 @@ import time
 from typing import Optional
 
 from medsegx_core.data.modality import check_modality_choice
+from medsegx_core.inference.slice_interpolation import check_slice_step
 from medsegx_core.errors import Cancelled, InputError
 from medsegx_core.progress import CancelToken, ProgressCallback, scaled
 
@@ -45,6 +46,10 @@ class SegmentationSession:
         self.undo_history = UndoHistory()
         #: The status line of the last result written (which model ran, on what, how long)
         self.last_status = ""
+        #: LiteMedSAM's fast mode: decode every n-th slice and interpolate between (1: every slice)
+        self.slice_step = 1
+        #: The encode-ahead job of the box being placed (encode_ahead), cancelled by the next request
+        self._ahead = None
 
     def load_segvol_model(self, spec, progress: Optional[ProgressCallback] = None,
                           cancel: Optional[CancelToken] = None) -> None:
@@ -59,10 +64,46 @@ class SegmentationSession:
         self.segvol_sessions.forget()
         self.litemedsam_sessions.forget()
 
+    # ---- encode ahead (main thread) ----------------------------------------------------------------------------
+    def encode_ahead(self, volume_node, roi_node, modality: Optional[str] = None, propagate: bool = False,
+                     cancel: Optional[CancelToken] = None):
+        """Queue the encoding of the slices a box will need while the user is still placing it (LiteMedSAM's
+        embeddings: the segmentation that follows runs only the decoder where this got to). Returns the job, or
+        None when the box would not run LiteMedSAM. A newer call, or any request, cancels the previous one."""
+        self.cancel_encode_ahead()
+        if roi_node is None or volume_node is None or self._choice.box_weights() is None:
+            return None
+        mrml_conversion.check_volume_node(volume_node)
+        check_modality_choice(modality)
+        key = (mrml_conversion.volume_key(volume_node), modality)
+        current = self.litemedsam_sessions.current
+        volume = current.volume if current is not None and current.key == key else \
+            mrml_conversion.volume_from_node(volume_node, modality)
+        prompts = mrml_conversion.prompts_from_nodes(volume, volume_node.GetName(), roi_node=roi_node).prompts
+        if propagate:
+            prompts = box_mode.on_middle_slice(prompts, volume, roi_node)
+        sessions, device, weights = self.litemedsam_sessions, self._choice.device, self._choice.box_weights()
+
+        def run(progress: ProgressCallback, cancel_token: CancelToken):
+            return box_mode.encode_ahead(sessions, key, volume, weights, device, modality, prompts, propagate,
+                                         progress, cancel_token)
+
+        self._ahead = self._worker.submit(run, cancel, description=f"{box_mode.MODEL_NAME}: encoding the slices of "
+                                                                   f"'{roi_node.GetName()}' ahead")
+        return self._ahead
+
+    def cancel_encode_ahead(self) -> None:
+        """Stop the encode-ahead job at its next slice (what it encoded stays cached), so that a request does not
+        wait behind it."""
+        if self._ahead is not None and not self._ahead.finished:
+            self._ahead.cancel()
+        self._ahead = None
+
     # ---- start (main thread) ----------------------------------------------------------------------------------
     def start(self, volume_node, segmentation_node, inputs: PromptInputs, modality: Optional[str] = None,
               propagate: bool = False, slice_mode: bool = False, cancel: Optional[CancelToken] = None):
         """Check, convert, queue; returns a ``SegmentationTask`` (a ``slice_mode.SliceTask`` in slice mode)."""
+        self.cancel_encode_ahead()
         if slice_mode:
             return self.slice_mode().start(self._worker, volume_node, inputs.roi_node, segmentation_node,
                                            text=inputs.text, modality=modality, propagate=propagate,
@@ -106,6 +147,9 @@ class SegmentationSession:
         if has_box and propagate:
             notes.append(f"Propagate follows a box with {box_mode.MODEL_NAME} or in slice mode; {label} segments "
                          f"the whole box at once")
+        if self.slice_step != 1:
+            notes.append(f"the fast mode (every {self.slice_step} slices) is {box_mode.MODEL_NAME}'s; {label} "
+                         f"segments the whole volume at once")
         for note in notes:
             logger.warning(note)
         warnings += notes
@@ -134,6 +178,7 @@ class SegmentationSession:
             prompts = box_mode.on_middle_slice(request.prompts, volume, roi_node)
             requests = [StructureRequest(request.name, prompts, request.segment_id, request.rename_existing)]
         sessions, device, finished = self.litemedsam_sessions, self._choice.device, []
+        slice_step = check_slice_step(self.slice_step)
 
         def run(progress: ProgressCallback, cancel_token: CancelToken):
             share = 1.0 / len(requests)
@@ -141,7 +186,7 @@ class SegmentationSession:
                 started = time.monotonic()
                 result = box_mode.segment(sessions, key, volume, weights, device, modality, request.prompts,
                                           propagate, scaled(progress, index * share, (index + 1) * share),
-                                          cancel_token)
+                                          cancel_token, slice_step=slice_step)
                 cancel_token.raise_if_cancelled()
                 finished.append(StructureResult(request, result, time.monotonic() - started))
             return finished

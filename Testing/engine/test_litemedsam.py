@@ -21,7 +21,7 @@ from medsegx_core.cli import main
 from medsegx_core.data.metrics import dice
 from medsegx_core.data.readers import read_volume
 from medsegx_core.data.volume import Volume
-from medsegx_core.errors import PromptError, WeightsError
+from medsegx_core.errors import InputError, PromptError, WeightsError
 from medsegx_core.inference.slice_preprocessing import litemedsam_input, litemedsam_window
 from medsegx_core.prompts import BoxPrompt, PointPrompt, Prompts
 from medsegx_core.volume_slice_predictor import VolumeSlicePredictor
@@ -196,7 +196,10 @@ def test_each_propagated_slice_keeps_the_margin_the_decoder_rates_best(model, sm
     start = covered[len(covered) // 2]
     assert start in boxes
     pixels = max(mask.shape[1:]) / predictor.side
-    upper = np.array([mask.shape[2] - 1, mask.shape[1] - 1] * 2, dtype=np.float32)
+    # the grown boxes stay inside the slice and inside the 3D box's in-plane extent
+    lower = np.maximum(0, np.array([corners[0, 0], corners[0, 1]] * 2, dtype=np.float32))
+    upper = np.minimum(np.array([mask.shape[2] - 1, mask.shape[1] - 1] * 2, dtype=np.float32),
+                       np.array([corners[1, 0], corners[1, 1]] * 2, dtype=np.float32))
 
     def propagated_from(boxes):    # (slice, its box, the slice before it toward the start) of each propagated slice
         for k, box in boxes.items():
@@ -207,7 +210,7 @@ def test_each_propagated_slice_keeps_the_margin_the_decoder_rates_best(model, sm
     chose_narrower = 0
     for k, box, previous in propagated_from(boxes):
         candidates = [np.clip(mask_box(mask[previous]) + np.array([-1, -1, 1, 1]) * share * predictor.margin * pixels,
-                              0, upper) for share in predictor.margin_shares]
+                              lower, upper) for share in predictor.margin_shares]
         embedding, _ = predictor.embedding(k)
         model_boxes = torch.from_numpy(np.stack([box_to_model(c, mask.shape[1:], predictor.side)
                                                  for c in candidates]))
@@ -224,7 +227,7 @@ def test_each_propagated_slice_keeps_the_margin_the_decoder_rates_best(model, sm
     _, fixed_mask, fixed_boxes = fixed._last_propagation
     for k, box, previous in propagated_from(fixed_boxes):
         grown = mask_box(fixed_mask[previous]) + np.array([-1, -1, 1, 1]) * fixed.margin * pixels
-        np.testing.assert_allclose(box, np.clip(grown, 0, upper), atol=1e-4)
+        np.testing.assert_allclose(box, np.clip(grown, lower, upper), atol=1e-4)
 
 
 def test_a_box_on_one_slice_propagates_until_the_mask_vanishes(predictor, small_ct):
@@ -240,6 +243,93 @@ def test_a_box_on_one_slice_propagates_until_the_mask_vanishes(predictor, small_
     assert list(filled) == list(range(filled.min(), filled.max() + 1))          # one run of slices
     assert filled.max() < volume.array.shape[0] - 1                             # stopped where the kidney ends
     assert len(filled) >= 8 and dice(propagated.mask, truth) > 0.75
+
+
+def test_the_fast_mode_decodes_every_nth_slice_and_interpolates_between(model, predictor, small_ct):
+    """slice_step=3: a third of the slices decoded (and so encoded), the others interpolated by signed distance, the
+    structure's ends still found slice by slice; the Dice cost is small (measured: Testing/benchmarks/fast_mode.py)."""
+    volume, labels = small_ct
+    truth = labels == KIDNEY_RIGHT
+    fast = VolumeSlicePredictor(model, device="cpu", precision="fp32", slice_step=3)
+    fast.set_volume(volume)
+    k = int(np.argmax(truth.sum(axis=(1, 2))))
+    rows, cols = np.nonzero(truth[k])
+    flat = Prompts(box=BoxPrompt((int(cols.min()), int(rows.min()), k), (int(cols.max()), int(rows.max()), k),
+                                 space="ijk"))
+    # a 3D box: its end slices bound the propagation
+    full = predictor.segment(Prompts(box=label_box(truth)))
+    quick = fast.segment(Prompts(box=label_box(truth)))
+    decoded = sorted(fast._last_propagation[2])
+    assert len(decoded) < 0.7 * len(full.slices) and max(np.diff(decoded)) <= 3
+    assert any("fast mode" in note for note in quick.notes)
+    assert quick.slices == full.slices                   # the slices between decoded ones are all filled
+    assert dice(quick.mask, truth) > dice(full.mask, truth) - 0.05
+    # a box on one slice, propagated: near the kidney's ends, where its area falls fast, slice by slice again
+    full = predictor.segment(flat, propagate=True)
+    quick = fast.segment(flat, propagate=True)
+    decoded = sorted(fast._last_propagation[2])
+    assert len(decoded) < len(quick.slices) and quick.slices == list(range(quick.slices[0], quick.slices[-1] + 1))
+    tail = [k for k in range(full.slices[-1] - 3, full.slices[-1] + 1) if k in decoded]
+    assert len(tail) >= 3                                 # the shrinking end was decoded slice by slice
+    assert dice(quick.mask, truth) > dice(full.mask, truth) - 0.1
+    for bad in (0, 9, 2.5, True):
+        with pytest.raises(InputError, match="slice step"):
+            VolumeSlicePredictor(model, device="cpu", precision="fp32", slice_step=bad)
+
+
+def test_encode_ahead_encodes_what_the_box_will_reach_nearest_first_and_can_be_cancelled(model, small_ct):
+    from medsegx_core.errors import Cancelled
+    from medsegx_core.progress import CancelToken
+
+    volume, labels = small_ct
+    prompt = Prompts(box=label_box(labels == KIDNEY_RIGHT))
+    fresh = VolumeSlicePredictor(model, device="cpu", precision="fp32")
+    fresh.set_volume(volume)
+    plan = fresh._plan_box(prompt, propagate=False)
+
+    class StopAfter(CancelToken):        # the user moves the box again after two slices
+        def __init__(self, checks):
+            super().__init__()
+            self.left = checks
+
+        def raise_if_cancelled(self):
+            self.left -= 1
+            if self.left < 0:
+                self.cancel()
+            super().raise_if_cancelled()
+
+    with pytest.raises(Cancelled):
+        fresh.encode_ahead(prompt, cancel=StopAfter(2))
+    assert fresh.slices_encoded == 2                          # what it encoded stays cached
+    order = []
+    encoded = fresh.encode_ahead(prompt, progress=lambda fraction, message: order.append(message))
+    assert encoded == plan.high - plan.low + 1 - 2
+    ks = [int(m.split()[2]) for m in order if m.startswith("encoding slice")]
+    assert ks[0] == plan.start and [abs(k - plan.start) for k in ks] == sorted(abs(k - plan.start) for k in ks)
+    result = fresh.segment(prompt)
+    assert result.encoded == 0 and result.decoded > 0         # the request ran only the decoder
+
+
+def test_a_coarse_region_from_another_zoom_out_is_refined_slice_by_slice(predictor, small_ct):
+    """segment_region: the zoom-in of SegVol's zoom-out (a coarse, blocky mask); its largest blob gives each slice
+    a box. Simulated here by the kidney's label coarsened to 4-voxel blocks plus a spurious blob elsewhere."""
+    volume, labels = small_ct
+    truth = labels == KIDNEY_RIGHT
+    k, j, i = np.nonzero(truth)             # every 4 x 4 in-plane block the kidney touches
+    coarse = np.zeros_like(truth)
+    for kk, jj, ii in zip(k, j // 4 * 4, i // 4 * 4):
+        coarse[kk, jj:jj + 4, ii:ii + 4] = True
+    spurious = coarse.copy()
+    spurious[k.min():k.min() + 2, :3, :3] = True           # a small blob in a corner: not the largest
+    result = predictor.segment_region(spurious.astype(np.uint8), "right kidney")
+    assert result.name == "right kidney" and not result.mask[:, :3, :3].any()
+    assert dice(result.mask, truth) > 0.8 and dice(result.mask, truth) > dice(coarse, truth)
+    assert result.slices and set(result.slices) <= set(predictor.orientation.array_to_working(coarse).any(
+        axis=(1, 2)).nonzero()[0].tolist())
+    empty = predictor.segment_region(np.zeros_like(truth, dtype=np.uint8))
+    assert not empty.mask.any() and "found nothing" in empty.notes[0]
+    with pytest.raises(InputError, match="on the volume's own grid"):
+        predictor.segment_region(np.zeros((2, 2, 2), dtype=np.uint8))
 
 
 def test_another_storage_order_gives_the_same_mask_in_world_space(model, predictor, small_ct):
@@ -296,7 +386,17 @@ def test_medsegx_segment_runs_litemedsam_for_a_box_by_default(data_dir, small_ct
     assert main(["segment", str(data_dir / SMALL_CT), "--ijk", "--box", "30", "20", "0", "60", "50", "5",
                  "--tokenizer", str(tmp_path), "-o", str(tmp_path / "x.nii.gz")]) == 1
     assert "--tokenizer: LiteMedSAM has no text encoder" in capsys.readouterr().err
+    assert main(["segment", str(data_dir / SMALL_CT), "--ijk", "--box", "30", "20", "0", "60", "50", "5",
+                 "--slice-step", "0", "-o", str(tmp_path / "x.nii.gz")]) == 1
+    assert "slice step 0: give a whole number from 1" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
+    # the fast mode through the command line: fewer slices decoded, the same kidney
+    fast = tmp_path / "fast.nii.gz"
+    assert main(["segment", str(data_dir / SMALL_CT), "--ijk", "--box", *map(str, box.corner_a + box.corner_b),
+                 "--slice-step", "2", "-o", str(fast)]) == 0
+    captured = capsys.readouterr()
+    assert "fast mode: every 2 slices decoded" in captured.err
+    assert dice(sitk.GetArrayFromImage(sitk.ReadImage(str(fast))) > 0, truth) > 0.8
 
 
 def test_a_model_loaded_under_inference_mode_decodes():

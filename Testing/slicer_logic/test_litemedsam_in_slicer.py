@@ -24,7 +24,7 @@ import slicer
 import scene_builders as sb
 from scene_builders import imported_weights  # noqa: F401 (a fixture)
 from MedSegXSlicerLib import MedSegXSlicerLogic, box_mode, models, segment_writer
-from medsegx_core.errors import Cancelled, PromptError
+from medsegx_core.errors import Cancelled, InputError, PromptError
 from medsegx_core.progress import CancelToken
 from medsegx_core.weights.litemedsam import CHECKPOINT_SIZE, wheel_checkpoint
 
@@ -151,6 +151,70 @@ def test_a_roi_one_slice_thick_with_propagate_covers_the_neighbouring_slices(sce
     # without Propagate the same ROI is a 3D box: its five slices only
     bounded = segment_mask(segmentation, logic.segment(ct, segmentation, roiNode=drawn, segmentName="3D"), ct)
     assert np.flatnonzero(bounded.any(axis=(1, 2))).tolist() == list(range(KIDNEY_SLICE - 2, KIDNEY_SLICE + 3))
+
+
+def test_the_fast_mode_decodes_fewer_slices_and_fills_the_others(scene_ct, logic):
+    """logic.sliceStep (the widget's Fast check box, the batch script's --slice-step): every n-th slice decoded, the
+    slices between interpolated, the ROI's slices all filled; a bad step is refused by the engine's one rule."""
+    ct, labels = scene_ct
+    kidney = labels == RIGHT_KIDNEY
+    kidney_slices = np.flatnonzero(kidney.any(axis=(1, 2)))
+    first, last = int(kidney_slices[0]), int(kidney_slices[-1])
+    (i0, j0), (i1, j1) = in_plane_box(kidney)
+    scene = ct.GetScene()
+    roi = sb.add_roi_on_voxels(scene, ct, (i0, j0, first), (i1, j1, last), name="fast box")
+    segmentation = new_segmentation(scene, "fast result")
+    with pytest.raises(InputError, match="slice step 0"):
+        logic.sliceStep = 0
+    logic.sliceStep = 3
+    try:
+        task = logic.startSegmentation(ct, segmentation, roiNode=roi, segmentName="kidney, fast")
+        task.job.wait()
+        mask = segment_mask(segmentation, logic.finishSegmentation(task), ct)
+    finally:
+        logic.sliceStep = 1
+    result = task.finished[0].result
+    assert any("fast mode: every 3 slices decoded" in note for note in result.notes)
+    filled = np.flatnonzero(mask.any(axis=(1, 2))).tolist()
+    assert filled == list(range(filled[0], filled[-1] + 1)) and len(filled) >= 4     # one run, gaps filled
+    assert result.decoded < len(filled)
+    assert dice(mask, kidney) > 0.7
+
+
+def test_the_roi_slices_are_encoded_ahead_so_the_request_runs_only_the_decoder(scene_ct, env):
+    """What the widget does while the user places the ROI (logic.encodeAhead on the engine thread): the ROI's
+    slices encoded, nearest its middle first; the request that follows encodes nothing; a request cancels an
+    encode-ahead still running instead of waiting behind it. A fresh Logic, so that nothing is cached yet."""
+    ct, labels = scene_ct
+    first, last = LIVER_SLICES
+    (i0, j0), (i1, j1) = in_plane_box((labels == LIVER)[first:last + 1])
+    scene = ct.GetScene()
+    roi = sb.add_roi_on_voxels(scene, ct, (i0, j0, first), (i1, j1, last), name="box placed")
+    segmentation = new_segmentation(scene, "encoded ahead")
+    ahead = MedSegXSlicerLogic(device="cpu")
+    try:
+        job = ahead.encodeAhead(ct, roi)
+        messages = []
+        job.wait(on_progress=lambda fraction, message: messages.append(message))
+        assert job.result() == last - first + 1
+        slices = [int(m.split()[2]) for m in messages if m.startswith("encoding slice")]
+        assert slices[0] == first + (last - first + 1) // 2            # the box's middle slice first, then outwards
+        task = ahead.startSegmentation(ct, segmentation, roiNode=roi, segmentName="liver")
+        task.job.wait()
+        ahead.finishSegmentation(task)
+        assert task.finished[0].result.encoded == 0 and task.finished[0].result.decoded > 0
+
+        whole = ahead.encodeAhead(ct, roi, propagate=True)    # a box on one slice: every slice, until cancelled
+        again = ahead.startSegmentation(ct, segmentation, roiNode=roi, segmentName="liver again")
+        assert whole.cancel_token.cancelled                    # the request stopped it
+        again.job.wait()
+        ahead.finishSegmentation(again)
+        assert whole.finished and whole.state in ("cancelled", "done")
+
+        ahead.useLiteMedSAMForBoxes = False                    # boxes go to the weights in use: nothing to encode
+        assert ahead.encodeAhead(ct, roi) is None
+    finally:
+        ahead.cleanup()
 
 
 def test_a_text_without_a_box_runs_the_text_localiser_and_litemedsam(scene_ct, logic):

@@ -58,7 +58,7 @@ def segment_boxes(args: argparse.Namespace, choice, volume, prompt_sets: List[Pr
 
         update(0.01, "loading the expert pack")
         apply_expert_pack(model, args.experts)
-    predictor = choice.kind.predictor(model, device=args.device, precision=args.precision)
+    predictor = choice.kind.predictor(model, device=args.device, precision=args.precision, slice_step=args.slice_step)
     predictor.set_volume(volume, modality=args.modality, progress=scaled(update, 0.02, 0.05))
     segments, notes, dropped = [], [], []
     share = 0.95 / len(prompt_sets)

@@ -32,6 +32,10 @@ def add_shared_options(parser: argparse.ArgumentParser, coordinates: str = "RAS 
     parser.add_argument("--propagate", action="store_true",
                         help="with --box and a slice-wise model (LiteMedSAM, MedSegX slice mode): from the box's "
                              "slice (a 3D box's middle one) follow the structure up and down until it ends")
+    parser.add_argument("--slice-step", type=int, default=1, metavar="N",
+                        help="LiteMedSAM's fast mode: decode every N-th slice of the structure (2-8) and "
+                             "interpolate the slices between, so about 1/N of the slices are encoded (its Dice cost: "
+                             "the LiteMedSAM model card); 1 (default): every slice")
     parser.add_argument("--name", help="segment name (default: the structure's name)")
     parser.add_argument("--weights",
                         help="published checkpoint file or folder, or a folder from 'medsegx weights import' "
@@ -56,10 +60,21 @@ def check_shared_options(args: argparse.Namespace) -> None:
     (a user's explicit choice is strict: ``data.modality.routing_modality``), ``--propagate`` without a box."""
     from ..data.modality import check_modality_choice
     from ..errors import PromptError
+    from ..inference.slice_interpolation import check_slice_step
 
     check_modality_choice(args.modality)
+    check_slice_step(args.slice_step)
     if args.propagate and args.box is None:
         raise PromptError("--propagate follows a box from its slice (a 3D box's middle one): give --box")
+
+
+def refuse_slice_step(args: argparse.Namespace, title: str) -> None:
+    """``--slice-step`` is LiteMedSAM's fast mode; a model that runs the prompt otherwise refuses it."""
+    from ..errors import InputError
+
+    if getattr(args, "slice_step", 1) != 1:
+        raise InputError(f"--slice-step {args.slice_step}: the fast mode is LiteMedSAM's (a box, or a text the text "
+                         f"localiser finds), and {title} runs this prompt: drop the option")
 
 
 def prompt_sets_from_options(args: argparse.Namespace, space: str = "ras") -> List:

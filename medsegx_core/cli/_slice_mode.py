@@ -17,6 +17,7 @@ from ..data.readers import SUPPORTED_2D, is_2d_image, read_image_2d, read_volume
 from ..data.segments import Segment
 from ..data.validation import check_image
 from ..errors import InputError, WeightsError
+from ._segment_options import refuse_slice_step
 from ..progress import scaled
 from ..prompts import Prompts
 
@@ -38,6 +39,7 @@ def check_slice_options(args: argparse.Namespace, choice, prompt_sets) -> None:
         raise InputError(f"--preprocessing {args.preprocessing} is SegVol's; MedSegX slice mode reads the slices as "
                          f"stored: drop the option")
     check_slice_precision(args.precision)
+    refuse_slice_step(args, "MedSegX slice mode")
 
 
 def read_input(args: argparse.Namespace, slices: bool):

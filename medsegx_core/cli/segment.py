@@ -33,9 +33,14 @@ from ..slice_predictor import box_on_slice
 from ._progress import progress_bar
 from .. import registry
 from ._box_mode import check_options as check_box_options, check_prompts as check_box_prompts, segment_boxes
-from ._model_choice import choose_model
-from ._segment_options import add_shared_options, check_shared_options, prompt_sets_from_options
+from ._model_choice import choose_model, default_litemedsam
+from ._segment_options import add_shared_options, check_shared_options, prompt_sets_from_options, refuse_slice_step
 from ._slice_mode import check_slice_options, read_input, segment_slices
+
+
+# What may refine SegVol's zoom-out (--zoom-in): its own windows, or LiteMedSAM slice by slice
+ZOOM_INS = ("segvol", "litemedsam")
+LITEMEDSAM_ZOOM_IN = "litemedsam"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,18 +113,39 @@ def _segment_volume(args, choice, volume, rgb, prompt_sets, update):
         apply_expert_pack(model, args.experts)
     predictor = Predictor(model, device=args.device, precision=args.precision, preprocessing=args.preprocessing)
     predictor.set_volume(volume, modality=args.modality, progress=scaled(update, 0.05, 0.3))
+    slices = _litemedsam_zoom_in(args, volume, update) if args.zoom_in == LITEMEDSAM_ZOOM_IN else None
     segments, notes, dropped = [], [], []
     share = 0.7 / len(prompt_sets)
     for index, prompts in enumerate(prompt_sets):
-        result = predictor.segment(prompts, progress=scaled(update, 0.3 + index * share, 0.3 + (index + 1) * share))
+        step = scaled(update, 0.3 + index * share, 0.3 + (index + 1) * share)
+        if slices is None:
+            result = predictor.segment(prompts, progress=step)
+            how = f"{result.windows} windows"
+        else:   # the zoom-out says where, LiteMedSAM segments each slice of its largest blob from that slice's box
+            result = predictor.coarse_mask(prompts, progress=scaled(step, 0.0, 0.3))
+            zoomed = slices.segment_region(result.mask, result.name, progress=scaled(step, 0.3, 1.0))
+            result.mask, result.notes = zoomed.mask, result.notes + zoomed.notes
+            how = f"zoom-out + LiteMedSAM on {len(zoomed.slices)} slices"
+        for note in result.notes:
+            print(f"medsegx: note: {note}", file=sys.stderr)
         name = args.name or result.name or "segment"
         if args.min_confidence is not None and result.confidence < args.min_confidence:
             dropped.append(f"{name!r} (confidence {result.confidence:.2f})")
             continue
         segments.append(Segment(name=name, mask=result.mask))
-        notes.append(f"{name!r} {int(result.mask.sum())} voxels ({result.windows} windows, confidence "
-                     f"{result.confidence:.2f})")
-    return segments, notes, result.runtime, dropped
+        notes.append(f"{name!r} {int(result.mask.sum())} voxels ({how}, confidence {result.confidence:.2f})")
+    runtime = result.runtime if slices is None else f"{result.runtime}; zoom-in {slices.runner.describe()}"
+    return segments, notes, runtime, dropped
+
+
+def _litemedsam_zoom_in(args, volume, update):
+    """LiteMedSAM's slice-wise predictor on the volume, as the zoom-in of SegVol's zoom-out (--zoom-in litemedsam)."""
+    update(0.3, "loading LiteMedSAM for the zoom-in")
+    litemedsam = default_litemedsam()
+    slices = litemedsam.kind.predictor(litemedsam.kind.load(litemedsam.path), device=args.device,
+                                       slice_step=args.slice_step)
+    slices.set_volume(volume, modality=args.modality)
+    return slices
 
 
 class _Runner:
@@ -129,13 +155,31 @@ class _Runner:
         self.check, self.segment = check, segment
 
 
-def _no_check(args, choice, prompt_sets) -> None:
-    return None
+def _check_volume(args, choice, prompt_sets) -> None:
+    if args.zoom_in == LITEMEDSAM_ZOOM_IN:
+        default_litemedsam()        # installed? (else a clear error before anything is read)
+    else:                           # the fast mode is LiteMedSAM's
+        refuse_slice_step(args, choice.kind.title)
+
+
+def _refuse_zoom_in(args, title: str) -> None:
+    """--zoom-in chooses what refines SegVol's zoom-out; another model runs the prompt on its own."""
+    if args.zoom_in == "segvol":
+        raise InputError(f"--zoom-in segvol refines SegVol's zoom-out, and {title} runs this prompt: drop the option "
+                         f"(or give --weights for SegVol)")
 
 
 def _check_boxes(args, choice, prompt_sets) -> None:
+    _refuse_zoom_in(args, choice.kind.title)
     check_box_options(args, choice.kind.title, prompt_sets)
     check_box_prompts(prompt_sets, choice.kind.title)
+
+
+def _check_slices(args, choice, prompt_sets) -> None:
+    if args.zoom_in is not None:
+        raise InputError(f"--zoom-in {args.zoom_in} refines SegVol's zoom-out; MedSegX slice mode segments the slice "
+                         f"itself: drop the option")
+    check_slice_options(args, choice, prompt_sets)
 
 
 def _boxes(args, choice, volume, rgb, prompt_sets, update):
@@ -147,9 +191,9 @@ def _slices(args, choice, volume, rgb, prompt_sets, update):
 
 
 # The one place where the command line tells the kinds apart: each kind's checks and its way through a volume.
-RUNNERS = {registry.SEGVOL: _Runner(_no_check, _segment_volume),
+RUNNERS = {registry.SEGVOL: _Runner(_check_volume, _segment_volume),
            registry.LITEMEDSAM: _Runner(_check_boxes, _boxes),
-           registry.MEDSEGX2D: _Runner(check_slice_options, _slices)}
+           registry.MEDSEGX2D: _Runner(_check_slices, _slices)}
 
 
 def _without_overlaps(segments: List[Segment]) -> List[Segment]:
@@ -182,6 +226,10 @@ def register(subparsers) -> None:
     parser.add_argument("--slice", type=int, metavar="K",
                         help="MedSegX slice mode: segment slice K (k index) with the box's outline on it (default: "
                              "the slice the box is drawn on)")
+    parser.add_argument("--zoom-in", choices=ZOOM_INS,
+                        help="what refines SegVol's zoom-out (text or clicks without a box): segvol (default, its own "
+                             "sliding windows, as published) or litemedsam (LiteMedSAM slice by slice inside the "
+                             "zoom-out's largest blob: a box per slice)")
     parser.add_argument("--min-confidence", type=float, metavar="C",
                         help="leave out a structure whose presence confidence (the model's mean probability inside "
                              f"its zoom-out mask, 0-1) is below C; below {PRESENCE_WARNING_BELOW} it is always "
