@@ -89,7 +89,8 @@ Promptable segmentation of CT and MR volumes: type a structure name (e.g. <i>liv
 (include points) or where the result leaks (exclude points), and/or draw a box (ROI), then press <b>Segment</b>.
 More clicks refine the selected segment quickly because the volume's embeddings are kept.
 A box runs <b>LiteMedSAM</b> (pretrained, slice by slice) unless other weights are chosen: the axial slices the box
-spans, or with <b>Propagate</b> from the slice it was drawn on until the structure ends. A structure name alone
+spans, or with <b>Propagate</b> from the slice it was drawn on until the structure ends; its slices are encoded while
+you place it, and <b>Fast</b> decodes every second slice of a 3D box. A structure name alone
 (liver, spleen, kidneys, ...) runs it too, on the boxes the text localiser finds; a structure it does not find
 gives an empty segment.
 <b>Model</b>: the official SegVol weights (text and clicks) download on first use (licence shown first; offline:
