@@ -217,6 +217,8 @@ class Predictor:
         mask_full, mask_crop = self.prepared.working_canvas(np.uint8)
         self.maps.back_to_crop_into(coarse.foreground, mask_crop)
         notes = [note for note in (self._volume_note, absent) if note]
+        if absent:
+            warn(absent, progress, 0.9)
         report(progress, 1.0, "zoom-out done")
         return SegmentationResult(mask=self.prepared.to_stored(mask_full), name=crop_prompts.text,
                                   runtime=self.runner.describe(), notes=notes, confidence=confidence)

@@ -112,6 +112,15 @@ def case_structures(data: Path, case: Case) -> List[Tuple[str, int]]:
     return found
 
 
+def add_case_options(parser) -> None:
+    """``--cases`` (keys containing one of these), ``--json`` (rows), ``--threads``, ``--data``: the options every
+    benchmark over these cases takes."""
+    parser.add_argument("--cases", nargs="*", default=None, help="keep the cases whose key contains one of these")
+    parser.add_argument("--json", type=Path, help="also write every row as JSON (rewritten after each case)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=SHARED / "data")
+
+
 # ---- boxes ------------------------------------------------------------------------------------------------------
 def tight_box_ijk(truth_kji: np.ndarray) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
     """Inclusive min and max voxel ijk of a (k, j, i) mask."""

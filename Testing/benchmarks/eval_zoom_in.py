@@ -28,7 +28,7 @@ from typing import Dict, List
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_box import SHARED, case_structures, filled_box, read_case, selected_cases  # noqa: E402
+from eval_box import add_case_options, case_structures, filled_box, read_case, selected_cases  # noqa: E402
 
 TEXT_OF = {"liver": "liver", "spleen": "spleen", "kidney_right": "right kidney", "kidney_left": "left kidney"}
 
@@ -38,10 +38,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=starter_weights_dir())
-    parser.add_argument("--cases", nargs="*", default=None)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--data", type=Path, default=SHARED / "data")
+    add_case_options(parser)
     args = parser.parse_args(argv)
 
     import torch

@@ -26,17 +26,14 @@ from typing import Dict, List
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_box import (SHARED, case_structures, filled_box, read_case, selected_cases, tight_box_ijk,  # noqa: E402
-                      widest_slice_box)
+from eval_box import (add_case_options, case_structures, filled_box, read_case,  # noqa: E402
+                      selected_cases, tight_box_ijk, widest_slice_box)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 4], help="slice steps; 1 comes first")
-    parser.add_argument("--cases", nargs="*", default=None)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--data", type=Path, default=SHARED / "data")
+    add_case_options(parser)
     args = parser.parse_args(argv)
 
     import torch

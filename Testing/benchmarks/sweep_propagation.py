@@ -31,8 +31,8 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_box import (SHARED, case_structures, filled_box, read_case, selected_cases, tight_box_ijk,  # noqa: E402
-                      widest_slice_box)
+from eval_box import (add_case_options, case_structures, filled_box, read_case,  # noqa: E402
+                      selected_cases, tight_box_ijk, widest_slice_box)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -70,10 +70,7 @@ def main(argv=None) -> int:
                         help="margin shares to choose among by predicted IoU, each a comma list ('1': the margin "
                              "alone)")
     parser.add_argument("--starts", nargs="+", default=["middle"], help="3D box start rules to compare (middle, widest)")
-    parser.add_argument("--cases", nargs="*", default=None)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--data", type=Path, default=SHARED / "data")
+    add_case_options(parser)
     args = parser.parse_args(argv)
 
     import torch

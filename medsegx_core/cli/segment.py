@@ -124,10 +124,10 @@ def _segment_volume(args, choice, volume, rgb, prompt_sets, update):
         else:   # the zoom-out says where, LiteMedSAM segments each slice of its largest blob from that slice's box
             result = predictor.coarse_mask(prompts, progress=scaled(step, 0.0, 0.3))
             zoomed = slices.segment_region(result.mask, result.name, progress=scaled(step, 0.3, 1.0))
-            result.mask, result.notes = zoomed.mask, result.notes + zoomed.notes
+            result.mask = zoomed.mask
             how = f"zoom-out + LiteMedSAM on {len(zoomed.slices)} slices"
-        for note in result.notes:
-            print(f"medsegx: note: {note}", file=sys.stderr)
+            for note in zoomed.notes:   # (the zoom-out's own notes reach stderr through the progress bar, as above)
+                print(f"medsegx: note: {note}", file=sys.stderr)
         name = args.name or result.name or "segment"
         if args.min_confidence is not None and result.confidence < args.min_confidence:
             dropped.append(f"{name!r} (confidence {result.confidence:.2f})")
