@@ -329,6 +329,27 @@ def test_a_coarse_region_from_another_zoom_out_is_refined_slice_by_slice(predict
         predictor.segment_region(np.zeros((2, 2, 2), dtype=np.uint8))
 
 
+def test_slice_embeddings_are_kept_as_int8_with_the_masks_of_float32(model, predictor, small_ct):
+    """A quarter of float32 per slice (a 512 x 512 x 300 CT fully encoded: 300 MiB, not 1.2 GiB), and the masks of
+    float32 embeddings (pack_embeddings=False) on a real kidney slice."""
+    from medsegx_core.inference.cache import WINDOW, PackedEmbedding
+
+    volume, labels = small_ct
+    truth = labels == KIDNEY_RIGHT
+    k = int(np.argmax(truth.sum(axis=(1, 2))))
+    rows, cols = np.nonzero(truth[k])
+    flat = Prompts(box=BoxPrompt((int(cols.min()), int(rows.min()), k), (int(cols.max()), int(rows.max()), k),
+                                 space="ijk"))
+    packed = predictor.segment(flat).mask
+    kept = [value for (kind, _), value in predictor.cache._entries.items() if kind == WINDOW]
+    assert kept and all(isinstance(value, PackedEmbedding) for value in kept)
+    assert predictor._slice_bytes() == 256 * 64 * 64 + 4 * 64 * 64            # int8 values + a float32 scale per token
+    exact = VolumeSlicePredictor(model, device="cpu", precision="fp32", pack_embeddings=False)
+    exact.set_volume(volume)
+    reference = exact.segment(flat).mask
+    assert reference.sum() > 100 and dice(packed, reference) >= 0.99
+
+
 def test_another_storage_order_gives_the_same_mask_in_world_space(model, predictor, small_ct):
     volume, labels = small_ct
     truth = labels == KIDNEY_RIGHT
