@@ -344,7 +344,7 @@ class VolumeSlicePredictor:
         flat, low, high, start, box2d = plan.flat, plan.low, plan.high, plan.start, plan.box2d
         click_slices = np.rint(clicks[:, 2]).astype(int) if len(clicks) else np.zeros(0, int)
         self.cache.begin_call()
-        self.cache.fit(self._slice_bytes() * (high - low + 1))
+        self._fit_cache()
         total = high - low + 1
         notes: List[str] = []
         margin = self.open_margin if flat and propagate else self.margin
@@ -384,7 +384,7 @@ class VolumeSlicePredictor:
         does not say where the structure ends: every slice of the volume, nearest first, until cancelled."""
         plan = self._plan_box(prompts, propagate)
         self.cache.begin_call()
-        self.cache.fit(self._slice_bytes() * (plan.high - plan.low + 1))
+        self._fit_cache()
         order = sorted(range(plan.low, plan.high + 1), key=lambda k: (abs(k - plan.start), k < plan.start))
         # no more than the cache holds: past that, each new slice would evict one nearer the start, which the
         # propagation needs first
@@ -440,7 +440,7 @@ class VolumeSlicePredictor:
         else:
             notes.append("the zoom-out found nothing: nothing for LiteMedSAM to segment")
         self.cache.begin_call()
-        self.cache.fit(self._slice_bytes() * max(1, len(boxes)))
+        self._fit_cache()
         run = _SliceRun(self, len(boxes), progress, cancel, np.zeros((0, 3)), np.zeros(0), self.open_margin)
         mask = self._decode_boxes(run, boxes, notes)
         report(progress, 1.0, "done")
@@ -502,7 +502,7 @@ class VolumeSlicePredictor:
         term = resolve_term(prompts.text)
         self._context = context_indices(term, self.modality) if hasattr(self.model, "conmoae") else None
         self.cache.begin_call()
-        self.cache.fit(self._slice_bytes() * self.working.shape[0])
+        self._fit_cache()
         encoded_before = self.slices_encoded
         found = self.locate(prompts.text, clicks[labels == 1] if len(clicks) else None,
                             scaled_progress(progress, 0.0, 0.4), cancel)
@@ -670,6 +670,11 @@ class VolumeSlicePredictor:
             return boxes_used[k]
         nearest = min(boxes_used, key=lambda s: abs(s - k), default=None)
         return box2d if nearest is None else boxes_used[nearest]
+
+    def _fit_cache(self) -> None:
+        """The cache's budget: every slice of the volume (within its cap). Not fitted to each prompt's slices: a
+        budget shrunk to one box would evict what was encoded ahead, or for the previous structure, first."""
+        self.cache.fit(self._slice_bytes() * self.working.shape[0])
 
     def _slice_bytes(self) -> int:
         grid = self.model.config.encoder.embedding_grid
