@@ -168,30 +168,7 @@ def runtime_encoder(encoder: torch.nn.Module, backend: str, cache_dir: Optional[
         cache_dir = keep.name
     path = exported_encoder(encoder, Path(cache_dir), backend, progress)
     run, version = RUNNERS[backend](path, threads)
-    large_buffers_from_mmap()
     return ImageEncoder(backend, run, f"{backend} {version}, float32, {threads} threads", keep)
-
-
-# Above this size glibc serves an allocation from mmap and gives it back to the system when freed.
-MMAP_THRESHOLD_BYTES = 1 << 20
-M_MMAP_THRESHOLD = -3          # glibc's mallopt parameter number
-
-
-def large_buffers_from_mmap() -> bool:
-    """Fix glibc's mmap threshold at 1 MiB (where glibc is the C library; elsewhere nothing). Each slice through an
-    exported runtime frees a few 4 MiB buffers (its output, the unpacked embedding), and glibc's default threshold
-    rises to the size of what was freed, so those buffers then come from the heap and fragment it: with OpenVINO the
-    process grew about 3 MiB per slice encoded beyond the cache (a 300-slice CT: +0.9 GiB), with the threshold fixed
-    about 0.5 (Testing/benchmarks/bench_memory.py)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):       # another C library (musl): it has no such threshold to fix
-        return False
 
 
 def onnxruntime_runner(path: Path, threads: int):
