@@ -76,9 +76,7 @@ class SegmentationSession:
         mrml_conversion.check_volume_node(volume_node)
         check_modality_choice(modality)
         key = (mrml_conversion.volume_key(volume_node), modality)
-        current = self.litemedsam_sessions.current
-        volume = current.volume if current is not None and current.key == key else \
-            mrml_conversion.volume_from_node(volume_node, modality)
+        volume = _session_volume(self.litemedsam_sessions.current, key, volume_node, modality)
         prompts = mrml_conversion.prompts_from_nodes(volume, volume_node.GetName(), roi_node=roi_node).prompts
         if propagate:
             prompts = box_mode.on_middle_slice(prompts, volume, roi_node)
@@ -128,8 +126,7 @@ class SegmentationSession:
         else:
             current = self.litemedsam_sessions.current
         key = (mrml_conversion.volume_key(volume_node), modality)   # another modality routes the experts anew
-        volume = current.volume if current is not None and current.key == key else \
-            mrml_conversion.volume_from_node(volume_node, modality)
+        volume = _session_volume(current, key, volume_node, modality)
         requests, warnings = structure_requests(inputs, terms, volume, volume_node, segmentation_node)
         if box_weights is not None:
             return self._start_litemedsam(volume_node, segmentation_node, requests, inputs.roi_node, volume, key,
@@ -230,3 +227,11 @@ class SegmentationSession:
 
     def undo(self, scene) -> bool:
         return self.undo_history.undo(scene)
+
+
+def _session_volume(current, key: tuple, volume_node, modality: Optional[str]):
+    """The engine volume of ``volume_node``: the current session's when it holds this node (no second read of a
+    large array), else read from the node."""
+    if current is not None and current.key == key:
+        return current.volume
+    return mrml_conversion.volume_from_node(volume_node, modality)
