@@ -219,13 +219,16 @@ def test_runtimes_stay_optional():
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.skipif(backends.heap_trim() is None, reason="no malloc_trim in this C library (glibc only)")
 def test_the_heap_trim_returns_freed_fragmented_heap_pages():
     """What the runtime encoders call after each batch: free heap pages between live blocks go back to the system
     (without it both runtimes grew 3-5 MiB a slice; bench_memory.py)."""
     import ctypes
     import ctypes.util
 
+    from medsegx_core.inference import device
+
+    if device._malloc_trim() is None:
+        pytest.skip("no malloc_trim in this C library (glibc only): nothing to return")
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
@@ -241,7 +244,7 @@ def test_the_heap_trim_returns_freed_fragmented_heap_pages():
     for address in blocks[:-1]:
         libc.free(address)              # the last block pins the heap's top, as a live buffer does
     before = resident_mib()
-    backends.heap_trim()()
+    device.release_freed_memory()
     after = resident_mib()
     libc.free(blocks[-1])
     assert before - after > 150, f"resident {before:.0f} -> {after:.0f} MiB"
@@ -249,6 +252,6 @@ def test_the_heap_trim_returns_freed_fragmented_heap_pages():
 
 def test_runtime_encoders_trim_the_heap_after_each_batch(monkeypatch):
     calls = []
-    monkeypatch.setattr(backends, "heap_trim", lambda: (lambda: calls.append("trim")))
+    monkeypatch.setattr(backends, "release_freed_memory", lambda: calls.append("trim"))
     run = backends.trimming_heap(lambda batch: calls.append("run") or batch * 2)
     assert np.array_equal(run(np.ones(3)), np.full(3, 2.0)) and calls == ["run", "trim"]

@@ -23,17 +23,15 @@ the GPU, weights not float32, adapter experts hooked into the blocks, an export 
 back to torch with one message saying why and what to do (``device.warn``: the ``medsegx`` logger and the
 progress callback).
 
-Memory: after each call through a runtime the C heap's free pages are handed back to the system (glibc's
-``malloc_trim``; elsewhere nothing is done). Both runtimes free their per-call buffers into a fragmented heap that
-glibc did not return, so a process encoding slice after slice grew 3-5 MiB a slice beyond the 1 MiB each cached
-embedding takes (OpenVINO / ONNX Runtime, measured slice by slice); with the trim it grows by the cache alone, for
-about 4 ms a call (``Testing/benchmarks/bench_memory.py``). Setting glibc's mmap threshold instead kept the heap
-small too but doubled the decoder's time per slice.
+Memory: after each call through a runtime the C heap's free pages are handed back to the system
+(``device.release_freed_memory``: glibc's ``malloc_trim``; elsewhere nothing is done). Both runtimes free their
+per-call buffers into a fragmented heap that glibc did not return, so a process encoding slice after slice grew
+3-5 MiB a slice beyond the 1 MiB each cached embedding takes (OpenVINO / ONNX Runtime, measured slice by slice);
+with the trim it grows by the cache alone, for about 4 ms a call (``Testing/benchmarks/bench_memory.py``).
+Setting glibc's mmap threshold instead kept the heap small too but doubled the decoder's time per slice.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 
 import hashlib
 import importlib
@@ -51,7 +49,7 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .device import warn
+from .device import release_freed_memory, warn
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 # Runtimes "auto" may choose, best first: faster than torch with the same masks in bench_encoder.py (on an AMD
@@ -181,28 +179,12 @@ def runtime_encoder(encoder: torch.nn.Module, backend: str, cache_dir: Optional[
     return ImageEncoder(backend, trimming_heap(run), f"{backend} {version}, float32, {threads} threads", keep)
 
 
-def heap_trim() -> Optional[Callable[[], None]]:
-    """glibc's ``malloc_trim(0)`` (free heap pages back to the system), or None where the C library has none."""
-    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    try:
-        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None
-    if trim is None:
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return lambda: trim(0)
-
-
 def trimming_heap(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
     """``run`` followed by a heap trim (the module's text: what the runtimes' freed buffers otherwise cost)."""
-    trim = heap_trim()
-    if trim is None:
-        return run
 
     def run_and_trim(batch: np.ndarray) -> np.ndarray:
         result = run(batch)
-        trim()
+        release_freed_memory()
         return result
 
     return run_and_trim
