@@ -245,6 +245,39 @@ def test_a_box_on_one_slice_propagates_until_the_mask_vanishes(predictor, small_
     assert len(filled) >= 8 and dice(propagated.mask, truth) > 0.75
 
 
+def test_a_box_on_one_slice_stops_where_the_mask_jumps_to_the_tissue_beside(model, data_dir, monkeypatch):
+    """The shared CT's liver from a box on its widest slice: past the liver's lower tip the mask jumps to the tissue
+    beside it (x1.5 the previous slice's area at Dice 0.7), and the open propagation stops there instead of following
+    that tissue on for a dozen slices (the rule JUMP_GROWTH / JUMP_OVERLAP; without it, shown here, it runs on)."""
+    import json
+
+    from medsegx_core import volume_slice_predictor
+
+    volume = read_volume(data_dir / "ct" / "totalseg_ct.nii.gz")
+    class_map = json.loads((data_dir / "totalsegmentator_class_map.json").read_text(encoding="utf-8"))["total"]
+    liver_id = next(int(value) for value, name in class_map.items() if name == "liver")
+    truth = read_volume(data_dir / "ct" / "totalseg_ct_labels.nii.gz").array == liver_id
+    k = int(np.argmax(truth.sum(axis=(1, 2))))           # the slice axis is the array's first here (axial, RAS)
+    rows, cols = np.nonzero(truth[k])
+    flat = Prompts(box=BoxPrompt((int(cols.min()), int(rows.min()), k), (int(cols.max()), int(rows.max()), k),
+                                 space="ijk"))
+    vp = VolumeSlicePredictor(model, device="cpu", precision="fp32")
+    vp.set_volume(volume, modality="CT")
+    truth_slices = np.flatnonzero(truth.any(axis=(1, 2)))
+
+    def slices_outside(mask) -> int:
+        filled = np.flatnonzero(mask.any(axis=(1, 2)))
+        return int(np.sum((filled < truth_slices.min()) | (filled > truth_slices.max())))
+
+    stopped = vp.segment(flat, propagate=True)
+    assert slices_outside(stopped.mask) <= 2 and dice(stopped.mask, truth) > 0.88
+
+    monkeypatch.setattr(volume_slice_predictor, "JUMP_GROWTH", float("inf"))
+    vp._last_propagation = None                           # the kept propagation does not know the constant
+    ran_on = vp.segment(flat, propagate=True)
+    assert slices_outside(ran_on.mask) >= 6 and dice(ran_on.mask, truth) < dice(stopped.mask, truth) - 0.05
+
+
 def test_the_fast_mode_decodes_every_nth_slice_and_interpolates_between(model, predictor, small_ct):
     """slice_step=3: a third of the slices decoded (and so encoded), the others interpolated by signed distance, the
     structure's ends still found slice by slice; the Dice cost is small (measured: Testing/benchmarks/fast_mode.py)."""
