@@ -32,7 +32,6 @@ Setting glibc's mmap threshold instead kept the heap small too but doubled the d
 """
 from __future__ import annotations
 
-
 import hashlib
 import importlib
 import importlib.util
