@@ -15,7 +15,8 @@ FreeSurfer, a DICOM folder or one file of the series) and refused by the same ru
 2D or blank images, ...); it then becomes a volume node and goes through the Logic as in Slicer. Several
 structures (``--text`` repeated, or a comma list) become one named segment each, from one encoding of the
 volume. Points and boxes are RAS millimetres (what Slicer shows); a box runs LiteMedSAM slice by slice unless
-``--weights`` (or ``$MEDSEGX_WEIGHTS``) or ``--experts`` say otherwise, as in the module. Progress lines go to
+``--weights`` (or ``$MEDSEGX_WEIGHTS``) or a SegVol pack in ``--experts`` say otherwise, as in the module (a
+LiteMedSAM pack goes with the box). Progress lines go to
 stdout. Exit codes: 0 written, 1 user error (bad input, prompt, weights, output; one line on stderr naming the file), 2 internal error
 (traceback), 130 cancelled (Ctrl+C; nothing is written). The output is checked before any work, written to a
 temporary name in the destination folder and renamed; an existing output is kept unless ``--overwrite``.
@@ -71,7 +72,8 @@ def engine_factories(args):
 
         weights = spec[0] if isinstance(spec, tuple) else spec
         model = load_model(weights, tokenizer=args.tokenizer)
-        apply_expert_pack(model, args.experts)   # refused (WeightsError) when fine-tuned on another base
+        if not litemedsam_pack(args):            # a LiteMedSAM pack goes with the boxes (box_engine_factories)
+            apply_expert_pack(model, args.experts)   # refused (WeightsError) when fine-tuned on another base
         return model
 
     def make_predictor(model, device):
@@ -82,16 +84,28 @@ def engine_factories(args):
     return load, make_predictor
 
 
-def box_engine_factories(args):
-    """LiteMedSAM's loader and predictor factory for boxes, with this run's precision."""
+def litemedsam_pack(args) -> bool:
+    """``--experts`` names a pack fine-tuned on LiteMedSAM (it then rides on the boxes' LiteMedSAM)."""
     from MedSegXSlicerLib import box_mode
+    from medsegx_core.weights.expert_pack import chosen_pack_base_model
+
+    return chosen_pack_base_model(args.experts) == box_mode.MODEL_NAME
+
+
+def box_engine_factories(args):
+    """LiteMedSAM's loader and predictor factory for boxes, with this run's precision and LiteMedSAM pack."""
+    from MedSegXSlicerLib import box_mode
+
+    def load(spec):
+        weights = spec[0] if isinstance(spec, tuple) else spec
+        return box_mode.load_model((weights, args.experts) if litemedsam_pack(args) else weights)
 
     def make_predictor(model, device):
         from medsegx_core import registry
 
         return registry.kind_named(registry.LITEMEDSAM).predictor(model, device=device, precision=args.precision)
 
-    return box_mode.load_model, make_predictor
+    return load, make_predictor
 
 
 def _save_atomically(segmentation_node, output: Path, overwrite: bool) -> None:
@@ -142,7 +156,8 @@ def run(args: argparse.Namespace) -> list:
     logic = MedSegXSlicerLogic(weightsPath=args.weights, device=args.device)
     logic.sessions = SessionStore(*engine_factories(args))
     logic.boxSessions = SessionStore(*box_engine_factories(args))
-    logic.useLiteMedSAMForBoxes = not args.experts   # an expert pack is SegVol's: the box goes to SegVol too
+    # a SegVol pack (or "none") sends the box to SegVol too; a LiteMedSAM pack rides on the boxes' LiteMedSAM
+    logic.useLiteMedSAMForBoxes = not args.experts or litemedsam_pack(args)
     logic.sliceStep = args.slice_step                # LiteMedSAM's fast mode (--slice-step), checked as the CLI does
     cancel = CancelToken()
     try:

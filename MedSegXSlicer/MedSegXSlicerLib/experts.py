@@ -106,13 +106,17 @@ def pack_path(name: str, overwrite: bool = False) -> Path:
 
 
 def train(pairs: Sequence[TrainingPair], weights, destination: Path, settings, load_model, progress=None,
-          cancel=None) -> TrainingOutcome:
-    """Fine-tune experts on ``pairs`` on top of ``weights`` and write the pack (worker thread)."""
+          cancel=None, slices: bool = False) -> TrainingOutcome:
+    """Fine-tune experts on ``pairs`` on top of ``weights`` and write the pack (worker thread). ``slices``: the
+    base is slice-wise (LiteMedSAM): cases read and trained slice by slice, as ``medsegx finetune --base
+    litemedsam`` does."""
     import SimpleITK as sitk
 
     from medsegx_core.progress import check, report, scaled
     from medsegx_core.training.dataset import load_case
     from medsegx_core.training.finetune import base_sha256, finetune, write_pack
+    from medsegx_core.training.slice_finetune import finetune_slices
+    from medsegx_core.training.slice_samples import load_slice_case
 
     report(progress, 0.0, "preparing the training volumes")
     with tempfile.TemporaryDirectory(prefix="medsegx-train-") as folder:
@@ -123,13 +127,15 @@ def train(pairs: Sequence[TrainingPair], weights, destination: Path, settings, l
             sitk.WriteImage(pair.volume.to_sitk(), str(image))
             sitk.WriteImage(pair.volume.with_array(pair.labels).to_sitk(), str(labels))
             names.write_text(json.dumps({str(k): v for k, v in pair.names.items()}), encoding="utf-8")
-            cases.append(load_case(image, labels, str(names), modality=pair.volume.modality))
+            read = load_slice_case if slices else load_case
+            cases.append(read(image, labels, str(names), modality=pair.volume.modality))
             check(cancel)
     report(progress, 0.05, "loading the base model")
     model = load_model(weights)
     base = base_sha256(model)
     check(cancel)
-    result = finetune(model, cases, settings, progress=scaled(progress, 0.1, 0.97), cancel=cancel)
+    result = (finetune_slices if slices else finetune)(model, cases, settings, progress=scaled(progress, 0.1, 0.97),
+                                                       cancel=cancel)
     check(cancel)
     report(progress, 0.98, f"writing {destination.name}")
     destination.parent.mkdir(parents=True, exist_ok=True)

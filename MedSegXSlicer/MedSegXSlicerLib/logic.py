@@ -29,7 +29,7 @@ from medsegx_core.errors import Cancelled, WeightsError
 from medsegx_core.inference.slice_interpolation import check_slice_step
 from medsegx_core.progress import CancelToken, ProgressCallback
 
-from . import models, prompt_nodes, structures
+from . import box_mode, models, prompt_nodes, structures
 from .expert_training import ExpertTraining
 from .install import Dependencies
 from .model_choice import ModelChoice
@@ -227,8 +227,13 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         (``WeightsError``) and the previous choice stays. Returns the model label."""
         pack = self.choice.checked_expert_pack(pack)
         self.dependencies.require()
-        self.segmentation.load_segvol_model(self.choice.segvol_spec(self.choice.check_weights(), pack), progress,
-                                            cancel)
+        if self.choice.pack_base_model(pack) == box_mode.MODEL_NAME:   # boxes and known texts run it
+            sessions = self.segmentation.litemedsam_sessions
+            spec = self.choice.box_spec(self.choice.litemedsam_base(), pack)
+        else:
+            sessions = self.segmentation.segvol_sessions
+            spec = self.choice.segvol_spec(self.choice.check_weights(), pack)
+        self.segmentation.load_model(sessions, spec, progress, cancel)
         self.choice.expert_pack = pack
         return self.modelLabel()
 
@@ -293,7 +298,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         outcome = task.job.result()
         if select:
             self.choice.expert_pack = outcome.pack
-            self.segmentation.segvol_sessions.forget()
+            self.segmentation.forget()
         return outcome
 
     def trainExperts(self, volumeNodes, segmentationNodes, packName: str = "my experts",

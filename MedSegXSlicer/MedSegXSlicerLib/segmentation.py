@@ -51,11 +51,12 @@ class SegmentationSession:
         #: The encode-ahead job of the box being placed (encode_ahead), cancelled by the next request
         self._ahead = None
 
-    def load_segvol_model(self, spec, progress: Optional[ProgressCallback] = None,
-                          cancel: Optional[CancelToken] = None) -> None:
-        """Load SegVol as ``spec`` says on the engine thread now, waiting for it (a pack that does not fit the
-        weights is refused here, not at the next click)."""
-        sessions, device = self.segvol_sessions, self._choice.device
+    def load_model(self, sessions, spec, progress: Optional[ProgressCallback] = None,
+                   cancel: Optional[CancelToken] = None) -> None:
+        """Load the model of ``sessions`` (``segvol_sessions`` or ``litemedsam_sessions``) as ``spec`` says on the
+        engine thread now, waiting for it (a pack that does not fit the weights is refused here, not at the next
+        click)."""
+        device = self._choice.device
         self._worker.submit(lambda progress_cb, _cancel: sessions.model_for(spec, device, progress_cb), cancel,
                             description=f"load {spec}").wait(on_progress=progress)
 
@@ -80,10 +81,11 @@ class SegmentationSession:
         prompts = mrml_conversion.prompts_from_nodes(volume, volume_node.GetName(), roi_node=roi_node).prompts
         if propagate:
             prompts = box_mode.on_middle_slice(prompts, volume, roi_node)
-        sessions, device, weights = self.litemedsam_sessions, self._choice.device, self._choice.box_weights()
+        sessions, device = self.litemedsam_sessions, self._choice.device
+        spec = self._choice.box_spec(self._choice.box_weights())
 
         def run(progress: ProgressCallback, cancel_token: CancelToken):
-            return box_mode.encode_ahead(sessions, key, volume, weights, device, modality, prompts, propagate,
+            return box_mode.encode_ahead(sessions, key, volume, spec, device, modality, prompts, propagate,
                                          progress, cancel_token)
 
         self._ahead = self._worker.submit(run, cancel, description=f"{box_mode.MODEL_NAME}: encoding the slices of "
@@ -176,12 +178,13 @@ class SegmentationSession:
             requests = [StructureRequest(request.name, prompts, request.segment_id, request.rename_existing)]
         sessions, device, finished = self.litemedsam_sessions, self._choice.device, []
         slice_step = check_slice_step(self.slice_step)
+        spec, label = self._choice.box_spec(weights), self._choice.box_model_label()
 
         def run(progress: ProgressCallback, cancel_token: CancelToken):
             share = 1.0 / len(requests)
             for index, request in enumerate(requests):
                 started = time.monotonic()
-                result = box_mode.segment(sessions, key, volume, weights, device, modality, request.prompts,
+                result = box_mode.segment(sessions, key, volume, spec, device, modality, request.prompts,
                                           propagate, scaled(progress, index * share, (index + 1) * share),
                                           cancel_token, slice_step=slice_step)
                 cancel_token.raise_if_cancelled()
@@ -193,7 +196,7 @@ class SegmentationSession:
         job = self._worker.submit(run, cancel, description=f"{box_mode.MODEL_NAME}: {what} {names} in "
                                                            f"'{volume_node.GetName()}'")
         return SegmentationTask(job, volume_node, segmentation_node, requests, ijk_to_world=volume.ijk_to_ras,
-                                shape_kji=volume.array.shape, model_label=box_mode.MODEL_NAME, warnings=warnings,
+                                shape_kji=volume.array.shape, model_label=label, warnings=warnings,
                                 finished=finished)
 
     def slice_mode(self):

@@ -5,7 +5,6 @@ resumes, the slice predictor keys its embeddings by the routing context and appl
 and ``medsegx finetune --base`` / ``medsegx segment --box --experts`` run LiteMedSAM with a pack."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -15,9 +14,6 @@ from medsegx_core.cli import main
 from medsegx_core.data.hierarchy import context_indices, load_hierarchy
 from medsegx_core.data.readers import read_volume
 from medsegx_core.modeling.conmoae import ConMoAEConfig, attach_experts_to_model
-from medsegx_core.modeling.config import MaskDecoderConfig
-from medsegx_core.modeling.litemedsam import LiteMedSAM, LiteMedSAMConfig
-from medsegx_core.modeling.tiny_vit import TinyViTConfig
 from medsegx_core.prompts import BoxPrompt, Prompts
 from medsegx_core.training.finetune import FinetuneSettings, base_sha256, write_pack
 from medsegx_core.training.slice_finetune import finetune_slices
@@ -25,37 +21,10 @@ from medsegx_core.training.slice_samples import SliceSampler, load_slice_case
 from medsegx_core.volume_slice_predictor import VolumeSlicePredictor
 from medsegx_core.weights import litemedsam as litemedsam_weights
 from medsegx_core.weights.expert_pack import load_expert_pack, read_pack_metadata, save_expert_pack
-from medsegx_core.weights.store import write_folder
+from tiny_litemedsam import randomise_experts, tiny_folder, tiny_model   # Testing/tiny_litemedsam.py
 
 CHAOS = "mri/chaos_t2spir"
 LIVER = 1
-
-
-def tiny_config() -> LiteMedSAMConfig:
-    encoder = TinyViTConfig(image_size=64, embed_dims=(8, 16, 24, 32), depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 2),
-                            window_sizes=(7, 7, 7, 7), out_chans=32)
-    decoder = MaskDecoderConfig(transformer_depth=1, transformer_heads=2, transformer_mlp_dim=32,
-                                iou_head_hidden_dim=16)
-    return LiteMedSAMConfig(encoder=encoder, mask_decoder=decoder, mask_in_chans=4, name="tiny")
-
-
-def tiny_model(seed: int = 0) -> LiteMedSAM:
-    torch.manual_seed(seed)
-    model = LiteMedSAM(tiny_config())
-    with torch.no_grad():     # running statistics other than BatchNorm's defaults, so that keeping them is seen
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
-def randomise_experts(model, seed: int = 0, scale: float = 1.0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.conmoae.named_parameters():
-            if "adapter_up" in name or "context_tables" in name:
-                parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
 
 
 def logits(model, image, box, context=None):
@@ -78,12 +47,6 @@ def liver_box(labels: np.ndarray, slices: int = 2) -> BoxPrompt:
     widest = int(np.bincount(k).argmax())
     return BoxPrompt((int(i.min()), int(j.min()), widest), (int(i.max()), int(j.max()), widest + slices - 1),
                      space="ijk")
-
-
-def tiny_folder(model, folder):
-    record = {"kind": litemedsam_weights.LITEMEDSAM_KIND, "model": model.config.to_dict(),
-              "source": {"file": "random tiny LiteMedSAM (tests)"}}
-    return write_folder(folder, dict(model.state_dict()), record)
 
 
 # ---- the experts in TinyViT --------------------------------------------------------------------------------------

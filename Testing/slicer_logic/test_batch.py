@@ -14,13 +14,14 @@ import slicerio
 import scene_builders as sb
 from scene_builders import imported_weights  # noqa: F401 (a fixture)
 from medsegx_core.data.readers import read_volume
+from tiny_litemedsam import randomise_experts, tiny_folder, tiny_model   # Testing/tiny_litemedsam.py
 
 SCRIPT = sb.MODULE_DIR / "medsegx_batch.py"
 POINT_IJK = (50, 60, 15)
 
 
-def run_batch(*args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def run_batch(*args, timeout=300, **environment):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **environment)
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -122,3 +123,39 @@ def test_the_batch_script_takes_the_options_of_medsegx_segment_with_the_same_mea
         parsed = (from_batch, from_segment)
     sets = [prompt_sets_from_options(args) for args in parsed]
     assert sets[0] == sets[1] and sets[0][0].text == "liver" and len(sets[0][0].points) == 2
+
+
+def test_a_litemedsam_pack_in_experts_goes_with_the_box_as_in_medsegx_segment(data_dir, tmp_path, monkeypatch):
+    """``--experts`` naming a LiteMedSAM pack: the box runs LiteMedSAM with the pack, mask for mask what ``medsegx
+    segment`` gives with the same pack; without the pack the mask differs (the pack was used)."""
+    from medsegx_core.cli import main
+    from medsegx_core.modeling.conmoae import ConMoAEConfig, attach_experts_to_model
+    from medsegx_core.training.finetune import base_sha256
+    from medsegx_core.weights.expert_pack import save_expert_pack
+
+    home = tmp_path / "home"
+    tiny_folder(tiny_model(), home / "weights" / "tiny_litemedsam")     # the LiteMedSAM boxes run
+    model = tiny_model()
+    attach_experts_to_model(model, ConMoAEConfig())
+    randomise_experts(model, scale=0.5)
+    pack = save_expert_pack(tmp_path / "lite.safetensors", model, ("conmoae.",), base_sha256(tiny_model()))
+    ct_path = data_dir / sb.CT_SMALL
+    volume = read_volume(ct_path)
+    box = volume.ijk_to_ras_points(np.array([[20.0, 25.0, 12.0], [80.0, 75.0, 16.0]])).ravel()
+
+    output = tmp_path / "batch.seg.nrrd"
+    done = run_batch("--input", ct_path, "--box", *box, "--experts", pack, "--name", "thing", "--output", output,
+                     "--device", "cpu", MEDSEGX_HOME=str(home))
+    assert done.returncode == 0, done.stderr
+    read = slicerio.read_segmentation(str(output))
+    batch = slicerio.segment_mask(read, read["segments"][0]["id"]).transpose(2, 1, 0).astype(bool)
+    monkeypatch.setenv("MEDSEGX_HOME", str(home))
+    monkeypatch.delenv("MEDSEGX_WEIGHTS", raising=False)
+    cli = {}
+    for name, extra in (("pack", ["--experts", str(pack)]), ("base", [])):
+        out = tmp_path / f"{name}.nii.gz"
+        assert main(["segment", str(ct_path), "--box", *map(str, box), *extra, "--device", "cpu", "-o",
+                     str(out)]) == 0
+        cli[name] = read_volume(out).array > 0
+    assert batch.any() and np.array_equal(batch, cli["pack"])
+    assert not np.array_equal(cli["pack"], cli["base"])

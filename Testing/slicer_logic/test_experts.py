@@ -1,7 +1,8 @@
 """"Learn from my segments" through the Logic on a real CT (slicer-core scene) with a tiny real model: segment names
 resolve through the hierarchy (or a mapping), the engine's fine-tuning runs on the worker thread with progress and
 validation Dice, the pack lands in $MEDSEGX_HOME/experts, loads, is selected and changes the model; Cancel leaves
-no pack; a pack trained on other base weights is refused."""
+no pack; a pack trained on other base weights is refused. When boxes run LiteMedSAM (the default), the pack is
+LiteMedSAM's: trained slice by slice, it rides on LiteMedSAM for the next box while SegVol runs without it."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,10 +12,12 @@ import torch
 
 import scene_builders as sb
 from scene_builders import ct  # noqa: F401 (fixture)
-from MedSegXSlicerLib import MedSegXSlicerLogic, models, mrml_conversion, segment_writer
+from MedSegXSlicerLib import MedSegXSlicerLogic, box_mode, models, mrml_conversion, segment_writer
 from MedSegXSlicerLib.segvol_mode import load_model
+from medsegx_core.data.hierarchy import context_indices
 from medsegx_core.errors import Cancelled, InputError, WeightsError
 from medsegx_core.progress import CancelToken
+from tiny_litemedsam import tiny_folder, tiny_model   # Testing/tiny_litemedsam.py
 
 LABELS = {"liver": 5, "splenic thing": 1}   # TotalSegmentator ids in the small CT's labels; the second is mapped
 FAST = dict(steps=4, batch_size=2, val_every=2, lr=0.05)
@@ -120,3 +123,63 @@ def test_cancel_leaves_no_pack(ct, user_segments, logic, home):
     assert not (home / "experts").exists() or not any((home / "experts").iterdir())
     assert logic.expertPack is None
     assert logic.worker.thread.is_alive()
+
+
+def test_with_litemedsam_for_boxes_the_pack_is_litemedsams_and_the_next_box_runs_it(ct, user_segments, bases, home,
+                                                                                    data_dir):
+    """No weights chosen, a (tiny) LiteMedSAM installed: "Learn from my segments" fine-tunes experts in LiteMedSAM's
+    TinyViT on the CT's slices; the pack is selected, the next box runs LiteMedSAM with it (CT: its modality), and
+    the SegVol side neither gets nor names it."""
+    lite = tiny_folder(tiny_model(), home / "weights" / "tiny_litemedsam")
+    logic = MedSegXSlicerLogic(device="cpu")
+    try:
+        assert logic.choice.box_weights() == lite
+        messages = []
+        outcome = logic.trainExperts(ct, user_segments, "my lite", mapping={"splenic thing": "spleen"},
+                                     progress=lambda fraction, message: messages.append(message),
+                                     **dict(FAST, batch_size=1))
+        metadata = models.read_pack_metadata(outcome.pack)
+        assert metadata["base_model"] == box_mode.MODEL_NAME and outcome.structures == ["liver", "spleen"]
+        assert metadata["extra"]["recipe"]["name"] == "finetune-litemedsam-experts"      # the kind's own recipe
+        assert set(metadata["extra"]["recipe"]["overrides"]) == {"batch_size", "lr", "steps", "val_every"}
+        assert any("step 2/4" in m for m in messages)
+        assert logic.expertPack == str(outcome.pack)
+        assert logic.choice.box_model_label() == "LiteMedSAM + experts 'my_lite'"
+        assert "LiteMedSAM + experts 'my_lite'" in logic.choice.describe_box_model()
+        assert "experts" not in logic.modelLabel()                     # SegVol runs without a LiteMedSAM pack
+        assert logic.choice.segvol_spec(bases[0]) == str(bases[0])
+
+        # the pack changes LiteMedSAM's logits in the context it learnt, and only loads on its own base
+        image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        box = torch.tensor([[8.0, 8.0, 50.0, 50.0]])
+        with_pack, without = box_mode.load_model((str(lite), str(outcome.pack))), box_mode.load_model(str(lite))
+        with torch.no_grad(), with_pack.conmoae.context(context_indices("liver", "CT")):
+            adapted = with_pack(image, box)
+        with torch.no_grad():
+            assert not torch.allclose(adapted[0], without(image, box)[0], atol=1e-6)
+        with pytest.raises(WeightsError, match="other base weights"):
+            box_mode.load_model((str(tiny_folder(tiny_model(seed=1), home / "other_lite")), str(outcome.pack)))
+
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "ct" / "totalseg_ct_small_labels.nii.gz")))
+        k, j, i = np.nonzero(labels == LABELS["liver"])
+        middle = int(np.median(k))
+        roi = sb.add_roi_on_voxels(ct.GetScene(), ct, (i.min(), j.min(), middle - 1),
+                                   (i.max(), j.max(), middle + 1))
+        segmentation = ct.GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
+        logic.segment(ct, segmentation, roiNode=roi, segmentName="liver")
+        model = logic.segmentation.litemedsam_sessions.current.predictor.model
+        assert model.pack_domain.covers(logic.segmentation.litemedsam_sessions.current.predictor.modality)
+        up = next(key for key in with_pack.state_dict() if "adapter_up" in key)
+        assert torch.equal(model.state_dict()[up], with_pack.state_dict()[up])       # the pack's, in place
+        assert "LiteMedSAM + experts 'my_lite'" in logic.lastStatus
+
+        # a LiteMedSAM pack does not go on chosen SegVol weights: refused, the choice kept
+        segvol = MedSegXSlicerLogic(weightsPath=bases[0], device="cpu")
+        try:
+            with pytest.raises(WeightsError, match="fine-tuned on LiteMedSAM, but the weights in use"):
+                segvol.selectExpertPack(outcome.pack)
+            assert segvol.expertPack is None
+        finally:
+            segvol.cleanup()
+    finally:
+        logic.cleanup()

@@ -64,7 +64,9 @@ def choose_model(args: argparse.Namespace, prompt_sets: List[Prompts]) -> ModelC
         kind = registry.kind_of(chosen.path)
         _check_mode(args, kind, chosen.path, two_d)
         return ModelChoice(kind, chosen.path, chosen.explanation)
-    pack_base = _pack_base(args)
+    from ..weights.expert_pack import chosen_pack_base_model
+
+    pack_base = chosen_pack_base_model(getattr(args, "experts", None))
     if pack_base == "LiteMedSAM" or (pack_base is None and (args.propagate or any(p.box is not None
                                                                                  for p in prompt_sets))):
         return default_litemedsam()
@@ -84,17 +86,6 @@ def choose_model(args: argparse.Namespace, prompt_sets: List[Prompts]) -> ModelC
         explanation = (f"the text localiser does not know {', '.join(repr(t) for t in unknown)}; "
                        f"{explanation or 'SegVol runs the text'}")
     return ModelChoice(registry.kind_of(chosen.path), chosen.path, explanation)
-
-
-def _pack_base(args: argparse.Namespace) -> Optional[str]:
-    """The model class an ``--experts`` pack was fine-tuned on ("LiteMedSAM", "SegVol"), or None without one
-    (``apply_expert_pack``'s choices: empty or "none" name no pack)."""
-    choice = str(getattr(args, "experts", None) or "").strip()
-    if not choice or choice.lower() == "none":
-        return None
-    from ..weights.expert_pack import find_expert_pack, pack_base_model, read_pack_metadata
-
-    return pack_base_model(read_pack_metadata(find_expert_pack(choice)))
 
 
 def registry_home() -> Path:

@@ -213,6 +213,15 @@ def pack_base_model(metadata: Mapping[str, object]) -> str:
     return str(metadata.get("base_model") or "SegVol")
 
 
+def chosen_pack_base_model(choice: Union[str, Path, None]) -> Optional[str]:
+    """The model class an expert-pack choice (as ``apply_expert_pack`` takes it) was fine-tuned on ("LiteMedSAM",
+    "SegVol"), or None when the choice names no pack (empty, or "none"). Reads the file's header only."""
+    text = "" if choice is None else str(choice).strip()
+    if not text or text.lower() == "none":
+        return None
+    return pack_base_model(read_pack_metadata(find_expert_pack(text)))
+
+
 def pack_modalities(metadata: Mapping[str, object]) -> list:
     """The modalities a pack's structures were fine-tuned on (the modality row of each recorded context; none for
     a pack that records no contexts, such as a base model's own experts)."""
