@@ -549,7 +549,7 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if mapping is None:
                 return
             task = self.logic.startTrainingExperts(p.inputVolume, segmentation, self.ui.packNameLineEdit.text,
-                                                   mapping=mapping, steps=self.ui.trainStepsSpinBox.value)
+                                                   mapping=mapping, steps=self.ui.trainStepsSpinBox.value or None)
             self._runInBackground(task, self._finishTraining, _("Training experts..."))
 
     def _askNameMapping(self, segmentation) -> Optional[dict]:

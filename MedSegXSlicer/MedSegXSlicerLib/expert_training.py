@@ -6,7 +6,9 @@ the user's mapping) before anything runs; selecting the new pack is the caller's
 The base: LiteMedSAM (with the LiteMedSAM pack in use, if any) when boxes run LiteMedSAM (the default:
 ``ModelChoice.box_weights``), trained slice by slice; else SegVol's weights in use with their pack. Either follows
 its kind's default recipe (``medsegx finetune --base``'s: ``cli.finetune.DEFAULT_RECIPES``), with the steps and
-settings given here in place of the recipe's.
+settings given here in place of the recipe's. Every segment the user drew trains: no structure is held out for
+validation (the recipes' ``val_fraction`` would hold out whole structures, which the pack would then never learn)
+unless the caller asks for it.
 """
 from __future__ import annotations
 
@@ -52,9 +54,9 @@ class ExpertTraining:
         return experts.unresolved_segment_names(as_list(segmentation_nodes), mapping)
 
     def start(self, volume_nodes, segmentation_nodes, pack_name: str, mapping: Optional[Mapping[str, str]],
-              steps: int, cancel: Optional[CancelToken] = None, **settings) -> BackgroundTask:
-        """``settings``: more ``FinetuneSettings`` fields (batch_size, val_every, lr, ...). The model trained is the
-        one in use: its weights with the chosen expert pack (or none)."""
+              steps: Optional[int] = None, cancel: Optional[CancelToken] = None, **settings) -> BackgroundTask:
+        """``steps``: None for the recipe's; ``settings``: more ``FinetuneSettings`` fields (batch_size,
+        val_fraction, val_every, lr, ...). The model trained is the one boxes run (see the module docstring)."""
         volumes, segmentations = as_list(volume_nodes), as_list(segmentation_nodes)
         if len(volumes) != len(segmentations) or not volumes:
             raise InputError(f"give one segmentation per volume ({len(volumes)} volumes, {len(segmentations)} "
@@ -73,7 +75,9 @@ class ExpertTraining:
         else:
             kind, spec, load_model = registry.SEGVOL, self._choice.segvol_spec(self._choice.check_weights()), \
                 segvol_mode.load_model
-        finetune_settings = recipe_settings(kind, steps=int(steps), **settings)
+        if steps is not None:
+            settings["steps"] = int(steps)
+        finetune_settings = recipe_settings(kind, **{"val_fraction": 0.0, **settings})
         destination = experts.pack_path(pack_name)
 
         def run(progress: ProgressCallback, cancel_token: CancelToken):

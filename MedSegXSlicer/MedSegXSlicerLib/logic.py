@@ -285,12 +285,14 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         return self.training.unresolved_segment_names(segmentationNodes, mapping)
 
     def startTrainingExperts(self, volumeNodes, segmentationNodes, packName: str = "my experts",
-                             mapping: Optional[Mapping[str, str]] = None, steps: int = 200,
+                             mapping: Optional[Mapping[str, str]] = None, steps: Optional[int] = None,
                              cancel: Optional[CancelToken] = None, **settings) -> BackgroundTask:
         """Fine-tune ConMoAE experts on the segments of ``segmentationNodes`` (one per volume) on top of the
-        model in use; the pack goes to ``$MEDSEGX_HOME/experts/<packName>.safetensors``. ``mapping``: segment
-        name -> hierarchy name (or "NAME@PARENT"); ``settings``: more ``FinetuneSettings`` fields. Progress
-        messages carry the loss and the validation Dice."""
+        model boxes run (LiteMedSAM by default, else SegVol: ``expert_training.py``); the pack goes to
+        ``$MEDSEGX_HOME/experts/<packName>.safetensors``. ``mapping``: segment name -> hierarchy name (or
+        "NAME@PARENT"); ``steps``: None for the recipe's; ``settings``: more ``FinetuneSettings`` fields. Every
+        segment trains; ``val_fraction`` > 0 holds out that share of the structures, and progress messages then
+        carry the validation Dice."""
         return self.training.start(volumeNodes, segmentationNodes, packName, mapping, steps, cancel, **settings)
 
     def finishTrainingExperts(self, task: BackgroundTask, select: bool = True):
@@ -302,7 +304,7 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         return outcome
 
     def trainExperts(self, volumeNodes, segmentationNodes, packName: str = "my experts",
-                     mapping: Optional[Mapping[str, str]] = None, steps: int = 200,
+                     mapping: Optional[Mapping[str, str]] = None, steps: Optional[int] = None,
                      progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
                      select: bool = True, **settings):
         """Console: :meth:`startTrainingExperts` + wait + :meth:`finishTrainingExperts`."""

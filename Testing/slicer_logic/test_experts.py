@@ -1,7 +1,7 @@
 """"Learn from my segments" through the Logic on a real CT (slicer-core scene) with a tiny real model: segment names
 resolve through the hierarchy (or a mapping), the engine's fine-tuning runs on the worker thread with progress and
-validation Dice, the pack lands in $MEDSEGX_HOME/experts, loads, is selected and changes the model; Cancel leaves
-no pack; a pack trained on other base weights is refused. When boxes run LiteMedSAM (the default), the pack is
+validation Dice when asked (by default every segment trains: none is held out), the pack lands in
+$MEDSEGX_HOME/experts, loads, is selected and changes the model; Cancel leaves no pack; a pack trained on other base weights is refused. When boxes run LiteMedSAM (the default), the pack is
 LiteMedSAM's: trained slice by slice, it rides on LiteMedSAM for the next box while SegVol runs without it."""
 from __future__ import annotations
 
@@ -80,12 +80,21 @@ def test_train_experts_from_segments_makes_a_pack_that_loads_and_changes_the_mod
     assert not (home / "experts").exists()
 
     messages = []
+    outcome = logic.trainExperts(ct, user_segments, "held out", mapping={"splenic thing": "spleen"},
+                                 progress=lambda fraction, message: messages.append(message), val_fraction=0.5,
+                                 **FAST)
+    assert any("step 2/4" in m and "val Dice" in m for m in messages) and outcome.best_val_dice is not None
+    assert models.read_pack_metadata(outcome.pack)["extra"]["settings"]["val_fraction"] == 0.5
+
+    messages.clear()     # the default: both segments train, none is held out for validation
     outcome = logic.trainExperts(ct, user_segments, "my abdomen", mapping={"splenic thing": "spleen"},
                                  progress=lambda fraction, message: messages.append(message), **FAST)
     pack = home / "experts" / "my_abdomen.safetensors"   # a safe file name
     assert outcome.pack == pack and pack.is_file() and outcome.structures == ["liver", "spleen"]
-    assert any("step 2/4" in m and "val Dice" in m for m in messages) and outcome.best_val_dice is not None
+    assert any("step 2/4" in m for m in messages) and not any("val Dice" in m for m in messages)
+    assert outcome.best_val_dice is None
     metadata = models.read_pack_metadata(pack)
+    assert metadata["extra"]["settings"]["val_fraction"] == 0
     assert sorted(s["name"] for s in metadata["structures"]) == ["liver", "spleen"]
     assert logic.expertPack == str(pack) and logic.modelLabel() == "weights 'base' + experts 'my_abdomen'"
     assert "my_abdomen" in [e.name for e in logic.availableModels() if e.kind == "expert pack"]
@@ -141,7 +150,8 @@ def test_with_litemedsam_for_boxes_the_pack_is_litemedsams_and_the_next_box_runs
         metadata = models.read_pack_metadata(outcome.pack)
         assert metadata["base_model"] == box_mode.MODEL_NAME and outcome.structures == ["liver", "spleen"]
         assert metadata["extra"]["recipe"]["name"] == "finetune-litemedsam-experts"      # the kind's own recipe
-        assert set(metadata["extra"]["recipe"]["overrides"]) == {"batch_size", "lr", "steps", "val_every"}
+        assert set(metadata["extra"]["recipe"]["overrides"]) == {"batch_size", "lr", "steps", "val_every",
+                                                                 "val_fraction"}
         assert any("step 2/4" in m for m in messages)
         assert logic.expertPack == str(outcome.pack)
         assert logic.choice.box_model_label() == "LiteMedSAM + experts 'my_lite'"
