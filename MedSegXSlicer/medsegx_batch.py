@@ -67,13 +67,14 @@ def _box_node(scene, corners):
 def engine_factories(args):
     """The Logic's model loader and Predictor factory with this run's tokenizer, expert pack and precision."""
     def load(spec):
-        from medsegx_core.weights.expert_pack import apply_expert_pack
+        from medsegx_core.weights.expert_pack import apply_expert_pack, pack_choice_for
         from medsegx_core.weights.store import load_model
 
         weights = spec[0] if isinstance(spec, tuple) else spec
         model = load_model(weights, tokenizer=args.tokenizer)
-        if not litemedsam_pack(args):            # a LiteMedSAM pack goes with the boxes (box_engine_factories)
-            apply_expert_pack(model, args.experts)   # refused (WeightsError) when fine-tuned on another base
+        # SegVol's part of --experts (a LiteMedSAM pack goes with the boxes: box_engine_factories); refused
+        # (WeightsError) when fine-tuned on other SegVol weights
+        apply_expert_pack(model, pack_choice_for(args.experts, "SegVol"))
         return model
 
     def make_predictor(model, device):
@@ -97,8 +98,10 @@ def box_engine_factories(args):
     from MedSegXSlicerLib import box_mode
 
     def load(spec):
+        from medsegx_core.weights.expert_pack import pack_choice_for
+
         weights = spec[0] if isinstance(spec, tuple) else spec
-        return box_mode.load_model((weights, args.experts) if litemedsam_pack(args) else weights)
+        return box_mode.load_model((weights, pack_choice_for(args.experts, box_mode.MODEL_NAME)))
 
     def make_predictor(model, device):
         from medsegx_core import registry

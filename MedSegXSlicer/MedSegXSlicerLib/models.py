@@ -178,10 +178,10 @@ def available_models() -> List[ModelEntry]:
             entries.append(ModelEntry("imported", folder.name, folder, True, _record_source(folder),
                                       size_of(folder), "as its source's", devices))
     entries += medsegx2d_entries(devices)   # MedSegX's 2D model (slice mode), when one is installed
-    from medsegx_core.weights.expert_pack import bundled_packs
+    from medsegx_core.weights.expert_pack import bundled_pack_list
 
     packs = [starter / EXPERTS_FILE] if (starter / EXPERTS_FILE).is_file() else []
-    packs += list(bundled_packs().values())     # e.g. abdominal_mr, for the starter model
+    packs += [pack.path for pack in bundled_pack_list()]   # abdominal_mr for the starter model, then LiteMedSAM's
     packs += sorted(experts_dir().glob("*.safetensors")) if experts_dir().is_dir() else []
     for pack in packs:
         entries.append(ModelEntry("expert pack", pack_label(pack), pack, True, pack_source(pack), size_of(pack),
@@ -190,9 +190,16 @@ def available_models() -> List[ModelEntry]:
 
 
 def pack_label(path: Path) -> str:
+    from medsegx_core.weights.expert_pack import bundled_pack_list
+
+    path = Path(path)
     if path.parent.name == "starter":
         return "starter experts (bundled)"
-    return f"{Path(path).stem} (bundled)" if path.parent.name == "expert_packs" else Path(path).stem
+    bundled = next((pack for pack in bundled_pack_list() if pack.path == path), None)
+    if bundled is None:
+        return path.stem
+    base = "" if bundled.base_model == "SegVol" else f", {bundled.base_model}"   # the starter's packs: as before
+    return f"{path.stem} (bundled{base})"
 
 
 def pack_source(path: Path) -> str:

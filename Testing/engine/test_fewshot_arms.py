@@ -50,7 +50,7 @@ def test_only_expert_arms_are_saved_as_packs(chaos_case, tmp_path):
 
 def test_expert_packs_are_found_by_file_or_bundled_name(tmp_path):
     from medsegx_core.errors import WeightsError
-    from medsegx_core.weights.expert_pack import bundled_packs, find_expert_pack
+    from medsegx_core.weights.expert_pack import bundled_packs, find_expert_pack, read_pack_metadata
 
     pack = tmp_path / "mine.safetensors"
     pack.write_bytes(b"")
@@ -59,15 +59,19 @@ def test_expert_packs_are_found_by_file_or_bundled_name(tmp_path):
         find_expert_pack("no_such_pack")
     for name, path in bundled_packs().items():
         assert find_expert_pack(name) == path
+    for base in ("SegVol", "LiteMedSAM"):      # a name two bases share: each model finds its own
+        for name, path in bundled_packs(base).items():
+            assert find_expert_pack(name, base) == path and read_pack_metadata(path).get("base_model", "SegVol") == base
+    assert "abdominal_mr" in bundled_packs("SegVol")
 
 
 def test_every_bundled_pack_loads_on_the_starter_model():
-    """A bundled pack was trained on the shipped starter weights (its recorded base hash matches them)."""
+    """A bundled SegVol pack was trained on the shipped starter weights (its recorded base hash matches them)."""
     from medsegx_core.weights.default import starter_weights_dir
     from medsegx_core.weights.expert_pack import bundled_packs, load_expert_pack
     from medsegx_core.weights.store import load_model
 
-    for name, path in bundled_packs().items():
+    for name, path in bundled_packs("SegVol").items():
         model = load_model(starter_weights_dir())
         before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("conmoae.")}
         load_expert_pack(model, path)

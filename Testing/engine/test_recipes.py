@@ -150,14 +150,15 @@ def test_both_commands_share_the_loop_options():
 
 def test_every_bundled_expert_pack_records_the_shipped_recipe_that_made_it():
     """A bundled pack is reproducible: it names a shipped fine-tuning recipe whose file still has the recorded
-    sha256, and the settings it was trained with are that recipe's (scored by fewshot_chaos.py, which wrote it)."""
+    sha256, and the settings it was trained with are that recipe's (scored by fewshot_chaos.py or
+    fewshot_litemedsam.py, which wrote it)."""
     import hashlib
     from dataclasses import asdict
 
     from medsegx_core.cli.finetune import settings_from_recipe
-    from medsegx_core.weights.expert_pack import bundled_packs, read_pack_metadata
+    from medsegx_core.weights.expert_pack import bundled_pack_list, read_pack_metadata
 
-    packs = bundled_packs()
+    packs = {f"{pack.base_model}/{pack.name}": pack.path for pack in bundled_pack_list()}
     assert packs, "the engine ships at least the abdominal_mr pack"
     for name, path in packs.items():
         extra = read_pack_metadata(path)["extra"]

@@ -123,12 +123,13 @@ def test_listing_offline_instructions_and_remembered_choice(home, imported_weigh
     assert starter.path == starter_weights_dir() and starter.size_bytes > 1e5 and "MODEL_CARD" in starter.source
     assert starter.licence and starter.devices[-1] == "cpu"
     assert not next(e for e in listed if e.kind == "official").installed
-    from medsegx_core.weights.expert_pack import bundled_packs
-    assert [e.name for e in listed if e.kind == "expert pack"] == (
-        ["starter experts (bundled)"] + [f"{name} (bundled)" for name in bundled_packs()])
-    assert "abdominal_mr" in bundled_packs()
+    from medsegx_core.weights.expert_pack import bundled_pack_list
+    shipped = [f"{p.name} (bundled{'' if p.base_model == 'SegVol' else ', ' + p.base_model})"
+               for p in bundled_pack_list()]    # a LiteMedSAM pack of the same name is told apart
+    assert [e.name for e in listed if e.kind == "expert pack"] == ["starter experts (bundled)"] + shipped
+    assert "abdominal_mr (bundled)" in shipped
     # the pack menu offers all but the starter's own (its first item, "the weights' own experts")
-    assert [e.name for e in listed if e.choosable_pack] == [f"{name} (bundled)" for name in bundled_packs()]
+    assert [e.name for e in listed if e.choosable_pack] == shipped
     assert "experts trained on" in next(e for e in listed if e.kind == "expert pack").source
 
     shutil.copytree(imported_weights, home / "weights" / "tiny")

@@ -25,28 +25,59 @@ from ..modeling.conmoae import ConMoAE, ConMoAEConfig, attach_experts_to_model
 PACK_FORMAT = "medsegx-expert-pack"
 PACK_VERSION = "1"
 EXPERT_STATE_PREFIX = "conmoae."   # attached experts' state-dict keys (model.conmoae): never base weights
-# Packs shipped with the engine for the bundled starter model, named by their file's stem ("abdominal_mr").
+# Packs shipped with the engine, named by their file's stem ("abdominal_mr"): the bundled starter model's (SegVol)
+# in the folder itself, LiteMedSAM's in its subfolder. Two bases may ship a pack of the same name (a domain adapted
+# on each model); a name alone then means LiteMedSAM's, the model boxes and known texts run by default.
 BUNDLED_PACKS_DIR = Path(__file__).resolve().parents[1] / "resources" / "expert_packs"
+BUNDLED_BASES = (("", "SegVol"), ("litemedsam", "LiteMedSAM"))   # (subfolder, model class); the last is preferred
 
 
-def bundled_packs() -> Dict[str, Path]:
-    """name -> file of every expert pack shipped with the engine."""
-    if not BUNDLED_PACKS_DIR.is_dir():
-        return {}
-    return {path.stem: path for path in sorted(BUNDLED_PACKS_DIR.glob("*.safetensors"))}
+@dataclass(frozen=True)
+class BundledPack:
+    name: str
+    base_model: str          # the model class it was fine-tuned on (pack_base_model)
+    path: Path
 
 
-def find_expert_pack(name_or_path: Union[str, Path]) -> Path:
+def bundled_pack_list() -> List[BundledPack]:
+    """Every expert pack shipped with the engine, SegVol's first."""
+    return [BundledPack(path.stem, base, path) for folder, base in BUNDLED_BASES
+            for path in sorted((BUNDLED_PACKS_DIR / folder).glob("*.safetensors"))]
+
+
+def bundled_packs(base_model: Optional[str] = None) -> Dict[str, Path]:
+    """name -> file of the expert packs shipped for ``base_model`` ("SegVol", "LiteMedSAM"); every base's when
+    None, a name two bases share giving LiteMedSAM's."""
+    return {pack.name: pack.path for pack in bundled_pack_list() if base_model in (None, pack.base_model)}
+
+
+def find_expert_pack(name_or_path: Union[str, Path], base_model: Optional[str] = None) -> Path:
     """An expert pack given as a file, or by the name of a bundled pack (``medsegx segment --experts
-    abdominal_mr``)."""
+    abdominal_mr``) for ``base_model`` (the model it will load on; None: LiteMedSAM's when two bases have one)."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
-    packs = bundled_packs()
+    packs = bundled_packs(base_model)
     if str(name_or_path) in packs:
         return packs[str(name_or_path)]
-    raise WeightsError(f"expert pack {name_or_path}: no such file, and no bundled pack of that name (bundled: "
-                       f"{', '.join(packs) or 'none'}); give the .safetensors file 'medsegx finetune' wrote")
+    names = sorted(bundled_packs())
+    raise WeightsError(f"expert pack {name_or_path}: no such file, and no bundled pack of that name"
+                       f"{f' for {base_model}' if base_model else ''} (bundled: {', '.join(names) or 'none'}); give "
+                       f"the .safetensors file 'medsegx finetune' wrote")
+
+
+def pack_choice_for(choice: Union[str, Path, None], base_model: str) -> Optional[str]:
+    """A user's expert-pack choice as a ``base_model`` model takes it: the choice itself when it is empty or "none",
+    the pack's file when the choice names one fine-tuned on ``base_model``, else None (the pack goes with another
+    model). The batch script gives each of its two models its part of one ``--experts``."""
+    text = "" if choice is None else str(choice).strip()
+    if not text or text.lower() == "none":
+        return text or None
+    try:
+        path = find_expert_pack(text, base_model)
+    except WeightsError:
+        return None
+    return str(path) if pack_base_model(read_pack_metadata(path)) == base_model else None
 
 
 def apply_expert_pack(model: nn.Module, choice: Union[str, Path, None], replace_experts: bool = False
@@ -66,7 +97,7 @@ def apply_expert_pack(model: nn.Module, choice: Union[str, Path, None], replace_
             experts.detach()
             del model.conmoae
         return None
-    return load_expert_pack(model, find_expert_pack(text), replace_experts=replace_experts)
+    return load_expert_pack(model, find_expert_pack(text, type(model).__name__), replace_experts=replace_experts)
 
 
 def base_state(model: nn.Module) -> Dict[str, torch.Tensor]:
