@@ -266,3 +266,44 @@ def test_finetune_base_litemedsam_and_segment_with_the_pack(data_dir, tmp_path, 
                  "-o", str(tmp_path / "other.nii.gz")]) != 0
     expected = "other base weights" if litemedsam_weights.wheel_checkpoint() is not None else "not installed"
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.skipif(litemedsam_weights.wheel_checkpoint() is None,
+                    reason=f"LiteMedSAM's weights are absent: {litemedsam_weights.INSTALL_HINT}")
+def test_the_bundled_abdominal_mr_pack_is_litemedsams_changes_mr_and_leaves_ct_as_the_base_gives_it(
+        data_dir, tmp_path, capsys, monkeypatch):
+    """``medsegx segment --ijk --box ... --experts abdominal_mr`` as the team checks it: the name means LiteMedSAM's
+    pack (LiteMedSAM runs, with the pack), on a CHAOS patient it was not adapted on the liver mask changes and stays a
+    liver mask; on a CT the pack is left out (the mask is the base model's, and a note says why). Whether it beats
+    zero-shot is the few-shot benchmark's to say (model card), not three slices'."""
+    from medsegx_core.weights.expert_pack import bundled_packs, find_expert_pack, read_pack_metadata
+
+    monkeypatch.setenv("MEDSEGX_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MEDSEGX_WEIGHTS", raising=False)
+    pack = find_expert_pack("abdominal_mr")
+    assert pack == bundled_packs("LiteMedSAM")["abdominal_mr"] != find_expert_pack("abdominal_mr", "SegVol")
+    metadata = read_pack_metadata(pack)
+    assert metadata["base_model"] == "LiteMedSAM" and metadata["extra"]["recipe"]["name"] == \
+        "abdominal-mr-litemedsam-experts"
+    image_path, label_path, _names = chaos(data_dir, "20")      # an evaluation patient (adaptation: 01-08)
+    labels = read_volume(label_path).array
+    ct_path = data_dir / "ct/totalseg_ct_small.nii.gz"
+    k = read_volume(ct_path).shape_ijk[2] // 2
+    boxes = {"mr": liver_box(labels, 3), "ct": BoxPrompt((20, 20, k), (90, 80, k + 1), space="ijk")}
+    base = VolumeSlicePredictor(litemedsam_weights.load_litemedsam(), device="cpu", precision="fp32",
+                                encoder_backend="torch")      # the eager reference; the pack runs eager too
+    masks, errors = {}, {}
+    for case, path, modality in (("mr", image_path, "MR"), ("ct", ct_path, "CT")):
+        box = [str(v) for v in boxes[case].corner_a + boxes[case].corner_b]
+        out = tmp_path / f"{case}.nii.gz"
+        assert main(["segment", str(path), "--ijk", "--box", *box, "--experts", "abdominal_mr", "-o", str(out)]) == 0
+        errors[case] = capsys.readouterr().err
+        base.set_volume(read_volume(path), modality=modality)
+        masks[case] = read_volume(out).array > 0, base.segment(Prompts(box=boxes[case])).mask > 0
+    assert "loading the expert pack" in errors["mr"] and "is for" not in errors["mr"]
+    assert not np.array_equal(*masks["mr"])
+    liver = labels == LIVER
+    for mask in masks["mr"]:
+        assert 2 * (mask & liver).sum() / (mask.sum() + liver[mask.any(axis=(1, 2))].sum()) > 0.9
+    assert np.array_equal(*masks["ct"]) and masks["ct"][0].any()
+    assert "is for MRI volumes" in errors["ct"]
