@@ -9,6 +9,10 @@ Variants (``inference/encoder_backends.py`` builds the runtimes; ``--only`` keep
   AMX or AVX512_BF16);
 * ``compile``: ``torch.compile`` of the channels-last encoder (``--compile``: its compilation takes minutes);
 * ``onnxruntime``, ``openvino``: the encoder's ONNX export run by each runtime in float32;
+* ``experts`` (``--experts PACK``, e.g. ``abdominal_mr``): the channels-last encoder with a LiteMedSAM expert pack
+  loaded, routed as a box without text routes it (the modality alone, ``--experts-modality``): what a pack costs
+  per slice (the runtimes export the base encoder only, so a pack runs in torch); its masks differ from eager's
+  by design;
 * ``ort-int8``, ``ov-int8`` (``--int8``): the export quantised statically (ONNX Runtime's QDQ, per-channel int8
   weights, uint8 activations, MinMax calibration on the first case's benchmark slices, Conv/MatMul/Gemm) run by
   each runtime.
@@ -25,7 +29,7 @@ Dice of the masks against eager's (two empty masks agree). Usage (several minute
 
     OMP_NUM_THREADS=2 python Testing/benchmarks/bench_encoder.py [--threads 2] [--batches 1 4] [--repeats 5]
         [--slices 6] [--cases totalseg_ct thorax_abdomen_ct chaos_10] [--bf16] [--compile] [--int8]
-        [--only openvino] [--cache-dir FOLDER]
+        [--only openvino] [--cache-dir FOLDER] [--experts abdominal_mr]
 """
 from __future__ import annotations
 
@@ -141,6 +145,22 @@ def build_variants(model, args, slices: Slices, workdir: Path, log) -> Tuple[Dic
     if want("channels-last"):
         variants["channels-last"] = torch_variant(channels_last, channels_last=True)
         notes["channels-last"] = "torch fp32, channels-last"
+    if args.experts and want("experts"):
+        from medsegx_core.data.hierarchy import context_indices
+        from medsegx_core.weights.expert_pack import apply_expert_pack
+
+        adapted = copy.deepcopy(model)
+        apply_expert_pack(adapted, args.experts)
+        adapted.to(memory_format=torch.channels_last)
+        routed = torch_variant(adapted.image_encoder, channels_last=True)
+        context = context_indices(None, args.experts_modality)
+
+        def with_experts(batch: np.ndarray) -> np.ndarray:
+            with adapted.conmoae.context(context):
+                return routed(batch)
+        variants["experts"] = with_experts
+        notes["experts"] = (f"torch fp32, channels-last, expert pack {args.experts} routed by the modality "
+                            f"{args.experts_modality}")
     if args.bf16 and want("bf16"):
         variants["bf16"] = torch_variant(channels_last, channels_last=True, autocast=True)
         notes["bf16"] = "torch bf16 autocast, channels-last"
@@ -243,6 +263,8 @@ def main(argv=None) -> int:
     parser.add_argument("--int8", action="store_true", help="also the statically quantised export")
     parser.add_argument("--only", nargs="+", help="variants to run besides eager")
     parser.add_argument("--cache-dir", default=None, help="the export cache (default: a temporary folder)")
+    parser.add_argument("--experts", help="also this LiteMedSAM expert pack (a file or a bundled pack's name)")
+    parser.add_argument("--experts-modality", default="MR", help="the modality the pack's experts are routed by")
     parser.add_argument("--data", type=Path, default=SHARED / "data")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
