@@ -95,7 +95,7 @@ def test_a_pack_applies_to_volumes_of_its_own_modality_only(data_dir):
     ct = read_volume(data_dir / "ct" / "totalseg_ct_small.nii.gz")
     mr = read_volume(data_dir / "mri" / "totalseg_mr.nii.gz")
     packed = load_model(starter_weights_dir())
-    load_expert_pack(packed, find_expert_pack("abdominal_mr"))
+    load_expert_pack(packed, find_expert_pack("abdominal_mr", "SegVol"))
     with_pack = Predictor(packed, device="cpu", precision="fp32")
     base = Predictor(load_model(starter_weights_dir()), device="cpu", precision="fp32")
 
@@ -122,7 +122,7 @@ def test_the_bundled_pack_adapts_to_a_chaos_patient_it_never_saw(data_dir):
 
     spec = next(spec for spec in EVALUATION_VOLUMES if spec.key == "chaos-20 T2-SPIR")
     packed = load_model(starter_weights_dir())
-    load_expert_pack(packed, find_expert_pack("abdominal_mr"))
+    load_expert_pack(packed, find_expert_pack("abdominal_mr", "SegVol"))
     dice = {}
     for label, model in (("base", load_model(starter_weights_dir())), ("pack", packed)):
         for row in evaluate(Predictor(model, device="cpu", precision="fp32"), data_dir, volumes=[spec],
