@@ -87,9 +87,22 @@ def all_cases(data: Path) -> List[Case]:
     return cases
 
 
+# Outside the abdomen, chosen by key only (not among "all"): the FreeSurfer brain T1's right-hemisphere deep grey
+# matter, where zero-shot LiteMedSAM is weak (few-shot benchmark: adapted on the left hemisphere's).
+BRAIN_RIGHT = ("Right-Thalamus", "Right-Caudate", "Right-Putamen", "Right-Hippocampus", "Right-Amygdala")
+
+
+def extra_cases() -> List[Case]:
+    return [Case("brain_t1_right", "MR", "mri/brain_t1.mgz", "mri/brain_t1_aparc_aseg.mgz",
+                 names_file="mri/brain_t1_aparc_aseg_labels.json", names_kept=BRAIN_RIGHT)]
+
+
 def selected_cases(data: Path, keys: Optional[Sequence[str]]) -> List[Case]:
-    """The cases whose key contains one of ``keys`` (all of them when none are given)."""
-    return [c for c in all_cases(data) if not keys or any(k in c.key for k in keys)]
+    """The cases whose key contains one of ``keys`` (all of them when none are given; ``extra_cases`` only by
+    key)."""
+    if not keys:
+        return all_cases(data)
+    return [c for c in all_cases(data) + extra_cases() if any(k in c.key for k in keys)]
 
 
 def read_case(data: Path, case: Case):

@@ -17,6 +17,13 @@ its slices again, which is what the rows' encoder counts and seconds measure).
         --save-pack /work/notes/packs/chaos_k1_experts.safetensors --state-dir /work/notes/packs [--json rows.json]
     OMP_NUM_THREADS=2 python Testing/benchmarks/fewshot_litemedsam.py --arms experts --pack FILE   # score a pack
 
+``--domain brain``: one domain where zero-shot LiteMedSAM is weak, the FreeSurfer-normalised brain T1 of the shared
+data (one subject): adaptation on the left hemisphere's thalamus, caudate, putamen, hippocampus and amygdala,
+evaluation on the right hemisphere's (``eval_box``'s ``brain_t1_right``): structures the pack never saw labelled,
+on a subject it did see, so a weaker test than CHAOS's new patients (``--k 1`` only).
+
+    OMP_NUM_THREADS=2 python Testing/benchmarks/fewshot_litemedsam.py --domain brain --k 1 --arms zero-shot experts
+
 A run is resumable: the training state of each (arm, k, seed) is written every ``val-every`` steps under
 ``--state-dir`` and continued from there when the same command is run again.
 """
@@ -39,6 +46,7 @@ DEFAULT_RECIPE = "abdominal_mr_litemedsam_experts"
 ADAPTATION_PATIENTS = ("01", "02", "03", "05", "08")
 EVALUATION_CASES = ("chaos_10", "chaos_13", "chaos_15", "chaos_19", "chaos_20")
 CHAOS = "mri/chaos_t2spir"
+BRAIN_LEFT = ("Left-Thalamus", "Left-Caudate", "Left-Putamen", "Left-Hippocampus", "Left-Amygdala")
 
 
 def parse_rates(values):
@@ -51,9 +59,14 @@ def parse_rates(values):
     return rates
 
 
-def adaptation_cases(data: Path, k: int):
+def adaptation_cases(data: Path, k: int, domain: str = "chaos"):
     from medsegx_core.training.slice_samples import load_slice_case
 
+    if domain == "brain":
+        if k != 1:
+            raise SystemExit("--domain brain has one subject: --k 1")
+        return [load_slice_case(data / "mri/brain_t1.mgz", data / "mri/brain_t1_aparc_aseg.mgz",
+                                str(data / "mri/brain_t1_aparc_aseg_labels.json"), only=BRAIN_LEFT, modality="MR")]
     folder = data / CHAOS
     return [load_slice_case(folder / f"chaos_t2_{nn}_mr.nii.gz", folder / f"chaos_t2_{nn}_label.nii.gz",
                             str(folder / "labels.json"), modality="MR") for nn in ADAPTATION_PATIENTS[:k]]
@@ -61,7 +74,6 @@ def adaptation_cases(data: Path, k: int):
 
 def score(model, arm: str, data: Path, routing: str, log, cases=EVALUATION_CASES):
     """Rows of Dice (3D box, slice box, filled box), seconds and encoder runs per (case, organ)."""
-    import numpy as np
     import torch
 
     from eval_box import case_structures, filled_box, read_case, selected_cases, tight_box_ijk, widest_slice_box
@@ -143,10 +155,14 @@ def main(argv=None) -> int:
     parser.add_argument("--pack", type=Path, help="score this expert pack as the experts arm (no training)")
     parser.add_argument("--save-pack", type=Path, help="write the recipe's arm (first k, first seed) here")
     parser.add_argument("--state-dir", type=Path, help="training states here (resumed when present)")
-    parser.add_argument("--cases", nargs="*", default=list(EVALUATION_CASES), help="evaluation cases (eval_box keys)")
+    parser.add_argument("--domain", choices=("chaos", "brain"), default="chaos")
+    parser.add_argument("--cases", nargs="*", default=None,
+                        help="evaluation cases (eval_box keys; default: the domain's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write every row as JSON (rewritten after each arm)")
     args = parser.parse_args(argv)
+    if args.cases is None:
+        args.cases = list(EVALUATION_CASES) if args.domain == "chaos" else ["brain_t1_right"]
     if not args.data.is_dir():
         print(f"the shared data folder {args.data} is absent; set MEDSEGX_SHARED", file=sys.stderr)
         return 1
@@ -186,7 +202,7 @@ def main(argv=None) -> int:
     trained_arms = [] if args.pack is not None else [arm for arm in args.arms if arm != "zero-shot"]
     for seed in seeds:
         for k in args.k:
-            cases = adaptation_cases(args.data, k)
+            cases = adaptation_cases(args.data, k, args.domain)
             for arm in trained_arms:
                 model = load_litemedsam(args.weights)
                 settings = replace(protocol, trainable=arm, lr=rates[arm], seed=seed, val_fraction=0.0,
@@ -196,7 +212,8 @@ def main(argv=None) -> int:
                 state = None
                 if args.state_dir:
                     args.state_dir.mkdir(parents=True, exist_ok=True)
-                    state = args.state_dir / f"litemedsam_k{k}_{arm.replace('+', '_')}_s{seed}.train-state.safetensors"
+                    state = args.state_dir / (f"litemedsam_{args.domain}_k{k}_{arm.replace('+', '_')}_s{seed}"
+                                              f".train-state.safetensors")
                 began = time.perf_counter()
                 run = finetune_slices(model, cases, settings, state_path=state, resume=state is not None,
                                       progress=lambda f, m: log(f"  k={k} {arm} seed {seed}: {m}"))
@@ -212,7 +229,7 @@ def main(argv=None) -> int:
                 for routing in args.routing:
                     keep([dict(r, k=k, seed=seed, train_seconds=run.elapsed_s, steps=run.steps_done)
                           for r in score(model, arm, args.data, routing, log, args.cases)])
-    print(f"LiteMedSAM few-shot on CHAOS ({', '.join(EVALUATION_CASES)}); recipe {protocol.recipe['name']} "
+    print(f"LiteMedSAM few-shot, {args.domain} ({', '.join(args.cases)}); recipe {protocol.recipe['name']} "
           f"v{protocol.recipe['version']}, {protocol.steps} steps x {protocol.batch_size}, rates {rates}; "
           f"{args.threads} threads; {len(results)} rows in {time.perf_counter() - start:.0f} s")
     print(table(results))
