@@ -65,8 +65,10 @@ def adaptation_cases(data: Path, k: int, domain: str = "chaos"):
     if domain == "brain":
         if k != 1:
             raise SystemExit("--domain brain has one subject: --k 1")
-        return [load_slice_case(data / "mri/brain_t1.mgz", data / "mri/brain_t1_aparc_aseg.mgz",
-                                str(data / "mri/brain_t1_aparc_aseg_labels.json"), only=BRAIN_LEFT, modality="MR")]
+        # the FreeSurfer names by value ("0": "Unknown" is the background, which a names map may not name)
+        names = json.loads((data / "mri/brain_t1_aparc_aseg_labels.json").read_text(encoding="utf-8"))
+        spec = ",".join(f"{value}={name}" for value, name in names.items() if name in BRAIN_LEFT)
+        return [load_slice_case(data / "mri/brain_t1.mgz", data / "mri/brain_t1_aparc_aseg.mgz", spec, modality="MR")]
     folder = data / CHAOS
     return [load_slice_case(folder / f"chaos_t2_{nn}_mr.nii.gz", folder / f"chaos_t2_{nn}_label.nii.gz",
                             str(folder / "labels.json"), modality="MR") for nn in ADAPTATION_PATIENTS[:k]]
