@@ -381,6 +381,12 @@ class MedSegXSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if message:
             self.ui.statusLabel.text = message
         if not task.job.finished:
+            if getattr(task, "preview", None) is not None:   # the mask so far (LiteMedSAM: the start slice first)
+                try:
+                    self.logic.showPreview(task)
+                except Exception:  # noqa: BLE001 - a preview is a courtesy: the result is still written at the end
+                    logging.exception("MedSegX: the result so far could not be shown; the result will be")
+                    task.preview = None
             return
         self.pollTimer.stop()
         finish, self._task, self._finishTask = self._finishTask, None, None

@@ -67,7 +67,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -124,8 +124,14 @@ MIN_OVERLAP = 0.6
 MAX_AREA_CHANGE = 1.5
 # How a text prompt's zoom-in uses the localiser's boxes (see the module's text).
 TEXT_ZOOM_INS = ("boxes", "propagate", "both")
+# A preview (``segment(..., preview=)``) is shown first with the start slice's mask, then at most once per
+# PREVIEW_INTERVAL_S while the propagation goes on: each is a copy of the whole mask (a 512 x 512 x 300 CT: 75 MiB,
+# about 30 ms), so they are spaced out.
+PREVIEW_INTERVAL_S = 1.0
 EPS = 1e-6
 AXIAL = "axial"
+# preview(mask so far on the volume's grid (k, j, i) uint8, a copy; slices decoded so far)
+PreviewCallback = Callable[[np.ndarray, int], None]
 
 
 @dataclass
@@ -197,7 +203,7 @@ class VolumeSlicePredictor:
         self._localiser = localiser          # text localiser: a model, a folder, or None for the bundled one
         self.encoder_backend = encoder_backend   # "auto" (a faster CPU runtime when installed), "torch", ...
         self._image_encoder = None
-        self.slices_encoded = 0              # encoder runs so far (a call's count is the difference)
+        self.slices_encoded = 0              # slices encoded so far (a call's count is the difference)
         self.text_zoom_in = text_zoom_in
         self.slice_step = int(slice_step)    # fast mode: decode every n-th slice of a propagation, interpolate between
         self.pack_embeddings = bool(pack_embeddings)   # slice embeddings kept as int8 (False: as computed)
@@ -227,36 +233,53 @@ class VolumeSlicePredictor:
         report(progress, 1.0, "ready")
 
     # ---- one slice ------------------------------------------------------------------------------------------
-    def embedding(self, k: int) -> Tuple[torch.Tensor, bool]:
+    def embedding(self, k: int, ahead: Sequence[int] = ()) -> Tuple[torch.Tensor, bool]:
         """(embedding (1, 256, 64, 64), whether it was computed now) of working slice ``k`` (under the current
-        prompt's expert routing)."""
-        context = self._context
-        key = (k, AXIAL, self.window, None if context is None else context.rows())
-        cached = self.cache.get(WINDOW, key)
+        prompt's expert routing). ``ahead``: the slices the caller will ask for next, in order; where the encoder
+        runs several slices faster together (``ImageEncoder.parallel``), the first of them not yet cached are
+        encoded with ``k`` in one call and cached."""
+        cached = self.cache.get(WINDOW, self._embedding_key(k))
         if cached is not None:
             return (cached.unpack() if isinstance(cached, PackedEmbedding) else cached), False
-        image = litemedsam_input(self.window.apply(self.working[k]), self.side)[None]
         fast = self.fast_encoder()
+        batch = [k]
+        if fast is not None and fast.parallel > 1:
+            depth = self.working.shape[0]
+            batch += [j for j in dict.fromkeys(int(j) for j in ahead)
+                      if 0 <= j < depth and j != k and self.cache.get(WINDOW, self._embedding_key(j)) is None
+                      ][:fast.parallel - 1]
+        images = torch.stack([litemedsam_input(self.window.apply(self.working[j]), self.side) for j in batch])
         if fast is not None:
-            embedding = fast(image)
+            embeddings = fast(images)
         else:
             device = self.runner.runtime.device
             if device.type == "cpu":
-                image = image.contiguous(memory_format=torch.channels_last)
-            experts = getattr(self.model, "conmoae", None)
+                images = images.contiguous(memory_format=torch.channels_last)
+            experts, context = getattr(self.model, "conmoae", None), self._context
             with experts.context(context) if experts is not None and context is not None else nullcontext():
-                embedding = self.runner.call(lambda: self.model.encode(image.to(device)))
-        embedding = embedding.to(self.runner.runtime.storage_dtype)
-        self.slices_encoded += 1
+                embeddings = self.runner.call(lambda: self.model.encode(images.to(device)))
+        embeddings = embeddings.to(self.runner.runtime.storage_dtype)
+        self.slices_encoded += len(batch)
+        # kept in reverse, so that the slice asked for is the most recently used if the cache must evict
+        for j, embedding in reversed(list(zip(batch, embeddings.split(1)))):
+            kept = self._keep_embedding(j, embedding)
+        return kept, True
+
+    def _embedding_key(self, k: int):
+        context = self._context
+        return (k, AXIAL, self.window, None if context is None else context.rows())
+
+    def _keep_embedding(self, k: int, embedding: torch.Tensor) -> torch.Tensor:
+        """Caches slice k's embedding (1, C, G, G) and returns what the cache gives back for it."""
         if not self.pack_embeddings and embedding.dtype == torch.float32:
-            self.cache.put(WINDOW, key, embedding)
-            return embedding, True
+            self.cache.put(WINDOW, self._embedding_key(k), embedding)
+            return embedding
         # int8 with a scale per token, a quarter of float32: a 512 x 512 x 300 CT fully encoded is 300 MiB, not
         # 1.2 GiB. Decoded from what the cache holds, so a cached slice gives what a fresh one gives; against float32
         # embeddings the 3D-box masks agree to Dice 0.994-0.9999 (five organs; model card)
         packed = PackedEmbedding.pack(embedding)
-        self.cache.put(WINDOW, key, packed)
-        return packed.unpack(), True
+        self.cache.put(WINDOW, self._embedding_key(k), packed)
+        return packed.unpack()
 
     def fast_encoder(self):
         """The encoder exported to a faster CPU runtime (``inference/encoder_backends.py``: OpenVINO, ONNX Runtime)
@@ -289,16 +312,17 @@ class VolumeSlicePredictor:
         output, encoded = self._decode(k, np.asarray(box)[None], clicks)
         return self._slice_mask(output, 0), encoded
 
-    def decode_best_box(self, k: int, boxes: np.ndarray) -> Tuple[np.ndarray, int, bool]:
+    def decode_best_box(self, k: int, boxes: np.ndarray, ahead: Sequence[int] = ()) -> Tuple[np.ndarray, int, bool]:
         """(mask, index of the box it came from, whether slice k was encoded now) for the box among ``boxes``
-        (M, 4) whose mask the decoder predicts the highest IoU for: one decoder call on the slice's embedding."""
-        output, encoded = self._decode(k, boxes)
+        (M, 4) whose mask the decoder predicts the highest IoU for: one decoder call on the slice's embedding.
+        ``ahead``: the slices to be decoded next (``embedding``)."""
+        output, encoded = self._decode(k, boxes, ahead=ahead)
         best = int(torch.argmax(output.iou_pred.float().reshape(len(boxes), -1)[:, 0]))
         return self._slice_mask(output, best), best, encoded
 
-    def _decode(self, k: int, boxes: np.ndarray, clicks=None):
+    def _decode(self, k: int, boxes: np.ndarray, clicks=None, ahead: Sequence[int] = ()):
         """(decoder output, whether slice k was encoded now) for boxes (M, 4) in slice pixels on slice k."""
-        embedding, encoded = self.embedding(k)
+        embedding, encoded = self.embedding(k, ahead)
         device = self.runner.runtime.device
         shape = self.working.shape[1:]
         model_boxes = torch.from_numpy(np.stack([box_to_model(b, shape, self.side) for b in boxes])).to(device)
@@ -345,9 +369,12 @@ class VolumeSlicePredictor:
         return box, clicks, voxel.labels
 
     def segment(self, prompts: Prompts, propagate: bool = False, progress: Optional[ProgressCallback] = None,
-                cancel: Optional[CancelToken] = None) -> SliceSegmentation:
+                cancel: Optional[CancelToken] = None, preview: Optional[PreviewCallback] = None) -> SliceSegmentation:
+        """The structure in a box (a 3D box; a box on one slice with ``propagate``: followed until it ends) or named
+        by a text. ``preview``: called on this thread with the mask so far, first as soon as the start slice is
+        decoded (the slice the user drew on: what a viewer shows first), then every ``PREVIEW_INTERVAL_S``."""
         if prompts.box is None and prompts.text:
-            return self.segment_text(prompts, progress, cancel)
+            return self.segment_text(prompts, progress, cancel, preview)
         started = time.perf_counter()
         plan = self._plan_box(prompts, propagate)
         box, clicks, labels, name = plan.box, plan.clicks, plan.labels, plan.name
@@ -359,7 +386,7 @@ class VolumeSlicePredictor:
         notes: List[str] = []
         margin = self.open_margin if flat and propagate else self.margin
 
-        run = _SliceRun(self, total, progress, cancel, clicks, labels, margin)
+        run = _SliceRun(self, total, progress, cancel, clicks, labels, margin, preview)
 
         # The propagation follows the box alone; clicks then refine only the slices they lie on, so a click never
         # changes the boxes handed to other slices (a negative click that shrank one slice's mask would otherwise
@@ -399,13 +426,15 @@ class VolumeSlicePredictor:
         # no more than the cache holds: past that, each new slice would evict one nearer the start, which the
         # propagation needs first
         order = order[:max(1, self.cache.budget_bytes // self._slice_bytes())]
-        encoded = 0
+        encoded_before = self.slices_encoded
         for index, k in enumerate(order):
             check(cancel)
             report(progress, index / len(order), f"encoding slice {k} ahead")
-            encoded += int(self.embedding(k)[1])
+            # the start slice alone (the first the propagation decodes), then the next ones together where that is
+            # faster (the later ones are then found cached)
+            self.embedding(k, order[index + 1:index + 4] if index else ())
         report(progress, 1.0, f"{len(order)} slices encoded")
-        return encoded
+        return self.slices_encoded - encoded_before
 
     def _plan_box(self, prompts: Prompts, propagate: bool) -> "_BoxPlan":
         """What a box prompt asks of the working grid: its slices, start slice and 2D box (checked)."""
@@ -477,7 +506,7 @@ class VolumeSlicePredictor:
             if k not in self._maps:
                 check(cancel)
                 report(progress, index / max(len(slices), 1), f"looking for the structure: slice {k}")
-                embedding = self.embedding(k)[0]
+                embedding = self.embedding(k, [j for j in slices[index + 1:index + 4] if j not in self._maps])[0]
                 with torch.inference_mode():
                     logits = localiser(embedding.float().cpu())
                 self._maps[k] = torch.sigmoid(logits)[0].numpy().astype(np.float16)
@@ -501,7 +530,8 @@ class VolumeSlicePredictor:
                        clicks=clicks, total_slices=shape[0]) for c in channels]
 
     def segment_text(self, prompts: Prompts, progress: Optional[ProgressCallback] = None,
-                     cancel: Optional[CancelToken] = None) -> SliceSegmentation:
+                     cancel: Optional[CancelToken] = None, preview: Optional[PreviewCallback] = None
+                     ) -> SliceSegmentation:
         """A text prompt (with optional clicks): the localiser finds the structure, LiteMedSAM segments it (from the
         localiser's widest slice, propagated, or each slice from its own localiser box: ``text_zoom_in``)."""
         started = time.perf_counter()
@@ -518,7 +548,9 @@ class VolumeSlicePredictor:
                             scaled_progress(progress, 0.0, 0.4), cancel)
         mask = np.zeros(self.working.shape, dtype=np.uint8)
         total = sum(len(place.boxes) for place in found) or 1
-        run = _SliceRun(self, total, scaled_progress(progress, 0.4, 1.0), cancel, clicks, labels, self.open_margin)
+        run = _SliceRun(self, total, scaled_progress(progress, 0.4, 1.0), cancel, clicks, labels, self.open_margin,
+                        preview)
+        run.earlier = mask          # a preview of the second kidney shows the first one too
         click_slices = np.rint(clicks[:, 2]).astype(int) if len(clicks) else np.zeros(0, int)
         notes: List[str] = []
         for place in found:
@@ -569,6 +601,7 @@ class VolumeSlicePredictor:
             first = run(start, box2d)[0]
         mask[start] = first
         boxes_used = {start: box2d}
+        run.show(mask)
         if not first.any():
             notes.append(f"nothing found in the box on slice {start}"
                          + ("; nothing to propagate" if high > low else ""))
@@ -583,8 +616,8 @@ class VolumeSlicePredictor:
             lower = np.maximum(lower, np.array([bounds[0], bounds[1]] * 2, dtype=np.float32))
             upper = np.minimum(upper, np.array([bounds[2], bounds[3]] * 2, dtype=np.float32))
 
-        def follow(k, previous):
-            """(mask, box) of slice k from the previous decoded slice's mask."""
+        def follow(k, previous, step):
+            """(mask, box) of slice k from the previous decoded slice's mask; ``step``: where the one after lies."""
             tight = mask_box(previous)
             grown_boxes = [np.clip(tight + np.array([-pad, -pad, pad, pad], dtype=np.float32), lower, upper)
                            for pad in pads]
@@ -592,7 +625,8 @@ class VolumeSlicePredictor:
             kept = [b for b in grown_boxes if b[2] - b[0] >= 1 and b[3] - b[1] >= 1] or [tight]
             if extra_boxes is not None and k in extra_boxes:
                 kept.append(extra_boxes[k])
-            return run(k, np.stack(kept))
+            ahead = k + step
+            return run(k, np.stack(kept), ahead=[ahead] if low <= ahead <= high else [])
 
         def stops(current, largest, previous):
             area = int(current.sum())
@@ -621,17 +655,18 @@ class VolumeSlicePredictor:
                 # the next decoded slice: n slices on, or the range's end slice
                 k = at + step * step_size
                 k = min(k, end) if step > 0 else max(k, end)
-                current, grown = follow(k, previous)
+                current, grown = follow(k, previous, step * step_size)
                 if k - at not in (1, -1) and (stops(current, largest, previous) or not consistent(previous, current)):
                     # the structure ends, or changes too much to interpolate, between `at` and k: slice by slice
                     # there (k again too, from its neighbour), so the end is found where every-slice decoding finds it
                     ended = False
                     for j in range(at + step, k + step, step):
-                        current, grown = follow(j, previous)
+                        current, grown = follow(j, previous, step)
                         if stops(current, largest, previous):
                             ended = True
                             break
                         mask[j], boxes_used[j] = current, grown
+                        run.show(mask)
                         previous, at, largest = current, j, max(largest, int(current.sum()))
                     if ended:
                         break
@@ -640,6 +675,7 @@ class VolumeSlicePredictor:
                     break
                 mask[k], boxes_used[k] = current, grown
                 interpolated += self._interpolate_gaps(mask, sorted((at, k)))
+                run.show(mask)
                 previous, at, largest = current, k, max(largest, int(current.sum()))
         if interpolated:
             notes.append(f"fast mode: every {step_size} slices decoded, {interpolated} slices interpolated between "
@@ -654,8 +690,9 @@ class VolumeSlicePredictor:
         decoded = slices[::max(1, self.slice_step)]
         if slices and decoded[-1] != slices[-1]:
             decoded.append(slices[-1])
-        for k in decoded:
-            piece[k] = run(k, boxes[k])[0]
+        for index, k in enumerate(decoded):
+            piece[k] = run(k, boxes[k], ahead=decoded[index + 1:index + 4])[0]
+            run.show(piece)
         interpolated = self._interpolate_gaps(piece, decoded)
         if interpolated:
             notes.append(f"fast mode: every {self.slice_step} slices decoded, {interpolated} slices interpolated")
@@ -723,24 +760,43 @@ class _SliceRun:
     ``run(k, box, on_slice)``: the clicks selected by ``on_slice`` refine slice k as box edits."""
 
     def __init__(self, predictor: "VolumeSlicePredictor", total: int, progress, cancel, clicks: np.ndarray,
-                 labels: np.ndarray, margin: float):
+                 labels: np.ndarray, margin: float, preview: Optional[PreviewCallback] = None):
         self.predictor, self.total, self.progress, self.cancel = predictor, max(1, total), progress, cancel
         self.clicks, self.labels, self.margin = clicks, labels, margin
-        self.encoded = self.decoded = 0
+        self.preview, self._previewed_at = preview, None
+        self.earlier: Optional[np.ndarray] = None    # what earlier pieces of the call found (shown with each preview)
+        self.decoded = 0
+        self._encoded_before = predictor.slices_encoded
 
-    def __call__(self, k: int, slice_box: np.ndarray, on_slice=None) -> Tuple[np.ndarray, np.ndarray]:
+    def __call__(self, k: int, slice_box: np.ndarray, on_slice=None, ahead: Sequence[int] = ()
+                 ) -> Tuple[np.ndarray, np.ndarray]:
         check(self.cancel)
         report(self.progress, min(0.99, self.decoded / self.total), f"slice {k}")
         if on_slice is not None:
-            result, encoded = self.predictor.edit_slice(k, slice_box, self.clicks[on_slice, :2],
-                                                        self.labels[on_slice], self.margin)
+            result, _ = self.predictor.edit_slice(k, slice_box, self.clicks[on_slice, :2], self.labels[on_slice],
+                                                  self.margin)
         else:
             candidates = np.atleast_2d(slice_box)
-            result, best, encoded = self.predictor.decode_best_box(k, candidates)
+            result, best, _ = self.predictor.decode_best_box(k, candidates, ahead)
             slice_box = candidates[best]
-        self.encoded += int(encoded)
         self.decoded += 1
         return result, slice_box
+
+    @property
+    def encoded(self) -> int:
+        """Slices encoded in this call: those decoded and those encoded with them ahead of need."""
+        return self.predictor.slices_encoded - self._encoded_before
+
+    def show(self, mask: np.ndarray) -> None:
+        """The mask so far (working grid) to the preview callback: the first time, then every PREVIEW_INTERVAL_S."""
+        now = time.perf_counter()
+        if self.preview is None or (self._previewed_at is not None and now - self._previewed_at < PREVIEW_INTERVAL_S):
+            return
+        if self.earlier is not None:
+            mask = mask | self.earlier
+        self.preview(np.array(self.predictor.orientation.array_to_stored(mask), dtype=np.uint8, order="C"),
+                     self.decoded)
+        self._previewed_at = time.perf_counter()
 
 
 __all__ = ["VolumeSlicePredictor", "SliceSegmentation", "mask_box", "DEFAULT_MARGIN"]

@@ -51,7 +51,11 @@ def load_model(spec):
 
 
 def make_predictor(model, device: str):
-    return _kind().predictor(model, device=device)
+    predictor = _kind().predictor(model, device=device)
+    # the faster CPU encoder's runtime (OpenVINO: its export read and compiled, about a second) is made with the
+    # model, so the first box pays only its own slices
+    predictor.fast_encoder()
+    return predictor
 
 
 def new_session_store(model_loader=load_model, predictor_factory=make_predictor) -> SessionStore:
@@ -86,10 +90,11 @@ def on_middle_slice(prompts, volume, roi_node):
 
 def segment(sessions: SessionStore, key: tuple, volume, spec, device: str, modality: Optional[str], prompts,
             propagate: bool, progress: Optional[ProgressCallback], cancel: Optional[CancelToken],
-            slice_step: int = 1):
+            slice_step: int = 1, preview=None):
     """Engine thread: the session for this volume (the model as ``spec`` says, see ``load_model``, loaded and the
     volume set only when needed), then the box segmented; returns the engine's ``SliceSegmentation`` (mask on the
-    volume's grid, ``model`` "LiteMedSAM")."""
+    volume's grid, ``model`` "LiteMedSAM"). ``preview(mask, slices decoded)``: the mask so far, from the start
+    slice on (``VolumeSlicePredictor.segment``)."""
     session = sessions.session_for(key, volume, _spec_key(spec), device, modality, scaled(progress, 0.0, 0.05),
                                    cancel)
     session.segment_calls += 1
@@ -98,7 +103,8 @@ def segment(sessions: SessionStore, key: tuple, volume, spec, device: str, modal
         report(progress, 0.05 + 0.95 * fraction, f"{MODEL_NAME}: {message}" if message else MODEL_NAME)
 
     session.predictor.slice_step = slice_step    # the fast mode: a setting of the request, the embeddings are kept
-    return session.predictor.segment(prompts, propagate=propagate, progress=each_slice, cancel=cancel)
+    return session.predictor.segment(prompts, propagate=propagate, progress=each_slice, cancel=cancel,
+                                     preview=preview)
 
 
 def encode_ahead(sessions: SessionStore, key: tuple, volume, spec, device: str, modality: Optional[str], prompts,

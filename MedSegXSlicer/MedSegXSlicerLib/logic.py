@@ -125,6 +125,14 @@ class MedSegXSlicerLogic(ScriptedLoadableModuleLogic):
         what it encoded (main thread; the widget calls it when the ROI moves)."""
         return self.segmentation.encode_ahead(volumeNode, roiNode, modality, propagate)
 
+    def showPreview(self, task) -> bool:
+        """Show the mask so far of a running LiteMedSAM request (from its start slice on) in a scratch node, never
+        in the output segmentation, which changes only when the request finishes (main thread; the widget's poll
+        timer calls it; ``preview.py``). Returns whether the display changed."""
+        from . import preview
+
+        return preview.show(task)
+
     def finishSegmentation(self, task):
         """Write a finished task's masks (main thread); returns the segment ID (a list for several structures).
         Re-raises the job's error; ``Cancelled`` after writing the structures that had finished, if any."""

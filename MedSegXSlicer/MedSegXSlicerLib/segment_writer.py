@@ -49,7 +49,7 @@ def temporary_labelmap(scene, ijk_to_ras: np.ndarray, array: Optional[np.ndarray
             scene.RemoveNode(color)
 
 
-def _string_array(values: Sequence[str]) -> vtk.vtkStringArray:
+def string_array(values: Sequence[str]) -> vtk.vtkStringArray:
     out = vtk.vtkStringArray()
     for value in values:
         out.InsertNextValue(value)
@@ -80,7 +80,7 @@ def read_segment_mask(segmentation_node, segment_id: str, ijk_to_world: np.ndarr
     scene = segmentation_node.GetScene()
     with temporary_labelmap(scene, local, np.zeros(shape_kji, np.uint8)) as labelmap:
         ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentation_node, _string_array([segment_id]), labelmap, labelmap)
+            segmentation_node, string_array([segment_id]), labelmap, labelmap)
         if not ok:
             raise GeometryError(f"could not read segment {segment_id!r} of '{segmentation_node.GetName()}'")
         return (slicer.util.arrayFromVolume(labelmap) > 0).astype(np.uint8)
@@ -131,7 +131,7 @@ def write_segment(segmentation_node, mask_kji: np.ndarray, ijk_to_world: np.ndar
     try:
         with temporary_labelmap(scene, ijk_to_world, (mask > 0).astype(np.uint8)) as labelmap:
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
-                    labelmap, segmentation_node, _string_array([segment_id])):
+                    labelmap, segmentation_node, string_array([segment_id])):
                 raise OutputError(f"Slicer could not import the result into segment {name!r} of "
                                   f"'{segmentation_node.GetName()}'")
         segment = segmentation.GetSegment(segment_id)

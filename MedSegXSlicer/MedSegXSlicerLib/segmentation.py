@@ -22,10 +22,10 @@ from medsegx_core.inference.slice_interpolation import check_slice_step
 from medsegx_core.errors import Cancelled, InputError
 from medsegx_core.progress import CancelToken, ProgressCallback, scaled
 
-from . import box_mode, models, mrml_conversion, result_writer, segvol_mode, structures
+from . import box_mode, models, mrml_conversion, preview, result_writer, segvol_mode, structures
 from .install import Dependencies
 from .model_choice import ModelChoice
-from .segmentation_task import SegmentationTask, StructureRequest, StructureResult
+from .segmentation_task import PreviewSlot, SegmentationTask, StructureRequest, StructureResult
 from .structure_requests import PromptInputs, resolve_terms, structure_requests
 from .undo import UndoHistory, UndoStep
 from .worker import EngineWorker
@@ -179,6 +179,7 @@ class SegmentationSession:
         sessions, device, finished = self.litemedsam_sessions, self._choice.device, []
         slice_step = check_slice_step(self.slice_step)
         spec, label = self._choice.box_spec(weights), self._choice.box_model_label()
+        slot = PreviewSlot()
 
         def run(progress: ProgressCallback, cancel_token: CancelToken):
             share = 1.0 / len(requests)
@@ -186,7 +187,8 @@ class SegmentationSession:
                 started = time.monotonic()
                 result = box_mode.segment(sessions, key, volume, spec, device, modality, request.prompts,
                                           propagate, scaled(progress, index * share, (index + 1) * share),
-                                          cancel_token, slice_step=slice_step)
+                                          cancel_token, slice_step=slice_step,
+                                          preview=lambda mask, _decoded, at=index: slot.put(at, mask))
                 cancel_token.raise_if_cancelled()
                 finished.append(StructureResult(request, result, time.monotonic() - started))
             return finished
@@ -197,7 +199,7 @@ class SegmentationSession:
                                                            f"'{volume_node.GetName()}'")
         return SegmentationTask(job, volume_node, segmentation_node, requests, ijk_to_world=volume.ijk_to_ras,
                                 shape_kji=volume.array.shape, model_label=label, warnings=warnings,
-                                finished=finished)
+                                finished=finished, preview=slot)
 
     def slice_mode(self):
         """MedSegX's 2D model (slice_mode.SliceModeLogic), rebuilt when the weights or the device change."""
@@ -223,6 +225,7 @@ class SegmentationSession:
             step, cancelled = result_writer.write_results(task)
         finally:
             self.last_status = task.status or self.last_status
+            preview.clear(task.volume_node.GetScene())
         self.undo_history.push(step)
         if cancelled:   # the structures that had finished are written: one undo step removes them too
             raise Cancelled(task.status[0].lower() + task.status[1:])

@@ -88,6 +88,15 @@ def test_runtime_gives_torch_embeddings_and_masks_on_a_real_slice(litemedsam, ex
     assert float((found - expected).abs().max()) <= backends.EXPORT_TOLERANCE
     assert masks[0].sum() > 100 and bool(torch.equal(masks[0], masks[1]))
 
+    # a batch (OpenVINO runs it as concurrent requests) gives each slice's own embedding, in order
+    batch = torch.cat([litemedsam_input(litemedsam_window(volume.array, "CT").apply(volume.array[j]))[None]
+                       for j in (k + 2, k, k - 2)])
+    together = encoder(batch)
+    assert together.shape == (3, 256, 64, 64)
+    assert float((together[1:2] - found).abs().max()) <= backends.EXPORT_TOLERANCE
+    assert float((together[0:1] - encoder(batch[:1])).abs().max()) <= backends.EXPORT_TOLERANCE
+    assert float((together[0] - together[2]).abs().max()) > 10 * backends.EXPORT_TOLERANCE
+
 
 def test_the_slice_predictor_runs_the_fast_encoder_with_the_torch_masks(litemedsam, data_dir):
     """VolumeSlicePredictor's default (encoder_backend "auto") on the CPU: the exported runtime encodes, and a 3D box
@@ -105,8 +114,14 @@ def test_the_slice_predictor_runs_the_fast_encoder_with_the_torch_masks(litemeds
     for backend in ("auto", "torch"):
         predictor = VolumeSlicePredictor(litemedsam, encoder_backend=backend)
         predictor.set_volume(volume)
-        masks[backend] = predictor.segment(prompts).mask
+        result = predictor.segment(prompts)
+        masks[backend] = result.mask
         assert (predictor.fast_encoder() is None) == (backend == "torch")
+        # every decoded slice encoded once; where the encoder runs slices faster together, the propagation's next
+        # slice goes with the one it needs (at most one encoded in vain at each end)
+        parallel = 1 if backend == "torch" else predictor.fast_encoder().parallel
+        assert result.decoded <= result.encoded <= result.decoded + (2 if parallel > 1 else 0)
+        assert predictor.segment(prompts).encoded == 0
         assert predictor.describe_encoder().startswith("encoder " + ("torch" if backend == "torch" else "o"))
     assert masks["torch"].sum() > 500 and dice(masks["auto"], masks["torch"]) >= 0.99
 

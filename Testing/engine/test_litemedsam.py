@@ -307,6 +307,33 @@ def test_the_fast_mode_decodes_every_nth_slice_and_interpolates_between(model, p
             VolumeSlicePredictor(model, device="cpu", precision="fp32", slice_step=bad)
 
 
+def test_a_preview_shows_the_start_slice_first_then_the_mask_so_far(model, small_ct, monkeypatch):
+    """What a viewer shows while the box is segmented: first the start slice alone (the first result, after one
+    slice), then the mask so far; each a copy on the volume's grid, never more than the final mask."""
+    import medsegx_core.volume_slice_predictor as slice_module
+
+    monkeypatch.setattr(slice_module, "PREVIEW_INTERVAL_S", 0.0)      # every slice, so the order can be checked
+    volume, labels = small_ct
+    truth = labels == KIDNEY_RIGHT
+    fresh = VolumeSlicePredictor(model, device="cpu", precision="fp32", encoder_backend="torch")
+    fresh.set_volume(volume)
+    previews = []
+    result = fresh.segment(Prompts(box=label_box(truth)), preview=lambda mask, decoded: previews.append(
+        (mask, decoded, fresh.slices_encoded)))
+    first, decoded, encoded = previews[0]
+    start = fresh._plan_box(Prompts(box=label_box(truth)), propagate=False).start
+    assert first.shape == result.mask.shape and first.dtype == np.uint8
+    assert decoded == 1 and encoded == 1                                 # after one encoder run
+    filled = np.flatnonzero(first.reshape(first.shape[0], -1).any(axis=1))
+    assert filled.tolist() == [start] and np.array_equal(first[start], result.mask[start])
+    assert len(previews) == result.decoded
+    counts = [int(mask.sum()) for mask, _, _ in previews]
+    assert counts == sorted(counts) and counts[-1] == int(result.mask.sum())
+    assert all(not (mask & ~result.mask.astype(bool)).any() for mask, _, _ in previews)
+    first[:] = 1                                                         # a copy: the result is not touched
+    assert int(result.mask.sum()) == counts[-1]
+
+
 def test_encode_ahead_encodes_what_the_box_will_reach_nearest_first_and_can_be_cancelled(model, small_ct):
     from medsegx_core.errors import Cancelled
     from medsegx_core.progress import CancelToken
@@ -330,10 +357,14 @@ def test_encode_ahead_encodes_what_the_box_will_reach_nearest_first_and_can_be_c
 
     with pytest.raises(Cancelled):
         fresh.encode_ahead(prompt, cancel=StopAfter(2))
-    assert fresh.slices_encoded == 2                          # what it encoded stays cached
+    # what it encoded stays cached: the start slice alone, then the next ones as many at a time as the encoder
+    # runs faster together (OpenVINO's streams; one at a time in torch)
+    fast = fresh.fast_encoder()
+    already = fresh.slices_encoded
+    assert already == 1 + (1 if fast is None else fast.parallel)
     order = []
     encoded = fresh.encode_ahead(prompt, progress=lambda fraction, message: order.append(message))
-    assert encoded == plan.high - plan.low + 1 - 2
+    assert encoded == plan.high - plan.low + 1 - already
     ks = [int(m.split()[2]) for m in order if m.startswith("encoding slice")]
     assert ks[0] == plan.start and [abs(k - plan.start) for k in ks] == sorted(abs(k - plan.start) for k in ks)
     result = fresh.segment(prompt)

@@ -153,6 +153,39 @@ def test_a_roi_one_slice_thick_with_propagate_covers_the_neighbouring_slices(sce
     assert np.flatnonzero(bounded.any(axis=(1, 2))).tolist() == list(range(KIDNEY_SLICE - 2, KIDNEY_SLICE + 3))
 
 
+def test_the_mask_so_far_is_shown_in_a_scratch_node_and_the_output_changes_only_at_the_end(scene_ct, logic):
+    """The widget's poll: logic.showPreview(task) puts the engine's newest preview (the start slice first) into one
+    scratch segmentation node, hidden and never saved, while the output segmentation is untouched; finishing
+    removes the scratch node and writes the result (one segment), which holds every previewed voxel."""
+    from MedSegXSlicerLib import preview
+
+    ct, labels = scene_ct
+    kidney = labels == LEFT_KIDNEY
+    (i0, j0), (i1, j1) = in_plane_box(kidney[2:6])
+    scene = ct.GetScene()
+    roi = sb.add_roi_on_voxels(scene, ct, (i0, j0, 2), (i1, j1, 5), name="preview box")
+    segmentation = new_segmentation(scene, "previewed")
+    task = logic.startSegmentation(ct, segmentation, roiNode=roi, segmentName="left kidney")
+    shown = []
+    while not task.job.finished:
+        if logic.showPreview(task):
+            shown.append(preview.node_in(scene) is not None)
+        threading.Event().wait(0.01)
+    task.job.wait()
+    assert logic.showPreview(task) or shown           # the last preview stays until the result is written
+    assert not logic.showPreview(task)                # nothing newer: the display is left alone
+    node = preview.node_in(scene)
+    assert node is not None and node.GetHideFromEditors() and not node.GetSaveWithScene()
+    assert node.GetSegmentation().GetSegment(preview.SEGMENT_ID).GetName() == "left kidney (in progress)"
+    previewed = segment_writer.read_segment_mask(node, preview.SEGMENT_ID, sb.ijk_to_ras(ct),
+                                                 slicer.util.arrayFromVolume(ct).shape).astype(bool)
+    assert previewed.any() and segmentation.GetSegmentation().GetNumberOfSegments() == 0
+    segment_id = logic.finishSegmentation(task)
+    assert preview.node_in(scene) is None
+    result = segment_mask(segmentation, segment_id, ct)
+    assert not (previewed & ~result).any()
+
+
 def test_the_fast_mode_decodes_fewer_slices_and_fills_the_others(scene_ct, logic):
     """logic.sliceStep (the widget's Fast check box, the batch script's --slice-step): every n-th slice decoded, the
     slices between interpolated, the ROI's slices all filled; a bad step is refused by the engine's one rule."""
