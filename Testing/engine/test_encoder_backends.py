@@ -202,6 +202,27 @@ def test_the_export_is_reused_and_other_weights_get_their_own(tiny_export, caplo
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]          # no temporary file left behind
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_openvino_gives_each_slice_of_a_batch_its_own_embedding(tiny_export, threads):
+    """One slice runs on the batch-1 model; a batch as concurrent requests on one-thread streams (2 threads) or one
+    slice after another (1 thread): each slice's embedding is the torch encoder's, in order."""
+    require("openvino")
+    encoder, _, path = tiny_export
+    run, _ = backends.RUNNERS["openvino"](path, threads)
+    batch = images(3, TINY.image_size, seed=5)
+    with torch.inference_mode():
+        expected = encoder(batch).numpy()
+    together = run(batch.numpy())
+    alone = np.concatenate([run(batch[index:index + 1].numpy()) for index in range(3)])
+    assert together.shape == alone.shape == expected.shape
+    assert float(np.abs(together - expected).max()) <= backends.EXPORT_TOLERANCE
+    assert float(np.abs(alone - expected).max()) <= backends.EXPORT_TOLERANCE
+    # in order: each output is nearest its own slice's embedding (the tiny encoder's differ by ~1e-4)
+    for outputs in (together, alone):
+        nearest = [int(np.argmin([np.abs(out - e).max() for e in expected])) for out in outputs]
+        assert nearest == [0, 1, 2]
+
+
 @pytest.mark.parametrize("damage", ["flipped bytes", "missing record"])
 def test_a_corrupted_export_is_refused_and_rebuilt(tiny_export, caplog, damage):
     encoder, folder, path = tiny_export

@@ -213,15 +213,20 @@ def onnxruntime_runner(path: Path, threads: int):
 
 def openvino_runner(path: Path, threads: int):
     """One slice: one request on every thread (the least latency, for the slice a user looks at). A batch: its
-    slices as concurrent requests on ``threads`` streams of one thread each. On 2 threads two streams encoded 1.2x
-    as many slices a second as one request on both threads did (``Testing/benchmarks/bench_encoder.py``,
-    ``openvino`` at a batch of 2 or more against a batch of 1): the threads no longer wait for each other inside
-    each layer. The streams' model is
-    compiled on the first batch, so a caller that never batches never pays its memory."""
+    slices as concurrent requests on ``threads`` streams of one thread each, which on 2 threads encoded 1.07-1.25x
+    as many slices a second as one request on both threads (``Testing/benchmarks/bench_encoder.py``, ``openvino``
+    at batches of 2 and 4 against 1, and scratch runs; 2026-12-07): the threads no longer wait for each other
+    inside each layer. The streams' model is compiled on the first batch, so a caller that never batches never
+    pays its memory."""
     ov = importlib.import_module("openvino")
     core = ov.Core()
-    model = core.read_model(str(path))
-    compiled = core.compile_model(model, "CPU", {
+    # the one-slice model with its batch fixed at 1: 11 % faster than the export's dynamic batch (bench_encoder.py's
+    # runs of 2026-12-07; the streams gain nothing from it)
+    single = core.read_model(str(path))
+    shape = single.input(0).get_partial_shape()
+    shape[0] = 1
+    single.reshape(shape)
+    compiled = core.compile_model(single, "CPU", {
         "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
         "INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
@@ -230,17 +235,20 @@ def openvino_runner(path: Path, threads: int):
 
     def stream_queue():
         if not streams:
-            parallel = core.compile_model(model, "CPU", {
+            parallel = core.compile_model(core.read_model(str(path)), "CPU", {
                 "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": threads,
                 "INFERENCE_PRECISION_HINT": "f32"})
             streams.append(ov.AsyncInferQueue(parallel, threads))
         return streams[0]
 
+    def one(image: np.ndarray) -> np.ndarray:
+        # share_outputs=False: a copy, as the request's own output memory is reused by the next call
+        return request.infer({0: image}, share_inputs=True, share_outputs=False)[0]
+
     def run(batch: np.ndarray) -> np.ndarray:
         with lock:
             if len(batch) == 1 or threads < 2:
-                # share_outputs=False: a copy, as the request's own output memory is reused by the next call
-                return request.infer({0: batch}, share_inputs=True, share_outputs=False)[0]
+                return np.concatenate([one(batch[index:index + 1]) for index in range(len(batch))])
             queue, results = stream_queue(), [None] * len(batch)
 
             def keep(finished, index):
