@@ -67,7 +67,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -233,37 +233,25 @@ class VolumeSlicePredictor:
         report(progress, 1.0, "ready")
 
     # ---- one slice ------------------------------------------------------------------------------------------
-    def embedding(self, k: int, ahead: Sequence[int] = ()) -> Tuple[torch.Tensor, bool]:
+    def embedding(self, k: int) -> Tuple[torch.Tensor, bool]:
         """(embedding (1, 256, 64, 64), whether it was computed now) of working slice ``k`` (under the current
-        prompt's expert routing). ``ahead``: the slices the caller will ask for next, in order; where the encoder
-        runs several slices faster together (``ImageEncoder.parallel``), the first of them not yet cached are
-        encoded with ``k`` in one call and cached."""
+        prompt's expert routing)."""
         cached = self.cache.get(WINDOW, self._embedding_key(k))
         if cached is not None:
             return (cached.unpack() if isinstance(cached, PackedEmbedding) else cached), False
+        image = litemedsam_input(self.window.apply(self.working[k]), self.side)[None]
         fast = self.fast_encoder()
-        batch = [k]
-        if fast is not None and fast.parallel > 1:
-            depth = self.working.shape[0]
-            batch += [j for j in dict.fromkeys(int(j) for j in ahead)
-                      if 0 <= j < depth and j != k and self.cache.get(WINDOW, self._embedding_key(j)) is None
-                      ][:fast.parallel - 1]
-        images = torch.stack([litemedsam_input(self.window.apply(self.working[j]), self.side) for j in batch])
         if fast is not None:
-            embeddings = fast(images)
+            embedding = fast(image)
         else:
             device = self.runner.runtime.device
             if device.type == "cpu":
-                images = images.contiguous(memory_format=torch.channels_last)
+                image = image.contiguous(memory_format=torch.channels_last)
             experts, context = getattr(self.model, "conmoae", None), self._context
             with experts.context(context) if experts is not None and context is not None else nullcontext():
-                embeddings = self.runner.call(lambda: self.model.encode(images.to(device)))
-        embeddings = embeddings.to(self.runner.runtime.storage_dtype)
-        self.slices_encoded += len(batch)
-        # kept in reverse, so that the slice asked for is the most recently used if the cache must evict
-        for j, embedding in reversed(list(zip(batch, embeddings.split(1)))):
-            kept = self._keep_embedding(j, embedding)
-        return kept, True
+                embedding = self.runner.call(lambda: self.model.encode(image.to(device)))
+        self.slices_encoded += 1
+        return self._keep_embedding(k, embedding.to(self.runner.runtime.storage_dtype)), True
 
     def _embedding_key(self, k: int):
         context = self._context
@@ -312,17 +300,16 @@ class VolumeSlicePredictor:
         output, encoded = self._decode(k, np.asarray(box)[None], clicks)
         return self._slice_mask(output, 0), encoded
 
-    def decode_best_box(self, k: int, boxes: np.ndarray, ahead: Sequence[int] = ()) -> Tuple[np.ndarray, int, bool]:
+    def decode_best_box(self, k: int, boxes: np.ndarray) -> Tuple[np.ndarray, int, bool]:
         """(mask, index of the box it came from, whether slice k was encoded now) for the box among ``boxes``
-        (M, 4) whose mask the decoder predicts the highest IoU for: one decoder call on the slice's embedding.
-        ``ahead``: the slices to be decoded next (``embedding``)."""
-        output, encoded = self._decode(k, boxes, ahead=ahead)
+        (M, 4) whose mask the decoder predicts the highest IoU for: one decoder call on the slice's embedding."""
+        output, encoded = self._decode(k, boxes)
         best = int(torch.argmax(output.iou_pred.float().reshape(len(boxes), -1)[:, 0]))
         return self._slice_mask(output, best), best, encoded
 
-    def _decode(self, k: int, boxes: np.ndarray, clicks=None, ahead: Sequence[int] = ()):
+    def _decode(self, k: int, boxes: np.ndarray, clicks=None):
         """(decoder output, whether slice k was encoded now) for boxes (M, 4) in slice pixels on slice k."""
-        embedding, encoded = self.embedding(k, ahead)
+        embedding, encoded = self.embedding(k)
         device = self.runner.runtime.device
         shape = self.working.shape[1:]
         model_boxes = torch.from_numpy(np.stack([box_to_model(b, shape, self.side) for b in boxes])).to(device)
@@ -426,15 +413,13 @@ class VolumeSlicePredictor:
         # no more than the cache holds: past that, each new slice would evict one nearer the start, which the
         # propagation needs first
         order = order[:max(1, self.cache.budget_bytes // self._slice_bytes())]
-        encoded_before = self.slices_encoded
+        encoded = 0
         for index, k in enumerate(order):
             check(cancel)
             report(progress, index / len(order), f"encoding slice {k} ahead")
-            # the start slice alone (the first the propagation decodes), then the next ones together where that is
-            # faster (the later ones are then found cached)
-            self.embedding(k, order[index + 1:index + 4] if index else ())
+            encoded += int(self.embedding(k)[1])
         report(progress, 1.0, f"{len(order)} slices encoded")
-        return self.slices_encoded - encoded_before
+        return encoded
 
     def _plan_box(self, prompts: Prompts, propagate: bool) -> "_BoxPlan":
         """What a box prompt asks of the working grid: its slices, start slice and 2D box (checked)."""
@@ -506,7 +491,7 @@ class VolumeSlicePredictor:
             if k not in self._maps:
                 check(cancel)
                 report(progress, index / max(len(slices), 1), f"looking for the structure: slice {k}")
-                embedding = self.embedding(k, [j for j in slices[index + 1:index + 4] if j not in self._maps])[0]
+                embedding = self.embedding(k)[0]
                 with torch.inference_mode():
                     logits = localiser(embedding.float().cpu())
                 self._maps[k] = torch.sigmoid(logits)[0].numpy().astype(np.float16)
@@ -616,8 +601,8 @@ class VolumeSlicePredictor:
             lower = np.maximum(lower, np.array([bounds[0], bounds[1]] * 2, dtype=np.float32))
             upper = np.minimum(upper, np.array([bounds[2], bounds[3]] * 2, dtype=np.float32))
 
-        def follow(k, previous, step):
-            """(mask, box) of slice k from the previous decoded slice's mask; ``step``: where the one after lies."""
+        def follow(k, previous):
+            """(mask, box) of slice k from the previous decoded slice's mask."""
             tight = mask_box(previous)
             grown_boxes = [np.clip(tight + np.array([-pad, -pad, pad, pad], dtype=np.float32), lower, upper)
                            for pad in pads]
@@ -625,8 +610,7 @@ class VolumeSlicePredictor:
             kept = [b for b in grown_boxes if b[2] - b[0] >= 1 and b[3] - b[1] >= 1] or [tight]
             if extra_boxes is not None and k in extra_boxes:
                 kept.append(extra_boxes[k])
-            ahead = k + step
-            return run(k, np.stack(kept), ahead=[ahead] if low <= ahead <= high else [])
+            return run(k, np.stack(kept))
 
         def stops(current, largest, previous):
             area = int(current.sum())
@@ -655,13 +639,13 @@ class VolumeSlicePredictor:
                 # the next decoded slice: n slices on, or the range's end slice
                 k = at + step * step_size
                 k = min(k, end) if step > 0 else max(k, end)
-                current, grown = follow(k, previous, step * step_size)
+                current, grown = follow(k, previous)
                 if k - at not in (1, -1) and (stops(current, largest, previous) or not consistent(previous, current)):
                     # the structure ends, or changes too much to interpolate, between `at` and k: slice by slice
                     # there (k again too, from its neighbour), so the end is found where every-slice decoding finds it
                     ended = False
                     for j in range(at + step, k + step, step):
-                        current, grown = follow(j, previous, step)
+                        current, grown = follow(j, previous)
                         if stops(current, largest, previous):
                             ended = True
                             break
@@ -690,8 +674,8 @@ class VolumeSlicePredictor:
         decoded = slices[::max(1, self.slice_step)]
         if slices and decoded[-1] != slices[-1]:
             decoded.append(slices[-1])
-        for index, k in enumerate(decoded):
-            piece[k] = run(k, boxes[k], ahead=decoded[index + 1:index + 4])[0]
+        for k in decoded:
+            piece[k] = run(k, boxes[k])[0]
             run.show(piece)
         interpolated = self._interpolate_gaps(piece, decoded)
         if interpolated:
@@ -768,8 +752,7 @@ class _SliceRun:
         self.decoded = 0
         self._encoded_before = predictor.slices_encoded
 
-    def __call__(self, k: int, slice_box: np.ndarray, on_slice=None, ahead: Sequence[int] = ()
-                 ) -> Tuple[np.ndarray, np.ndarray]:
+    def __call__(self, k: int, slice_box: np.ndarray, on_slice=None) -> Tuple[np.ndarray, np.ndarray]:
         check(self.cancel)
         report(self.progress, min(0.99, self.decoded / self.total), f"slice {k}")
         if on_slice is not None:
@@ -777,14 +760,14 @@ class _SliceRun:
                                                   self.margin)
         else:
             candidates = np.atleast_2d(slice_box)
-            result, best, _ = self.predictor.decode_best_box(k, candidates, ahead)
+            result, best, _ = self.predictor.decode_best_box(k, candidates)
             slice_box = candidates[best]
         self.decoded += 1
         return result, slice_box
 
     @property
     def encoded(self) -> int:
-        """Slices encoded in this call: those decoded and those encoded with them ahead of need."""
+        """Slices encoded in this call."""
         return self.predictor.slices_encoded - self._encoded_before
 
     def show(self, mask: np.ndarray) -> None:

@@ -72,12 +72,8 @@ PathLike = Union[str, Path]
 class ImageEncoder:
     """A callable ``images (B, 3, S, S) float32 -> embeddings (B, C, S/4, S/4) float32`` (CPU tensors)."""
 
-    def __init__(self, backend: str, run: Callable[[np.ndarray], np.ndarray], description: str, keep=None,
-                 parallel: int = 1):
+    def __init__(self, backend: str, run: Callable[[np.ndarray], np.ndarray], description: str, keep=None):
         self.backend = backend
-        # how many slices are encoded faster in one call than one after another (>1: a caller that knows the
-        # next slices it needs hands them over together)
-        self.parallel = max(1, int(parallel))
         self._run = run
         self._description = description
         self._keep = keep            # what must live as long as the encoder (a temporary export folder)
@@ -179,10 +175,7 @@ def runtime_encoder(encoder: torch.nn.Module, backend: str, cache_dir: Optional[
         cache_dir = keep.name
     path = exported_encoder(encoder, Path(cache_dir), backend, progress)
     run, version = RUNNERS[backend](path, threads)
-    parallel = threads if backend == "openvino" else 1
-    streams = f", {parallel} streams for batches" if parallel > 1 else ""
-    return ImageEncoder(backend, trimming_heap(run), f"{backend} {version}, float32, {threads} threads{streams}", keep,
-                        parallel)
+    return ImageEncoder(backend, trimming_heap(run), f"{backend} {version}, float32, {threads} threads", keep)
 
 
 def trimming_heap(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
@@ -212,53 +205,28 @@ def onnxruntime_runner(path: Path, threads: int):
 
 
 def openvino_runner(path: Path, threads: int):
-    """One slice: one request on every thread (the least latency, for the slice a user looks at). A batch: its
-    slices as concurrent requests on ``threads`` streams of one thread each, which on 2 threads encoded 1.07-1.25x
-    as many slices a second as one request on both threads (``Testing/benchmarks/bench_encoder.py``, ``openvino``
-    at batches of 2 and 4 against 1, and scratch runs; 2026-12-07): the threads no longer wait for each other
-    inside each layer. The streams' model is compiled on the first batch, so a caller that never batches never
-    pays its memory."""
+    """One request on every thread, one slice at a time, the export's batch fixed at 1: 11 % faster than its
+    dynamic batch (``Testing/benchmarks/bench_encoder.py``, scratch runs of 2026-12-07). Measured and left out: a
+    batch as concurrent requests on one-thread streams encoded 1.07-1.25x as many slices a second, but the second
+    compiled model and its requests raised the peak memory of a 512 x 512 x 300 CT fully encoded from 1979 to
+    2387 MiB (``bench_memory.py``), past the 2 GB the engine keeps to."""
     ov = importlib.import_module("openvino")
     core = ov.Core()
-    # the one-slice model with its batch fixed at 1: 11 % faster than the export's dynamic batch (bench_encoder.py's
-    # runs of 2026-12-07; the streams gain nothing from it)
-    single = core.read_model(str(path))
-    shape = single.input(0).get_partial_shape()
+    model = core.read_model(str(path))
+    shape = model.input(0).get_partial_shape()
     shape[0] = 1
-    single.reshape(shape)
-    compiled = core.compile_model(single, "CPU", {
+    model.reshape(shape)
+    compiled = core.compile_model(model, "CPU", {
         "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
         "INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
-    lock = threading.Lock()            # calls from two threads take turns
-    streams = []                       # [AsyncInferQueue] once a batch came
-
-    def stream_queue():
-        if not streams:
-            parallel = core.compile_model(core.read_model(str(path)), "CPU", {
-                "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": threads,
-                "INFERENCE_PRECISION_HINT": "f32"})
-            streams.append(ov.AsyncInferQueue(parallel, threads))
-        return streams[0]
-
-    def one(image: np.ndarray) -> np.ndarray:
-        # share_outputs=False: a copy, as the request's own output memory is reused by the next call
-        return request.infer({0: image}, share_inputs=True, share_outputs=False)[0]
+    lock = threading.Lock()            # one infer request: calls from two threads take turns
 
     def run(batch: np.ndarray) -> np.ndarray:
         with lock:
-            if len(batch) == 1 or threads < 2:
-                return np.concatenate([one(batch[index:index + 1]) for index in range(len(batch))])
-            queue, results = stream_queue(), [None] * len(batch)
-
-            def keep(finished, index):
-                results[index] = finished.get_output_tensor(0).data.copy()
-
-            queue.set_callback(keep)
-            for index in range(len(batch)):
-                queue.start_async({0: batch[index:index + 1]}, index)
-            queue.wait_all()
-            return np.concatenate(results)
+            # share_outputs=False: a copy, as the request's own output memory is reused by the next call
+            return np.concatenate([request.infer({0: batch[index:index + 1]}, share_inputs=True,
+                                                 share_outputs=False)[0] for index in range(len(batch))])
 
     return run, ov.get_version().split("-")[0]
 
