@@ -203,7 +203,7 @@ class VolumeSlicePredictor:
         self._localiser = localiser          # text localiser: a model, a folder, or None for the bundled one
         self.encoder_backend = encoder_backend   # "auto" (a faster CPU runtime when installed), "torch", ...
         self._image_encoder = None
-        self.slices_encoded = 0              # slices encoded so far (a call's count is the difference)
+        self.slices_encoded = 0              # encoder runs so far (a call's count is the difference)
         self.text_zoom_in = text_zoom_in
         self.slice_step = int(slice_step)    # fast mode: decode every n-th slice of a propagation, interpolate between
         self.pack_embeddings = bool(pack_embeddings)   # slice embeddings kept as int8 (False: as computed)
@@ -236,7 +236,9 @@ class VolumeSlicePredictor:
     def embedding(self, k: int) -> Tuple[torch.Tensor, bool]:
         """(embedding (1, 256, 64, 64), whether it was computed now) of working slice ``k`` (under the current
         prompt's expert routing)."""
-        cached = self.cache.get(WINDOW, self._embedding_key(k))
+        context = self._context
+        key = (k, AXIAL, self.window, None if context is None else context.rows())
+        cached = self.cache.get(WINDOW, key)
         if cached is not None:
             return (cached.unpack() if isinstance(cached, PackedEmbedding) else cached), False
         image = litemedsam_input(self.window.apply(self.working[k]), self.side)[None]
@@ -247,27 +249,20 @@ class VolumeSlicePredictor:
             device = self.runner.runtime.device
             if device.type == "cpu":
                 image = image.contiguous(memory_format=torch.channels_last)
-            experts, context = getattr(self.model, "conmoae", None), self._context
+            experts = getattr(self.model, "conmoae", None)
             with experts.context(context) if experts is not None and context is not None else nullcontext():
                 embedding = self.runner.call(lambda: self.model.encode(image.to(device)))
+        embedding = embedding.to(self.runner.runtime.storage_dtype)
         self.slices_encoded += 1
-        return self._keep_embedding(k, embedding.to(self.runner.runtime.storage_dtype)), True
-
-    def _embedding_key(self, k: int):
-        context = self._context
-        return (k, AXIAL, self.window, None if context is None else context.rows())
-
-    def _keep_embedding(self, k: int, embedding: torch.Tensor) -> torch.Tensor:
-        """Caches slice k's embedding (1, C, G, G) and returns what the cache gives back for it."""
         if not self.pack_embeddings and embedding.dtype == torch.float32:
-            self.cache.put(WINDOW, self._embedding_key(k), embedding)
-            return embedding
+            self.cache.put(WINDOW, key, embedding)
+            return embedding, True
         # int8 with a scale per token, a quarter of float32: a 512 x 512 x 300 CT fully encoded is 300 MiB, not
         # 1.2 GiB. Decoded from what the cache holds, so a cached slice gives what a fresh one gives; against float32
         # embeddings the 3D-box masks agree to Dice 0.994-0.9999 (five organs; model card)
         packed = PackedEmbedding.pack(embedding)
-        self.cache.put(WINDOW, self._embedding_key(k), packed)
-        return packed.unpack()
+        self.cache.put(WINDOW, key, packed)
+        return packed.unpack(), True
 
     def fast_encoder(self):
         """The encoder exported to a faster CPU runtime (``inference/encoder_backends.py``: OpenVINO, ONNX Runtime)
@@ -749,26 +744,21 @@ class _SliceRun:
         self.clicks, self.labels, self.margin = clicks, labels, margin
         self.preview, self._previewed_at = preview, None
         self.earlier: Optional[np.ndarray] = None    # what earlier pieces of the call found (shown with each preview)
-        self.decoded = 0
-        self._encoded_before = predictor.slices_encoded
+        self.encoded = self.decoded = 0
 
     def __call__(self, k: int, slice_box: np.ndarray, on_slice=None) -> Tuple[np.ndarray, np.ndarray]:
         check(self.cancel)
         report(self.progress, min(0.99, self.decoded / self.total), f"slice {k}")
         if on_slice is not None:
-            result, _ = self.predictor.edit_slice(k, slice_box, self.clicks[on_slice, :2], self.labels[on_slice],
-                                                  self.margin)
+            result, encoded = self.predictor.edit_slice(k, slice_box, self.clicks[on_slice, :2],
+                                                        self.labels[on_slice], self.margin)
         else:
             candidates = np.atleast_2d(slice_box)
-            result, best, _ = self.predictor.decode_best_box(k, candidates)
+            result, best, encoded = self.predictor.decode_best_box(k, candidates)
             slice_box = candidates[best]
+        self.encoded += int(encoded)
         self.decoded += 1
         return result, slice_box
-
-    @property
-    def encoded(self) -> int:
-        """Slices encoded in this call."""
-        return self.predictor.slices_encoded - self._encoded_before
 
     def show(self, mask: np.ndarray) -> None:
         """The mask so far (working grid) to the preview callback: the first time, then every PREVIEW_INTERVAL_S."""
