@@ -16,7 +16,8 @@ another orientation gives the same mask in world space.
 Propagation: the 2D box (the 3D box's extent in the slice plane) is used on the middle slice of the box (``start=
 "widest"``: on the candidate slice of the box's middle half where it gives the largest mask); from
 there each next slice, up and down, gets the bounding box of the previous slice's mask widened by ``margin`` model
-pixels (256 scale; ``open_margin`` when a box on one slice is propagated), decoded at ``margin_shares`` of that
+pixels (256 scale; ``open_margin`` when a box on one slice is propagated: by default ``OPEN_MARGINS`` by
+modality), decoded at ``margin_shares`` of that
 margin (0, half, all of it, in one batched decoder call) and kept at the one whose mask the decoder's IoU head
 rates highest, so the box can follow an organ that shrinks as well as one that grows. A 3D box bounds the slices
 (its end slices included) and the grown boxes in-plane (a box that left it followed the neighbouring tissue); a box on
@@ -93,7 +94,13 @@ from .weights.expert_pack import use_pack_for
 # patient and CHAOS 10 13 15 19 20 (model card): a wider box keeps track of a growing organ, but without a box's end
 # slices to stop it, it also follows the neighbouring tissue past the organ's end.
 DEFAULT_MARGIN = 6.0
-DEFAULT_OPEN_MARGIN = 3.0   # upstream LiteMedSAM's value
+DEFAULT_OPEN_MARGIN = 3.0   # upstream LiteMedSAM's value; also the margin a click's box edit adds
+# Open propagation's margin by modality (others: DEFAULT_OPEN_MARGIN), measured with the IoU-chosen shares and the
+# jump rule (Testing/benchmarks/sweep_open_margin.py, model card, 2026-12-07): on CT, 6 lifted the spleens from
+# 0.756 to 0.871 (the small CT's under-segmenting spleen, the portal-venous CT's spleen that moves 20 pixels between
+# slices) and left livers and kidneys within 0.002; on the CHAOS T2 MR, 6 cost the livers 0.031 (CHAOS 13: 0.872 ->
+# 0.733, the box spread into the tissue beside the liver) and gained nothing elsewhere.
+OPEN_MARGINS = {"CT": 6.0}
 # Each propagated slice decodes the grown box at these shares of the margin (one batched decoder call) and keeps the
 # mask whose predicted IoU (the decoder's own quality head) is highest. One fixed margin cannot serve both ends of an
 # organ: a wide box follows a growing organ, but where the organ shrinks (a liver's lower tip) it keeps the previous
@@ -170,7 +177,7 @@ def mask_box(mask: np.ndarray) -> Optional[np.ndarray]:
 
 class VolumeSlicePredictor:
     def __init__(self, model, device: str = "auto", precision: str = "auto", cache_megabytes: Optional[int] = None,
-                 margin: float = DEFAULT_MARGIN, open_margin: float = DEFAULT_OPEN_MARGIN,
+                 margin: float = DEFAULT_MARGIN, open_margin: Optional[float] = None,
                  min_area_fraction: float = DEFAULT_MIN_AREA_FRACTION, start: str = "middle",
                  margin_shares: Tuple[float, ...] = DEFAULT_MARGIN_SHARES, localiser=None,
                  encoder_backend: str = "auto", text_zoom_in: str = "boxes", slice_step: int = 1,
@@ -189,7 +196,8 @@ class VolumeSlicePredictor:
             self.runner.model.to(memory_format=torch.channels_last)
         self.cache = EmbeddingCache(None if cache_megabytes is None else int(cache_megabytes) << 20)
         self.runner.on_move = self.cache.move_to
-        self.margin, self.open_margin = float(margin), float(open_margin)
+        self.margin = float(margin)
+        self.open_margin = None if open_margin is None else float(open_margin)   # None: OPEN_MARGINS by modality
         self.min_area_fraction = float(min_area_fraction)
         self.start = start
         self.margin_shares = tuple(float(share) for share in margin_shares)
@@ -212,6 +220,18 @@ class VolumeSlicePredictor:
     @property
     def model(self):
         return self.runner.model
+
+    def open_propagation_margin(self) -> float:
+        """The margin of a box on one slice followed openly: ``open_margin`` when set, else by the modality."""
+        if self.open_margin is not None:
+            return self.open_margin
+        name = self.modality.name if self.modality is not None else None
+        return OPEN_MARGINS.get(name, DEFAULT_OPEN_MARGIN)
+
+    @property
+    def edit_margin(self) -> float:
+        """Model pixels a positive click's box edit adds around it (text and region zoom-ins)."""
+        return DEFAULT_OPEN_MARGIN if self.open_margin is None else self.open_margin
 
     # ---- the volume ------------------------------------------------------------------------------------------
     def set_volume(self, volume: Volume, modality: Optional[str] = None, progress: Optional[ProgressCallback] = None,
@@ -366,7 +386,7 @@ class VolumeSlicePredictor:
         self._fit_cache()
         total = high - low + 1
         notes: List[str] = []
-        margin = self.open_margin if flat and propagate else self.margin
+        margin = self.open_propagation_margin() if flat and propagate else self.margin
 
         run = _SliceRun(self, total, progress, cancel, clicks, labels, margin, preview)
 
@@ -460,7 +480,7 @@ class VolumeSlicePredictor:
             notes.append("the zoom-out found nothing: nothing for LiteMedSAM to segment")
         self.cache.begin_call()
         self._fit_cache()
-        run = _SliceRun(self, len(boxes), progress, cancel, np.zeros((0, 3)), np.zeros(0), self.open_margin)
+        run = _SliceRun(self, len(boxes), progress, cancel, np.zeros((0, 3)), np.zeros(0), self.edit_margin)
         mask = self._decode_boxes(run, boxes, notes)
         report(progress, 1.0, "done")
         stored = np.ascontiguousarray(self.orientation.array_to_stored(mask))
@@ -528,7 +548,7 @@ class VolumeSlicePredictor:
                             scaled_progress(progress, 0.0, 0.4), cancel)
         mask = np.zeros(self.working.shape, dtype=np.uint8)
         total = sum(len(place.boxes) for place in found) or 1
-        run = _SliceRun(self, total, scaled_progress(progress, 0.4, 1.0), cancel, clicks, labels, self.open_margin,
+        run = _SliceRun(self, total, scaled_progress(progress, 0.4, 1.0), cancel, clicks, labels, self.edit_margin,
                         preview)
         run.earlier = mask          # a preview of the second kidney shows the first one too
         click_slices = np.rint(clicks[:, 2]).astype(int) if len(clicks) else np.zeros(0, int)

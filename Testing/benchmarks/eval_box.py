@@ -125,6 +125,20 @@ def case_structures(data: Path, case: Case) -> List[Tuple[str, int]]:
     return found
 
 
+def cases_on_predictors(data: Path, keys: Optional[Sequence[str]], model, **settings):
+    """Per selected case: (case, a ``VolumeSlicePredictor(model, **settings)`` with the case's volume set, [(organ,
+    its label mask)] of the structures the case labels and holds). One predictor a case, dropped after it."""
+    from medsegx_core.volume_slice_predictor import VolumeSlicePredictor
+
+    for case in selected_cases(data, keys):
+        volume, labels = read_case(data, case)
+        predictor = VolumeSlicePredictor(model, **settings)
+        predictor.set_volume(volume, modality=case.modality)
+        structures = [(organ, labels == value) for organ, value in case_structures(data, case)]
+        yield case, predictor, [(organ, truth) for organ, truth in structures if truth.any()]
+        del predictor
+
+
 def add_case_options(parser) -> None:
     """``--cases`` (keys containing one of these), ``--json`` (rows), ``--threads``, ``--data``: the options every
     benchmark over these cases takes."""
@@ -285,7 +299,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from medsegx_core.volume_slice_predictor import VolumeSlicePredictor
+    from medsegx_core.volume_slice_predictor import DEFAULT_OPEN_MARGIN, OPEN_MARGINS, VolumeSlicePredictor
     from medsegx_core.weights.litemedsam import load_litemedsam
 
     torch.set_num_threads(args.threads)
@@ -302,7 +316,10 @@ def main(argv=None) -> int:
     chosen = dict(margin=args.margin, open_margin=args.open_margin, min_area_fraction=args.min_area_fraction)
     predictor = VolumeSlicePredictor(model, **{k: v for k, v in chosen.items() if v is not None})
     stop = getattr(predictor, "min_area_fraction", None)
-    settings = f"margin {predictor.margin:g} model px (open propagation {predictor.open_margin:g})"
+    open_margin = (f"{predictor.open_margin:g}" if predictor.open_margin is not None else "by modality: "
+                   + ", ".join(f"{name} {value:g}" for name, value in OPEN_MARGINS.items())
+                   + f", else {DEFAULT_OPEN_MARGIN:g}")
+    settings = f"margin {predictor.margin:g} model px (open propagation {open_margin})"
     if stop is not None:
         settings += f", stop below {stop:g} of the largest slice"
     log(f"LiteMedSAM from {getattr(model, 'weights_source', args.weights)}; {predictor.runner.describe()}; "

@@ -178,7 +178,25 @@ def test_a_3d_box_segments_every_slice_it_spans(predictor, small_ct):
     assert widened.decoded == 1 and np.array_equal(widened.mask[others], result.mask[others])
 
 
-def test_each_propagated_slice_keeps_the_margin_the_decoder_rates_best(model, small_ct):
+@pytest.fixture
+def configured(predictor):
+    """The module's predictor (its slices already encoded) with other settings for one test, restored after it:
+    the settings are read at each segment() and are part of the kept propagation's key."""
+    kept = {}
+
+    def configure(**settings):
+        for name, value in settings.items():
+            kept.setdefault(name, getattr(predictor, name))
+            setattr(predictor, name, value)
+        predictor._last_propagation = None          # decoded afresh, so the test sees every decoder run
+        return predictor
+
+    yield configure
+    for name, value in kept.items():
+        setattr(predictor, name, value)
+
+
+def test_each_propagated_slice_keeps_the_margin_the_decoder_rates_best(model, small_ct, configured):
     """Each propagated slice is decoded with the previous mask's box widened by every share of the margin and keeps
     the box whose mask the decoder's IoU head rates highest (checked here against the model's own decode); with the
     one share 1 it is the fixed-margin rule."""
@@ -187,8 +205,7 @@ def test_each_propagated_slice_keeps_the_margin_the_decoder_rates_best(model, sm
 
     volume, labels = small_ct
     prompt = Prompts(box=label_box(labels == KIDNEY_RIGHT))
-    predictor = VolumeSlicePredictor(model, device="cpu", precision="fp32", margin_shares=(0.0, 0.5, 1.0))
-    predictor.set_volume(volume)
+    predictor = configured(margin_shares=(0.0, 0.5, 1.0))
     result = predictor.segment(prompt)
     _, mask, boxes = predictor._last_propagation
     corners = predictor.working_prompts(prompt)[0]          # the 3D box on the working grid; it starts mid-box
@@ -221,13 +238,28 @@ def test_each_propagated_slice_keeps_the_margin_the_decoder_rates_best(model, sm
         chose_narrower += best < len(candidates) - 1
     assert len(boxes) > 5 and result.decoded == len(boxes)
     assert chose_narrower > 0                     # the choice is used, not always the widest box
-    fixed = VolumeSlicePredictor(model, device="cpu", precision="fp32", margin_shares=(1.0,))
-    fixed.set_volume(volume)
+    fixed = configured(margin_shares=(1.0,))
     fixed.segment(prompt)
     _, fixed_mask, fixed_boxes = fixed._last_propagation
     for k, box, previous in propagated_from(fixed_boxes):
         grown = mask_box(fixed_mask[previous]) + np.array([-1, -1, 1, 1]) * fixed.margin * pixels
         np.testing.assert_allclose(box, np.clip(grown, lower, upper), atol=1e-4)
+
+
+def test_the_open_propagation_margin_follows_the_modality_unless_given(model, predictor, small_ct):
+    """A box on one slice is followed with 6 model pixels on CT and 3 (upstream's) on MR and unknown modalities, as
+    measured (sweep_open_margin.py); a margin given by the caller wins. A click's box edit keeps 3 throughout."""
+    from medsegx_core.volume_slice_predictor import DEFAULT_OPEN_MARGIN, OPEN_MARGINS
+
+    assert predictor.modality.name == "CT" and predictor.open_margin is None
+    assert predictor.open_propagation_margin() == OPEN_MARGINS["CT"] == 6.0
+    assert predictor.edit_margin == DEFAULT_OPEN_MARGIN == 3.0
+    as_mr = VolumeSlicePredictor(model, device="cpu", precision="fp32")
+    as_mr.set_volume(small_ct[0], modality="MR")
+    assert as_mr.open_propagation_margin() == DEFAULT_OPEN_MARGIN
+    given = VolumeSlicePredictor(model, device="cpu", precision="fp32", open_margin=4.5)
+    given.set_volume(small_ct[0], modality="CT")
+    assert given.open_propagation_margin() == given.edit_margin == 4.5
 
 
 def test_a_box_on_one_slice_propagates_until_the_mask_vanishes(predictor, small_ct):
@@ -278,19 +310,18 @@ def test_a_box_on_one_slice_stops_where_the_mask_jumps_to_the_tissue_beside(mode
     assert slices_outside(ran_on.mask) >= 6 and dice(ran_on.mask, truth) < dice(stopped.mask, truth) - 0.05
 
 
-def test_the_fast_mode_decodes_every_nth_slice_and_interpolates_between(model, predictor, small_ct):
+def test_the_fast_mode_decodes_every_nth_slice_and_interpolates_between(model, predictor, small_ct, configured):
     """slice_step=3: a third of the slices decoded (and so encoded), the others interpolated by signed distance, the
     structure's ends still found slice by slice; the Dice cost is small (measured: Testing/benchmarks/fast_mode.py)."""
     volume, labels = small_ct
     truth = labels == KIDNEY_RIGHT
-    fast = VolumeSlicePredictor(model, device="cpu", precision="fp32", slice_step=3)
-    fast.set_volume(volume)
     k = int(np.argmax(truth.sum(axis=(1, 2))))
     rows, cols = np.nonzero(truth[k])
     flat = Prompts(box=BoxPrompt((int(cols.min()), int(rows.min()), k), (int(cols.max()), int(rows.max()), k),
                                  space="ijk"))
-    # a 3D box: its end slices bound the propagation
+    # a 3D box: its end slices bound the propagation (one predictor, its slices encoded once, every step and 3)
     full = predictor.segment(Prompts(box=label_box(truth)))
+    fast = configured(slice_step=3)
     quick = fast.segment(Prompts(box=label_box(truth)))
     decoded = sorted(fast._last_propagation[2])
     assert len(decoded) < 0.7 * len(full.slices) and max(np.diff(decoded)) <= 3
@@ -298,9 +329,10 @@ def test_the_fast_mode_decodes_every_nth_slice_and_interpolates_between(model, p
     assert quick.slices == full.slices                   # the slices between decoded ones are all filled
     assert dice(quick.mask, truth) > dice(full.mask, truth) - 0.05
     # a box on one slice, propagated: nothing bounds it, so it is followed slice by slice, as without the fast mode
-    full = predictor.segment(flat, propagate=True)
     quick = fast.segment(flat, propagate=True)
-    assert np.array_equal(quick.mask, full.mask) and sorted(fast._last_propagation[2]) == full.slices
+    decoded = sorted(fast._last_propagation[2])
+    full = configured(slice_step=1).segment(flat, propagate=True)
+    assert np.array_equal(quick.mask, full.mask) and decoded == full.slices
     assert any("followed slice by slice" in note for note in quick.notes)
     for bad in (0, 9, 2.5, True):
         with pytest.raises(InputError, match="slice step"):
