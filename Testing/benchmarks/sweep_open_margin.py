@@ -29,7 +29,10 @@ from eval_box import add_case_options, cases_on_predictors, widest_slice_box  # 
 
 def parse_config(text: str) -> Tuple[float, Tuple[float, ...]]:
     margin, _, shares = text.partition(":")
-    return float(margin), tuple(float(v) for v in (shares or "1").split(","))
+    try:
+        return float(margin), tuple(float(v) for v in (shares or "1").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give MARGIN:SHARES, e.g. 6:0,0.5,1") from None
 
 
 def label(config: Tuple[float, Tuple[float, ...]]) -> str:
@@ -38,11 +41,12 @@ def label(config: Tuple[float, Tuple[float, ...]]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["3:0,0.5,1", "6:0,0.5,1"],
+    parser.add_argument("--configs", nargs="+", type=parse_config,
+                        default=[parse_config("3:0,0.5,1"), parse_config("6:0,0.5,1")],
                         help="MARGIN:SHARES, the shares a comma list (default: 3 and 6, each with shares 0,0.5,1)")
     add_case_options(parser)
     args = parser.parse_args(argv)
-    configs = [parse_config(c) for c in args.configs]
+    configs = args.configs
 
     import torch
 
@@ -61,8 +65,7 @@ def main(argv=None) -> int:
             _, low, high = widest_slice_box(truth, axis)
             row = dict(case=case.key, modality=case.modality, organ=organ)
             for config in configs:
-                predictor.open_margin, predictor.margin_shares = config
-                predictor._last_propagation = None
+                predictor.open_margin, predictor.margin_shares = config   # both in the kept propagation's key
                 mask = predictor.segment(Prompts(box=BoxPrompt(low, high, space="ijk")), propagate=True).mask
                 row[label(config)] = dice(mask, truth)
             rows.append(row)
