@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("--old", action="store_true", help="also the SegVol text path with the default weights")
     parser.add_argument("--no-box", action="store_true", help="skip the 3D box reference")
     parser.add_argument("--no-slabs", action="store_true", help="skip the thirds (absent-structure rows)")
-    parser.add_argument("--zoom-in", choices=("boxes", "propagate", "both"), default="boxes",
+    parser.add_argument("--zoom-in", choices=("boxes", "sampled", "propagate", "both"), default="sampled",
                         help="how LiteMedSAM uses the localiser's boxes (VolumeSlicePredictor text_zoom_in)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the rows here")

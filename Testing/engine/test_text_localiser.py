@@ -15,7 +15,8 @@ from medsegx_core.data.hierarchy import resolve_term
 from medsegx_core.data.metrics import dice
 from medsegx_core.data.readers import read_volume
 from medsegx_core.errors import WeightsError
-from medsegx_core.inference.text_localisation import (MIN_VOLUME_ML, channels_for, locate, sampled_slices)
+from medsegx_core.inference.text_localisation import (MIN_VOLUME_ML, channels_for, coarse_positions, locate,
+                                                     positions_to_refine, sampled_slices)
 from medsegx_core.prompts import PointPrompt, Prompts
 from medsegx_core.training.localiser_data import (VOCABULARY, case_named, cell_shares, encode_case,
                                                   resolved_names, structure_labels)
@@ -94,6 +95,32 @@ def test_a_positive_click_picks_its_blob_and_nothing_is_found_below_the_threshol
     assert not small.found and small.volume_ml < MIN_VOLUME_ML
 
 
+def test_reading_coarse_to_fine_finds_the_blobs_reading_every_slice_finds():
+    # every third sampled slice first (and the last), then the ones beside a coarse slice where the structure shows
+    assert coarse_positions(10) == [0, 3, 6, 9] and coarse_positions(11) == [0, 3, 6, 9, 10]
+    assert positions_to_refine([0, 3, 6, 9], [False, True, False, False]) == [1, 2, 4, 5]
+    assert positions_to_refine([0, 3, 6, 9], [True, False, False, True]) == [1, 2, 7, 8]
+    assert positions_to_refine([0, 3, 6, 9], [False] * 4) == []
+    rng = np.random.default_rng(0)
+    slices, step = list(range(1, 60, 2)), 2
+    for trial in range(40):
+        maps = np.zeros((len(slices), 64, 64), dtype=np.float32)
+        for _ in range(rng.integers(1, 4)):        # blobs from 3 to 12 sampled slices thick, somewhere
+            first, thickness = rng.integers(0, len(slices) - 3), rng.integers(3, 13)
+            r, c, size = rng.integers(0, 48), rng.integers(0, 48), rng.integers(4, 16)
+            maps[first:first + thickness, r:r + size, c:c + size] = rng.uniform(0.55, 0.95)
+        coarse = coarse_positions(len(slices))
+        hits = (maps[coarse] > 0.5).any(axis=(1, 2)).tolist()
+        read = sorted(set(coarse) | set(positions_to_refine(coarse, hits)))
+        partial = np.zeros_like(maps)
+        partial[read] = maps[read]             # what the predictor holds: the unread slices stay zero
+        whole = locate("liver", maps, slices, step, (128, 128), 4.0, 2.0, total_slices=61)
+        seen = locate("liver", partial, slices, step, (128, 128), 4.0, 2.0, total_slices=61)
+        assert whole.slices == seen.slices and whole.sampled == seen.sampled and len(read) <= len(slices)
+        for k in whole.slices:
+            np.testing.assert_array_equal(whole.boxes[k], seen.boxes[k])
+
+
 def test_a_parent_name_covers_its_children_and_an_unknown_structure_none():
     assert [VOCABULARY[i] for i in channels_for(VOCABULARY, resolve_term("kidney"))] == ["right kidney",
                                                                                          "left kidney"]
@@ -166,17 +193,39 @@ def test_text_finds_the_liver_and_both_kidneys_and_says_the_brain_is_absent(lite
     volume, labels = held_out_mr
     predictor = VolumeSlicePredictor(litemedsam)
     predictor.set_volume(volume)
+    brain = predictor.segment(Prompts(text="brain"))
+    assert brain.found is False and not brain.mask.any() and any("not found" in n for n in brain.notes)
+    # absent on the coarse reads alone: every third slice of this 7.7 mm MR (all of its slices are sampled)
+    assert brain.encoded == len(coarse_positions(predictor.working.shape[0])) < predictor.working.shape[0] / 2
     liver = predictor.segment(Prompts(text="liver"))
     assert liver.found and liver.name == "liver" and dice(liver.mask, labels == LIVER) > 0.8
     kidneys = predictor.segment(Prompts(text="kidney"))
     assert kidneys.found and dice(kidneys.mask, np.isin(labels, (RIGHT_KIDNEY, LEFT_KIDNEY))) > 0.8
-    assert kidneys.encoded == 0         # the slices were encoded by the first prompt
-    brain = predictor.segment(Prompts(text="brain"))
-    assert brain.found is False and not brain.mask.any() and any("not found" in n for n in brain.notes)
+    # most of their slices were encoded before, and no slice was encoded twice over the three prompts
+    assert kidneys.encoded < liver.encoded
+    assert brain.encoded + liver.encoded + kidneys.encoded <= predictor.working.shape[0]
     # text and a click: the click lies on the right kidney, which the text names
     k, j, i = np.argwhere(labels == RIGHT_KIDNEY).mean(axis=0)
     right = predictor.segment(Prompts(text="right kidney", points=(PointPrompt((i, j, k), space="ijk"),)))
     assert dice(right.mask, labels == RIGHT_KIDNEY) > 0.8 and not (right.mask & (labels == LEFT_KIDNEY)).any()
+
+
+def test_on_thin_slices_the_zoom_in_decodes_the_localisers_slices_and_interpolates_between(data_dir, litemedsam):
+    from medsegx_core.data.volume import Volume
+
+    # twelve slices of the small CT's liver told to lie 1 mm apart: the localiser reads every 4th (2, 6, 10)
+    ct = read_volume(data_dir / SMALL_CT.image)
+    labels = read_volume(data_dir / SMALL_CT.labels).array[6:18] == 5
+    thin = Volume(ct.array[6:18], (ct.spacing[0], ct.spacing[1], 1.0), ct.origin_ras, ct.direction_ras, "CT")
+    predictor = VolumeSlicePredictor(litemedsam)
+    assert predictor.text_zoom_in == "sampled"          # the default
+    predictor.set_volume(thin)
+    sampled = predictor.segment(Prompts(text="liver"))
+    predictor.text_zoom_in = "boxes"
+    every = predictor.segment(Prompts(text="liver"))
+    assert sampled.found and len(every.slices) == 12 and every.decoded == 12
+    assert sampled.decoded < every.decoded and sampled.encoded < 12 and any("interpolated" in n for n in sampled.notes)
+    assert dice(sampled.mask, every.mask) > 0.9 and dice(sampled.mask, labels) > 0.8
 
 
 def test_the_command_line_runs_text_on_the_localiser_and_writes_an_absent_structure_empty(data_dir, tmp_path,

@@ -6,7 +6,8 @@ coarse probability map per structure of its vocabulary. For a name:
 1. the hierarchy resolves it; the localiser's structures it covers are the name itself or, for a parent, its
    children ("kidney" -> left and right kidney); a name it does not cover is refused here (``channels_for``)
    and the caller falls back to another model;
-2. maps of slices about ``SLICE_STEP_MM`` apart (every slice of a thick-slice volume) are stacked; cells above
+2. maps of slices about ``SLICE_STEP_MM`` apart (every slice of a thick-slice volume) are stacked (read coarse to
+   fine: every ``COARSE_STRIDE``-th first, then the ones around where the structure shows); cells above
    ``threshold`` are grouped into 3D connected blobs, and the blob holding the most probability is the structure
    (the one holding a positive click, when there are clicks);
 3. the structure is **absent** when no cell passes the threshold or its blob is smaller than ``MIN_VOLUME_ML``;
@@ -29,6 +30,11 @@ from ..data.hierarchy import ResolvedTerm, resolve_term
 
 # Slices about this far apart are read by the localiser (its training sampled the same).
 SLICE_STEP_MM = 4.0
+# The localiser first reads every COARSE_STRIDE-th of those slices (about 12 mm apart), then only the slices around
+# the coarse ones where the structure shows (``positions_to_refine``): the blobs found are the same as from reading
+# every sampled slice, except one thinner than the coarse step that falls between two coarse slices, and a structure
+# that shows on no coarse slice is absent after a third of the reads.
+COARSE_STRIDE = 3
 # A cell belongs to the structure above this probability. (Growing the blob through cells above 0.25 as well,
 # hysteresis, joined more slices but gave their boxes worse masks: held-out MR liver 0.697 -> 0.689, CT spleen
 # 0.403 -> 0.366; model card.)
@@ -51,6 +57,7 @@ class Localisation:
     note: str = ""
     widest: Optional[int] = None      # the sampled slice where the blob covers the most cells
     step: int = 1                     # slices between the sampled ones
+    sampled: List[int] = field(default_factory=list)   # the sampled (so encoded) slices the blob lies on
 
     @property
     def slices(self) -> List[int]:
@@ -69,6 +76,28 @@ def sampled_slices(count: int, spacing_k: float, step_mm: float = SLICE_STEP_MM)
     """(the slices the localiser reads, the step between them)."""
     step = max(1, int(round(step_mm / max(spacing_k, 1e-6))))
     return list(range(step // 2, count, step)) or [0], step
+
+
+def coarse_positions(count: int, stride: int = COARSE_STRIDE) -> List[int]:
+    """Which of ``count`` sampled slices (their positions) the localiser reads first: every ``stride``-th and the
+    last."""
+    positions = list(range(0, count, max(1, stride)))
+    if positions[-1] != count - 1:
+        positions.append(count - 1)
+    return positions
+
+
+def positions_to_refine(coarse: Sequence[int], hits: Sequence[bool]) -> List[int]:
+    """The sampled positions to read after the ``coarse`` ones: every position between a coarse one where the
+    structure shows (``hits``) and its coarse neighbours. A blob is connected through consecutive sampled slices and
+    cannot pass a coarse slice where nothing shows, so every blob that touches a coarse slice lies within these."""
+    wanted = set()
+    for index, (position, hit) in enumerate(zip(coarse, hits)):
+        if hit:
+            low = coarse[index - 1] if index else position
+            high = coarse[index + 1] if index + 1 < len(coarse) else position
+            wanted.update(range(low + 1, high))
+    return sorted(wanted - set(coarse))
 
 
 def connected_blobs(binary: np.ndarray) -> np.ndarray:
@@ -115,7 +144,7 @@ def locate(name: str, maps: np.ndarray, slices: Sequence[int], step: int, slice_
     boxes = _boxes_between(sampled_boxes, step, total_slices if total_slices is not None else max(slices) + 1)
     return Localisation(name, True, blob_peak, volume_ml, boxes,
                         note=f"{name!r} found on slices {min(boxes)}..{max(boxes)} ({volume_ml:.0f} mL, "
-                             f"peak {blob_peak:.2f})", widest=widest, step=step)
+                             f"peak {blob_peak:.2f})", widest=widest, step=step, sampled=sorted(sampled_boxes))
 
 
 def _blob_at_clicks(blobs: np.ndarray, clicks: np.ndarray, slices: Sequence[int], scale: float) -> int:
@@ -147,4 +176,5 @@ def _boxes_between(sampled: Dict[int, np.ndarray], step: int, total: int) -> Dic
     return boxes
 
 
-__all__ = ["Localisation", "locate", "channels_for", "sampled_slices", "SLICE_STEP_MM", "MIN_VOLUME_ML"]
+__all__ = ["Localisation", "locate", "channels_for", "sampled_slices", "coarse_positions", "positions_to_refine",
+           "SLICE_STEP_MM", "MIN_VOLUME_ML", "COARSE_STRIDE"]
