@@ -84,8 +84,9 @@ from .data.volume import Volume
 from .errors import InputError, PromptError
 from .inference.cache import WINDOW, EmbeddingCache, PackedEmbedding
 from .inference.runner import ModelRunner
-from .inference.text_localisation import (CELL, COARSE_STRIDE, DEFAULT_THRESHOLD, Localisation, channels_for, coarse_positions,
-                                          connected_blobs, locate, positions_to_refine, sampled_slices)
+from .inference.text_localisation import (CELL, COARSE_STRIDE, DEFAULT_THRESHOLD, Localisation, channels_for,
+                                          coarse_positions, connected_blobs, locate, positions_to_refine,
+                                          sampled_slices)
 from .inference.slice_interpolation import check_slice_step, interpolate_masks
 from .inference.slice_preprocessing import (IntensityWindow, box_to_model, litemedsam_input, litemedsam_window,
                                             logits_to_slice, points_to_model)
@@ -171,7 +172,8 @@ def overlap(first: np.ndarray, second: np.ndarray) -> float:
 
 
 def masks_agree(first: np.ndarray, second: np.ndarray) -> bool:
-    """Two decoded slices close enough in shape to interpolate the slices between them (MIN_OVERLAP, MAX_AREA_CHANGE)."""
+    """Two decoded slices close enough in shape to interpolate the slices between them (``MIN_OVERLAP``,
+    ``MAX_AREA_CHANGE``)."""
     areas = sorted((int(first.sum()), int(second.sum())))
     return overlap(first, second) >= MIN_OVERLAP and areas[1] <= MAX_AREA_CHANGE * areas[0]
 
