@@ -717,15 +717,12 @@ class VolumeSlicePredictor:
         slices = sorted(boxes)
         if not slices:
             return piece
-        if anchors is not None:
-            first = [k for k in slices if k in anchors]
-        else:
-            first = slices[::max(1, self.slice_step)]
+        first = [k for k in slices if k in anchors] if anchors is not None else slices[::max(1, self.slice_step)]
         decoded = sorted(set(first) | {slices[0], slices[-1]})
         for k in decoded:
             piece[k] = run(k, boxes[k])[0]
             run.show(piece)
-        interpolated, kept = 0, list(decoded)
+        interpolated, decoded_count = 0, len(decoded)
         for low, high in zip(decoded, decoded[1:]):
             between = [k for k in range(low + 1, high) if k in boxes]
             if not between:
@@ -736,9 +733,9 @@ class VolumeSlicePredictor:
             for k in between:
                 piece[k] = run(k, boxes[k])[0]
                 run.show(piece)
-            kept.extend(between)
+            decoded_count += len(between)
         if interpolated:
-            notes.append(f"{interpolated} slices interpolated between the {len(kept)} decoded")
+            notes.append(f"{interpolated} slices interpolated between the {decoded_count} decoded")
         return piece
 
     def _interpolate_gaps(self, mask: np.ndarray, decoded: List[int]) -> int:

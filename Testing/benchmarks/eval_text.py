@@ -15,7 +15,7 @@ between: not scored). Besides, "brain" is asked of every trunk volume and the tr
 (brain_tumor_t1). A hit: an absent structure reported not found; a false warning: a present one not found.
 
     OMP_NUM_THREADS=2 python Testing/benchmarks/eval_text.py [--localiser DIR] [--cases chaos_10 ...] [--old]
-        [--no-slabs] [--zoom-in boxes|propagate|both] [--json rows.json]
+        [--no-slabs] [--zoom-in sampled|boxes|propagate|both] [--json rows.json]
 """
 from __future__ import annotations
 
