@@ -9,6 +9,8 @@ Variants (``inference/encoder_backends.py`` builds the runtimes; ``--only`` keep
   AMX or AVX512_BF16);
 * ``compile``: ``torch.compile`` of the channels-last encoder (``--compile``: its compilation takes minutes);
 * ``onnxruntime``, ``openvino``: the encoder's ONNX export run by each runtime in float32;
+* ``openvino-bf16``: the same export run by OpenVINO in bf16 (``--precision bf16`` on the CPU), on
+  CPUs with native bf16 only (AMX or AVX512_BF16);
 * ``experts`` (``--experts PACK``, e.g. ``abdominal_mr``): the channels-last encoder with a LiteMedSAM expert pack
   loaded, routed as a box without text routes it (the modality alone, ``--experts-modality``): what a pack costs
   per slice (the runtimes export the base encoder only, so a pack runs in torch); its masks differ from eager's
@@ -53,6 +55,9 @@ ORGAN = "liver"
 DEFAULT_CASES = ("totalseg_ct", "thorax_abdomen_ct", "chaos_10")
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
 
+# (variant, runtime, encoder precision): bf16 is what the predictors ask for with --precision bf16 on the CPU
+RUNTIME_VARIANTS = (("onnxruntime", "onnxruntime", "fp32"), ("openvino", "openvino", "fp32"),
+                    ("openvino-bf16", "openvino", "bf16"))
 Encoder = Callable[[np.ndarray], np.ndarray]     # float32 (B, 3, S, S) -> float32 (B, C, S/4, S/4)
 
 
@@ -170,15 +175,19 @@ def build_variants(model, args, slices: Slices, workdir: Path, log) -> Tuple[Dic
         variants["compile"] = torch_variant(compiled, channels_last=True)
         variants["compile"](slices.images[:1])          # compiles now, not in the first timing
         notes["compile"] = f"torch.compile (inductor), channels-last; compiled in {time.perf_counter() - started:.0f} s"
-    for backend in ("onnxruntime", "openvino"):
-        if want(backend):
+    for name, backend, precision in RUNTIME_VARIANTS:
+        if want(name):
             started = time.perf_counter()
-            encoder = make_image_encoder(model, backend, cache_dir=args.cache_dir, threads=args.threads)
+            encoder = make_image_encoder(model, backend, cache_dir=args.cache_dir, threads=args.threads,
+                                         precision=precision)
             if encoder.backend != backend:
-                log(f"{backend}: not available, skipped")
+                log(f"{name}: not available, skipped")
                 continue
-            variants[backend] = lambda batch, run=encoder: run(batch).numpy()
-            notes[backend] = f"{encoder.describe()}; ready in {time.perf_counter() - started:.1f} s"
+            if precision == "bf16" and "bfloat16" not in encoder.describe():
+                log(f"{name}: this CPU has no native bf16 (the runtime would compute in float32), skipped")
+                continue
+            variants[name] = lambda batch, run=encoder: run(batch).numpy()
+            notes[name] = f"{encoder.describe()}; ready in {time.perf_counter() - started:.1f} s"
     if args.int8:
         onnx_path = exported_encoder(eager, Path(args.cache_dir))
         calibration = slices.images[: args.slices]

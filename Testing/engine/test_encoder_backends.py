@@ -122,6 +122,71 @@ def test_the_slice_predictor_runs_the_fast_encoder_with_the_torch_masks(litemeds
     assert masks["torch"].sum() > 500 and dice(masks["auto"], masks["torch"]) >= 0.99
 
 
+def test_bf16_runtime_on_real_slices_and_in_the_predictor(litemedsam, export_folder, data_dir):
+    """precision bf16 on a CPU with native bf16: OpenVINO computes in bf16 (its embeddings differ from float32's by
+    more than an export may), the masks of real CT and MR slices with their labels' boxes stay close to float32's
+    (Dice >= 0.97: not the same, which is why it is never the default), and ``VolumeSlicePredictor(precision=
+    "bf16")`` on the CPU runs that encoder with the decoder in float32, while its default stays float32."""
+    require("openvino")
+    from medsegx_core.inference.device import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 (AMX or AVX512_BF16): bf16 stays float32 here")
+    from medsegx_core.data.metrics import dice
+    from medsegx_core.data.readers import read_labelmap, read_volume
+    from medsegx_core.inference.slice_preprocessing import (box_to_model, litemedsam_input, litemedsam_window,
+                                                            logits_to_slice)
+    from medsegx_core.volume_slice_predictor import VolumeSlicePredictor
+
+    encoders = {p: backends.make_image_encoder(litemedsam, "openvino", cache_dir=export_folder, threads=2,
+                                               precision=p) for p in ("fp32", "bf16")}
+    assert "bfloat16" in encoders["bf16"].describe() and "float32" in encoders["fp32"].describe()
+    cases = [("ct/totalseg_ct_small.nii.gz", "ct/totalseg_ct_small_labels.nii.gz", "CT"),
+             ("mri/chaos_t2spir/chaos_t2_10_mr.nii.gz", "mri/chaos_t2spir/chaos_t2_10_label.nii.gz", "MR")]
+    largest, agreements = 0.0, []
+    for image_file, label_file, modality in cases:
+        volume = read_volume(data_dir / image_file)
+        labels = read_labelmap(data_dir / label_file, volume).array
+        window = litemedsam_window(volume.array, modality)
+        for value in [v for v in np.unique(labels) if v][:4]:
+            organ = labels == value
+            k = int(np.argmax(organ.sum(axis=(1, 2))))
+            rows, cols = np.nonzero(organ[k])
+            box = torch.from_numpy(box_to_model(np.array([cols.min(), rows.min(), cols.max(), rows.max()],
+                                                         np.float32), organ.shape[1:]))[None]
+            image = litemedsam_input(window.apply(volume.array[k]))[None]
+            with torch.inference_mode():
+                embeddings = {p: encode(image) for p, encode in encoders.items()}
+                masks = {p: logits_to_slice(litemedsam.decode(e, box).logits, organ.shape[1:])[0].numpy() > 0
+                         for p, e in embeddings.items()}
+            largest = max(largest, float((embeddings["bf16"] - embeddings["fp32"]).abs().max()))
+            assert masks["fp32"].sum() > 50, (image_file, value)
+            agreements.append(dice(masks["bf16"], masks["fp32"]))
+    assert largest > backends.EXPORT_TOLERANCE and min(agreements) >= 0.97, agreements   # bf16 ran, close masks
+
+    for precision, arithmetic in (("bf16", "bfloat16"), ("auto", "float32")):
+        predictor = VolumeSlicePredictor(litemedsam, precision=precision)
+        assert predictor.runner.runtime.precision == "fp32" and arithmetic in predictor.describe_encoder()
+
+
+def test_encoder_precision_is_checked_and_bf16_only_where_native(monkeypatch, tmp_path):
+    """bf16 is asked of OpenVINO only on a CPU with native bf16, and said when it cannot be had; fp32 is float32
+    everywhere; ONNX Runtime refuses bf16; an unknown precision is named in the error. (The CPU query is replaced
+    to see both kinds of CPU.)"""
+    for native in (True, False):
+        monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda native=native: native)
+        assert backends.runtime_precision("openvino", "bf16") == ("bf16" if native else "fp32")
+        assert backends.runtime_precision("onnxruntime", "bf16") == "fp32"
+        assert backends.runtime_precision("openvino", "fp32") == "fp32"
+    if not backends.missing_packages("openvino"):       # the last CPU seen has no bf16: the encoder says so
+        encoder = backends.make_image_encoder(tiny_encoder(), "openvino", cache_dir=tmp_path, precision="bf16")
+        assert encoder.backend == "openvino" and "float32 (bf16 needs OpenVINO on a CPU with AMX" in encoder.describe()
+    with pytest.raises(ValueError, match="'half'.*fp32"):
+        backends.make_image_encoder(tiny_encoder(), "torch", precision="half")
+    with pytest.raises(ValueError, match="float32 only"):
+        backends.onnxruntime_runner(None, 1, "bf16")
+
+
 # ---- a runtime missing ----------------------------------------------------------------------------------------------
 def test_the_predictors_auto_choice_is_quiet_without_a_runtime(monkeypatch, caplog, tmp_path):
     """The optional packages are optional: with none installed, ``quiet_when_missing`` (the predictors' call)

@@ -15,8 +15,14 @@ a file that does not match its record is refused and exported again. Before it i
 torch encoder's embeddings within ``EXPORT_TOLERANCE`` on a fixed input of two images (which also checks the
 dynamic batch). ``cache_dir=None`` exports into a temporary folder that lives as long as the encoder.
 
-Both runtimes are asked for float32 arithmetic (OpenVINO would otherwise pick bf16 on CPUs with AMX or
-AVX512_BF16) and the thread count torch uses. ``auto`` takes the first runtime of ``AUTO_ORDER`` that is
+Precision: ``precision="fp32"`` (the default) asks both runtimes for float32 arithmetic (OpenVINO would otherwise
+pick bf16 on CPUs with AMX or AVX512_BF16). ``"bf16"`` lets OpenVINO compute in bfloat16 where the CPU does so
+natively (``device.cpu_has_native_bf16``: AMX or AVX512_BF16; elsewhere bf16 would be emulated and slower; ONNX
+Runtime has no bf16 kernels for the CPU): float32 stays where it cannot. Measured on a 2-core Xeon with AMX: 2.9x
+the float32 export and 8x eager torch per slice, but not the same masks: Dice 0.996-0.999 against float32 for the
+3D boxes of the shared CT's organs, 0.97 for a small kidney box, and a propagated slice box may stop on another
+slice (``compare_encoder_precision.py``; model card). So it is what ``--precision bf16`` asks for, never the
+default. Both runtimes use the thread count torch uses. ``auto`` takes the first runtime of ``AUTO_ORDER`` that is
 installed; ``AUTO_ORDER`` lists only runtimes measured faster than the torch encoder with masks of Dice >= 0.99
 against it (``Testing/benchmarks/bench_encoder.py``). Whatever cannot be used (a package missing, a model on
 the GPU, weights not float32, adapter experts hooked into the blocks, an export or a runtime that fails) falls
@@ -48,7 +54,7 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .device import release_freed_memory, warn
+from .device import cpu_has_native_bf16, release_freed_memory, warn
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 # Runtimes "auto" may choose, best first: faster than torch with the same masks in bench_encoder.py (on an AMD
@@ -56,6 +62,8 @@ BACKENDS = ("torch", "onnxruntime", "openvino")
 AUTO_ORDER = ("openvino", "onnxruntime")
 # The packages each runtime needs (the export needs onnx and onnxscript besides the runtime itself).
 EXPORT_PACKAGES = ("onnx", "onnxscript")
+# fp32: float32 everywhere; bf16: bf16 where a runtime computes it natively (``runtime_precision``), else float32
+ENCODER_PRECISIONS = ("fp32", "bf16")
 RUNTIME_PACKAGES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",)}
 INSTALL_HINT = "pip install 'medsegx-core[fast]'"
 # Largest |embedding difference| an export may show against the torch encoder before it is kept (measured: a
@@ -92,12 +100,16 @@ class ImageEncoder:
 
 # ---- choosing -------------------------------------------------------------------------------------------------------
 def make_image_encoder(model, backend: str = "auto", cache_dir: Optional[PathLike] = None,
-                       threads: Optional[int] = None, progress=None, quiet_when_missing: bool = False) -> ImageEncoder:
-    """The image encoder of ``model`` (LiteMedSAM, or its TinyViT) run by ``backend``; see the module's text.
-    ``quiet_when_missing``: with ``auto``, no runtime installed is said in ``describe()`` only, not warned about
-    (the predictors' default: the optional packages are optional)."""
+                       threads: Optional[int] = None, progress=None, quiet_when_missing: bool = False,
+                       precision: str = "fp32") -> ImageEncoder:
+    """The image encoder of ``model`` (LiteMedSAM, or its TinyViT) run by ``backend`` in ``precision`` (fp32, or
+    bf16 where the runtime and the CPU compute it natively); see the module's text. ``quiet_when_missing``:
+    with ``auto``, no runtime installed is said in ``describe()`` only, not warned about (the predictors' default:
+    the optional packages are optional)."""
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"encoder backend {backend!r}: choose auto or one of {', '.join(BACKENDS)}")
+    if precision not in ENCODER_PRECISIONS:
+        raise ValueError(f"encoder precision {precision!r}: choose one of {', '.join(ENCODER_PRECISIONS)}")
     encoder = getattr(model, "image_encoder", model)
     threads = int(threads or torch.get_num_threads())
     if backend == "torch":
@@ -119,12 +131,29 @@ def make_image_encoder(model, backend: str = "auto", cache_dir: Optional[PathLik
         return torch_encoder(encoder)
     chosen = installed[0]
     try:
-        return runtime_encoder(encoder, chosen, cache_dir, threads, progress)
+        return runtime_encoder(encoder, chosen, cache_dir, threads, progress, runtime_precision(chosen, precision),
+                               asked=precision)
     except Exception as exc:  # noqa: BLE001 - an optional runtime that fails must not stop segmentation
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         warn(f"the {chosen} encoder backend failed ({type(exc).__name__}: {first_line}); the encoder runs in torch",
              progress)
         return torch_encoder(encoder)
+
+
+def runtime_precision(backend: str, precision: str) -> str:
+    """What ``backend`` computes in when asked for ``precision``: bf16 only from OpenVINO on a CPU with native bf16
+    (elsewhere bf16 is emulated, or has no kernels, and is slower than float32)."""
+    if precision == "bf16" and backend == "openvino" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def bf16_runtime_available(backend: str = "auto") -> bool:
+    """Whether ``backend`` (auto: the one auto would choose) is installed and would compute the encoder in bf16
+    here (found, never imported)."""
+    candidates = AUTO_ORDER if backend == "auto" else (backend,) if backend in RUNTIME_PACKAGES else ()
+    installed = [name for name in candidates if not missing_packages(name)]
+    return bool(installed) and runtime_precision(installed[0], "bf16") == "bf16"
 
 
 def missing_packages(backend: str) -> Tuple[str, ...]:
@@ -168,14 +197,17 @@ def torch_encoder(encoder: torch.nn.Module, note: str = "") -> ImageEncoder:
 
 # ---- the exported runtimes ------------------------------------------------------------------------------------------
 def runtime_encoder(encoder: torch.nn.Module, backend: str, cache_dir: Optional[PathLike], threads: int,
-                    progress=None) -> ImageEncoder:
+                    progress=None, precision: str = "fp32", asked: str = "fp32") -> ImageEncoder:
     keep = None
     if cache_dir is None:
         keep = tempfile.TemporaryDirectory(prefix="medsegx-encoder-")
         cache_dir = keep.name
     path = exported_encoder(encoder, Path(cache_dir), backend, progress)
-    run, version = RUNNERS[backend](path, threads)
-    return ImageEncoder(backend, trimming_heap(run), f"{backend} {version}, float32, {threads} threads", keep)
+    run, version = RUNNERS[backend](path, threads, precision)
+    arithmetic = "bfloat16" if precision == "bf16" else "float32"
+    if asked == "bf16" and precision != "bf16":
+        arithmetic += " (bf16 needs OpenVINO on a CPU with AMX or AVX512_BF16)"
+    return ImageEncoder(backend, trimming_heap(run), f"{backend} {version}, {arithmetic}, {threads} threads", keep)
 
 
 def trimming_heap(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
@@ -189,7 +221,9 @@ def trimming_heap(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarr
     return run_and_trim
 
 
-def onnxruntime_runner(path: Path, threads: int):
+def onnxruntime_runner(path: Path, threads: int, precision: str = "fp32"):
+    if precision != "fp32":
+        raise ValueError(f"ONNX Runtime's CPU encoder computes in float32 only, not {precision}")
     ort = importlib.import_module("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -204,12 +238,15 @@ def onnxruntime_runner(path: Path, threads: int):
     return run, ort.__version__
 
 
-def openvino_runner(path: Path, threads: int):
+def openvino_runner(path: Path, threads: int, precision: str = "fp32"):
     """One request on every thread, one slice at a time, the export's batch fixed at 1: 11 % faster than its
     dynamic batch (``Testing/benchmarks/bench_encoder.py``, scratch runs of 2026-12-07). Measured and left out: a
     batch as concurrent requests on one-thread streams encoded 1.07-1.25x as many slices a second, but the second
     compiled model and its requests raised the peak memory of a 512 x 512 x 300 CT fully encoded from 1979 to
-    2387 MiB (``bench_memory.py``), past the 2 GB the engine keeps to."""
+    2387 MiB (``bench_memory.py``), past the 2 GB the engine keeps to. ``precision`` bf16: OpenVINO's bf16
+    inference (AMX / AVX512_BF16 kernels), for the callers that measured it (``runtime_precision``)."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"OpenVINO encoder precision {precision!r}: choose fp32 or bf16")
     ov = importlib.import_module("openvino")
     core = ov.Core()
     model = core.read_model(str(path))
@@ -218,7 +255,7 @@ def openvino_runner(path: Path, threads: int):
     model.reshape(shape)
     compiled = core.compile_model(model, "CPU", {
         "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-        "INFERENCE_PRECISION_HINT": "f32"})
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"})
     request = compiled.create_infer_request()
     lock = threading.Lock()            # one infer request: calls from two threads take turns
 
