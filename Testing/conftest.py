@@ -73,7 +73,9 @@ def _few_threads():
     # CI has 2 cores; keep torch from oversubscribing them.
     try:
         import torch
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        # under pytest-xdist the workers share the cores: one thread each on a 2-core runner
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
     except ImportError:
         pass
     yield
