@@ -50,7 +50,7 @@ def add_shared_options(parser: argparse.ArgumentParser, coordinates: str = "RAS 
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto: bf16/fp16 where the hardware is fast at it (fp32 where a model is not measured "
                              "in them); fp32 for exact results; bf16 on a CPU with AMX or AVX512_BF16 runs "
-                             "LiteMedSAM's encoder in OpenVINO's bf16 (about 3x its fp32, slightly different masks)")
+                             "LiteMedSAM's encoder in OpenVINO's bf16 (2.5x its fp32, masks that differ)")
     parser.add_argument("--modality", help="CT, MRI, ... (default: from the file, else guessed from the "
                                            "intensities); routes the adapter experts")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -18,10 +18,10 @@ dynamic batch). ``cache_dir=None`` exports into a temporary folder that lives as
 Precision: ``precision="fp32"`` (the default) asks both runtimes for float32 arithmetic (OpenVINO would otherwise
 pick bf16 on CPUs with AMX or AVX512_BF16). ``"bf16"`` lets OpenVINO compute in bfloat16 where the CPU does so
 natively (``device.cpu_has_native_bf16``: AMX or AVX512_BF16; elsewhere bf16 would be emulated and slower; ONNX
-Runtime has no bf16 kernels for the CPU): float32 stays where it cannot. Measured on a 2-core Xeon with AMX: 2.9x
-the float32 export and 8x eager torch per slice, but not the same masks: Dice 0.996-0.999 against float32 for the
-3D boxes of the shared CT's organs, 0.97 for a small kidney box, and a propagated slice box may stop on another
-slice (``compare_encoder_precision.py``; model card). So it is what ``--precision bf16`` asks for, never the
+Runtime has no bf16 kernels for the CPU): float32 stays where it cannot. Measured on a 2-core Xeon with AMX: 2.5x
+the float32 export and 5.5x eager torch per slice, but not the same masks: Dice 0.94-0.999 against float32 for 3D
+boxes of 17 CT and MR organs, per slice down to 0.95, and a propagated slice box may stop on another slice
+(``bench_encoder.py``, ``compare_encoder_precision.py``; the LiteMedSAM model card). So it is what ``--precision bf16`` asks for, never the
 default. Both runtimes use the thread count torch uses. ``auto`` takes the first runtime of ``AUTO_ORDER`` that is
 installed; ``AUTO_ORDER`` lists only runtimes measured faster than the torch encoder with masks of Dice >= 0.99
 against it (``Testing/benchmarks/bench_encoder.py``). Whatever cannot be used (a package missing, a model on
