@@ -30,8 +30,8 @@ from typing import Dict, List
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_box import (add_case_options, case_structures, read_case, selected_cases, tight_box_ijk,  # noqa: E402
-                      widest_slice_box)
+from eval_box import (add_case_options, case_structures, read_case, selected_cases, started_benchmark,  # noqa: E402
+                      tight_box_ijk, widest_slice_box)
 from eval_text import ORGAN_TEXT  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
@@ -102,20 +102,12 @@ def main(argv=None) -> int:
     add_case_options(parser)
     parser.add_argument("--text", action="store_true", help="also text prompts (liver, spleen, kidneys)")
     args = parser.parse_args(argv)
-    if not args.data.is_dir():
-        print(f"the shared data folder {args.data} is absent; set MEDSEGX_SHARED", file=sys.stderr)
-        return 1
+    log = started_benchmark(args)
 
     import torch
 
     from medsegx_core.volume_slice_predictor import VolumeSlicePredictor
     from medsegx_core.weights.litemedsam import load_litemedsam
-
-    torch.set_num_threads(args.threads)
-    began = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - began:6.0f} s] {message}", file=sys.stderr, flush=True)
 
     model = load_litemedsam()
     for precision in PRECISIONS:

@@ -148,6 +148,21 @@ def add_case_options(parser) -> None:
     parser.add_argument("--data", type=Path, default=SHARED / "data")
 
 
+def started_benchmark(args):
+    """The benchmark's log (seconds since now, on stderr) once the data folder is there and torch runs on
+    ``args.threads``; exits with a one-line message when ``args.data`` is absent."""
+    if not args.data.is_dir():
+        raise SystemExit(f"the shared data folder {args.data} is absent; set MEDSEGX_SHARED")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - began:6.0f} s] {message}", file=sys.stderr, flush=True)
+    return log
+
+
 # ---- boxes ------------------------------------------------------------------------------------------------------
 def tight_box_ijk(truth_kji: np.ndarray) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
     """Inclusive min and max voxel ijk of a (k, j, i) mask."""
