@@ -92,7 +92,8 @@ def summary(rows: List[Dict]) -> str:
         fp32, bf16 = sum(r["seconds_fp32"] for r in group), sum(r["seconds_bf16"] for r in group)
         lines.append(f"| {prompt} | {len(group)} | {worst['agreement']:.4f} ({worst['case']} {worst['organ']}) "
                      f"| {np.mean([r['agreement'] for r in group]):.4f} "
-                     f"| {np.mean([r['dice_fp32'] for r in group]):.3f} | {np.mean([r['dice_bf16'] for r in group]):.3f} "
+                     f"| {np.mean([r['dice_fp32'] for r in group]):.3f} "
+                     f"| {np.mean([r['dice_bf16'] for r in group]):.3f} "
                      f"| {fp32:.0f} | {bf16:.0f} | {fp32 / max(bf16, 1e-9):.2f}x |")
     return "\n".join(lines)
 

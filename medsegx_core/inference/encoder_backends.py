@@ -21,8 +21,8 @@ natively (``device.cpu_has_native_bf16``: AMX or AVX512_BF16; elsewhere bf16 wou
 Runtime has no bf16 kernels for the CPU): float32 stays where it cannot. Measured on a 2-core Xeon with AMX: 2.5x
 the float32 export and 5.5x eager torch per slice, but not the same masks: Dice 0.94-0.999 against float32 for 3D
 boxes of 17 CT and MR organs, per slice down to 0.95, and a propagated slice box may stop on another slice
-(``bench_encoder.py``, ``compare_encoder_precision.py``; the LiteMedSAM model card). So it is what ``--precision bf16`` asks for, never the
-default. Both runtimes use the thread count torch uses. ``auto`` takes the first runtime of ``AUTO_ORDER`` that is
+(``bench_encoder.py``, ``compare_encoder_precision.py``; the LiteMedSAM model card). So it is what ``--precision
+bf16`` asks for, never the default. Both runtimes use the thread count torch uses. ``auto`` takes the first runtime of ``AUTO_ORDER`` that is
 installed; ``AUTO_ORDER`` lists only runtimes measured faster than the torch encoder with masks of Dice >= 0.99
 against it (``Testing/benchmarks/bench_encoder.py``). Whatever cannot be used (a package missing, a model on
 the GPU, weights not float32, adapter experts hooked into the blocks, an export or a runtime that fails) falls
