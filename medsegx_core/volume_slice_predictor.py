@@ -308,9 +308,9 @@ class VolumeSlicePredictor:
 
     def fast_encoder(self):
         """The encoder exported to a faster CPU runtime (``inference/encoder_backends.py``: OpenVINO, ONNX Runtime)
-        where it gives the same masks: on the CPU, with the model's weights in float32 (bf16 arithmetic only where
-        ``encoder_precision`` allows it), without adapter experts (they change the encoder with each prompt's
-        context); else None (the model's own encoder runs)."""
+        on the CPU, with the model's weights in float32 and without adapter experts (they change the encoder with
+        each prompt's context): the torch encoder's masks in float32, close ones in bf16 (``encoder_precision``,
+        only when bf16 was asked for); else None (the model's own encoder runs)."""
         if (self.encoder_backend == "torch" or self.runner.runtime.device.type != "cpu"
                 or self.runner.runtime.storage_dtype != torch.float32 or hasattr(self.model, "conmoae")):
             return None
