@@ -119,7 +119,7 @@ def make_image_encoder(model, backend: str = "auto", cache_dir: Optional[PathLik
         if backend != "auto":
             warn(f"the {backend} encoder backend is not used: {reason}; the encoder runs in torch", progress)
         return torch_encoder(encoder)
-    candidates = AUTO_ORDER if backend == "auto" else (backend,)
+    candidates = runtime_candidates(backend)
     installed = [name for name in candidates if not missing_packages(name)]
     if not installed:
         needed = sorted({p for name in candidates for p in missing_packages(name)})
@@ -151,9 +151,13 @@ def runtime_precision(backend: str, precision: str) -> str:
 def bf16_runtime_available(backend: str = "auto") -> bool:
     """Whether ``backend`` (auto: the one auto would choose) is installed and would compute the encoder in bf16
     here (found, never imported)."""
-    candidates = AUTO_ORDER if backend == "auto" else (backend,) if backend in RUNTIME_PACKAGES else ()
-    installed = [name for name in candidates if not missing_packages(name)]
+    installed = [name for name in runtime_candidates(backend) if not missing_packages(name)]
     return bool(installed) and runtime_precision(installed[0], "bf16") == "bf16"
+
+
+def runtime_candidates(backend: str) -> Tuple[str, ...]:
+    """The exported runtimes ``backend`` may use, best first (auto: ``AUTO_ORDER``; torch: none)."""
+    return AUTO_ORDER if backend == "auto" else (backend,) if backend in RUNTIME_PACKAGES else ()
 
 
 def missing_packages(backend: str) -> Tuple[str, ...]:
