@@ -81,6 +81,9 @@ def test_a_localiser_recipe_with_an_unknown_option_or_another_trainer_is_refused
     wrong.write_text(json.dumps({**shipped, "trainer": FINETUNE}))
     with pytest.raises(InputError, match="is for medsegx finetune"):
         LocaliserRecipe.from_file(wrong)
+    wrong.write_text(json.dumps({**shipped, "options": {**shipped["options"], "variants": ["native", "flipped"]}}))
+    with pytest.raises(InputError, match="unknown variants flipped; known: native, coarse, labels"):
+        LocaliserRecipe.from_file(wrong)
 
 
 def test_finetunings_default_recipe_is_what_the_python_api_defaults_to():

@@ -169,6 +169,34 @@ def test_a_tiny_recipe_trains_and_its_folder_round_trips(data_dir, litemedsam, t
         load_localiser(folder)
 
 
+def test_the_labels_variant_shifts_each_structure_once_per_case_and_keeps_the_targets(data_dir, litemedsam):
+    from medsegx_core.inference.encoder_backends import torch_encoder
+
+    inputs = {}
+
+    def recording(variant):
+        encoder = torch_encoder(litemedsam.image_encoder)
+
+        def encode(images):
+            inputs.setdefault(variant, []).append(images.clone())
+            return encoder(images)
+        return encode
+
+    native = encode_case(data_dir, SMALL_CT, recording("native"), VOCABULARY, step_mm=40.0)
+    shifted = encode_case(data_dir, SMALL_CT, recording("labels"), VOCABULARY, step_mm=40.0, variant="labels")
+    again = encode_case(data_dir, SMALL_CT, recording("again"), VOCABULARY, step_mm=40.0, variant="labels")
+    assert shifted.key == "ct_small@labels" and shifted.slices == native.slices and len(native.slices) >= 2
+    # the labels and what the case teaches are those of the native slices; only the image changed
+    np.testing.assert_array_equal(shifted.targets, native.targets)
+    np.testing.assert_array_equal(shifted.known, native.known)
+    native_input, shifted_input = torch.cat(inputs["native"]), torch.cat(inputs["labels"])
+    changed = (native_input - shifted_input).abs()
+    assert changed.mean() > 0.01 and not np.allclose(shifted.embeddings, native.embeddings, atol=0.05)
+    # drawn once per case (seeded by its key): encoding the case again gives the same images
+    torch.testing.assert_close(torch.cat(inputs["again"]), shifted_input)
+    np.testing.assert_array_equal(again.embeddings, shifted.embeddings)
+
+
 def test_the_bundled_localiser_records_its_recipe_and_never_trained_on_its_held_out_patients():
     record = localiser_record()
     recipe = json.loads((bundled_localiser_dir().parent / "recipes" / record["recipe_file"]).read_text())

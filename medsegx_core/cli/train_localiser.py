@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     bar, update = progress_bar("encode")
     try:
         cases = cached_cases(args.data, cache, load_litemedsam(), all_cases(), VOCABULARY, progress=update,
-                             variants=recipe.variants)
+                             variants=recipe.variants, held_out=recipe.held_out_patients)
     finally:
         bar.close()
     bar, update = progress_bar("train")

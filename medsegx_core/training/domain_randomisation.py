@@ -8,6 +8,7 @@ et al., 2023: random intensities per label) and random intensity curves:
 
 * ``label_intensity_shift``: each labelled structure's voxels shifted by its own random offset, so structures
   swap brightness order as they do between CT and MR sequences (texture and edges inside each stay real);
+  ``label_offsets`` is its table, for callers that keep one draw through a whole volume;
 * ``random_intensity_curve``: a random piecewise-linear, not necessarily monotonic, curve applied to every
   voxel (a tissue that was dark may become bright), the whole-image counterpart of the above;
 * ``bias_field``: a smooth multiplicative field, as MR coil sensitivity gives (MONAI ``RandBiasField``);
@@ -32,13 +33,20 @@ from monai.transforms import (Compose, RandAdjustContrast, RandAffine, RandBiasF
 from monai.utils import convert_to_numpy
 
 
+def label_offsets(values: np.ndarray, rng: np.random.Generator, spread: float = 0.2) -> np.ndarray:
+    """A table (max value + 1,) float32: an offset drawn from N(0, spread) for each of ``values``, 0 elsewhere and
+    for the background (label 0). Index it with a label map to shift each structure by its own offset."""
+    values = np.unique(np.asarray(values)).astype(np.int64)
+    table = np.zeros(int(values.max(initial=0)) + 1, dtype=np.float32)
+    table[values] = rng.normal(0.0, spread, size=len(values)).astype(np.float32)
+    table[0] = 0.0
+    return table
+
+
 def label_intensity_shift(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
                           spread: float = 0.2) -> np.ndarray:
     """``image`` + an offset drawn from N(0, spread) for each label value (background, label 0, unchanged)."""
-    values = np.unique(labels)
-    table = np.zeros(int(values.max()) + 1, dtype=np.float32)
-    table[values] = rng.normal(0.0, spread, size=len(values)).astype(np.float32)
-    table[0] = 0.0
+    table = label_offsets(labels, rng, spread)
     return np.clip(image + table[labels], 0.0, 1.0).astype(np.float32)
 
 

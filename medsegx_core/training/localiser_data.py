@@ -34,6 +34,7 @@ from ..data.readers import read_labelmap, read_volume
 from ..errors import UnknownTermError
 from ..inference.slice_preprocessing import litemedsam_input, litemedsam_window, longest_side_to, pad_to_square
 from ..progress import CancelToken, ProgressCallback, check, report
+from .domain_randomisation import label_offsets
 from .starter_data import CHAOS_CASES, CASES, CaseSpec, label_names
 
 # The structures a text prompt can find on the slice-wise path: each labelled in at least two patients of the
@@ -55,11 +56,16 @@ WHOLE_BRAIN_CASES = ("mr_brain",)
 SLICE_STEP_MM = 4.0
 GRID = 64            # the embedding's grid
 CACHE_FORMAT = 1
-# Training variants of a case: "native", and "coarse" for volumes with fine pixels: each slice shrunk to
+# Training variants of a case: "native"; "coarse" for volumes with fine pixels: each slice shrunk to
 # COARSE_PIXEL_MM pixels first (area averaging), so that a fine contrast CT also teaches how a coarse, thick-slice
-# scan looks once the model input has enlarged it again (the held-out CT patient has 3 mm pixels).
-VARIANTS = ("native", "coarse")
+# scan looks once the model input has enlarged it again (the held-out CT patient has 3 mm pixels); "labels": each
+# labelled structure's intensities shifted by its own offset (SynthSeg-style, ``domain_randomisation.label_offsets``,
+# N(0, LABEL_SHIFT_SPREAD) of the 0..255 window), drawn once per case so that an organ keeps one brightness through
+# the volume: an organ is then found by its shape and place more than by how bright it is (a kidney without
+# contrast: model card). Held-out patients get only "native" (they never reach training).
+VARIANTS = ("native", "coarse", "labels")
 COARSE_PIXEL_MM = 3.0
+LABEL_SHIFT_SPREAD = 0.2
 
 
 @dataclass
@@ -164,17 +170,27 @@ def encode_case(data_dir: Path, spec: CaseSpec, encode, vocabulary: Sequence[str
     chosen = list(range(step // 2, working.shape[0], step))
     pixel_mm = min(orientation.working_spacing(image.spacing)[:2])
     shrunk = coarse_shape(working.shape[1:], pixel_mm) if variant == "coarse" else tuple(working.shape[1:])
+    offsets = None
+    if variant == "labels":
+        seed = int.from_bytes(hashlib.sha256(spec.key.encode()).digest()[:4], "little")     # one draw per case
+        offsets = 255.0 * label_offsets(np.unique(labelmap), np.random.default_rng(seed), LABEL_SHIFT_SPREAD)
 
     def plane_of(array: np.ndarray, k: int, labels: bool) -> np.ndarray:
         plane = array[k]
         return plane if shrunk == tuple(plane.shape) else _coarse(plane, shrunk, labels)
+
+    def grey_of(k: int) -> np.ndarray:
+        grey = window.apply(plane_of(working, k, False))
+        if offsets is not None:
+            grey = np.clip(grey + offsets[plane_of(working_labels, k, True)], 0.0, 255.0)
+        return grey
 
     embeddings, targets = [], []
     for start in range(0, len(chosen), batch):
         check(cancel)
         report(progress, start / len(chosen), f"{spec.key}: slice {start}/{len(chosen)}")
         part = chosen[start:start + batch]
-        images = torch.stack([litemedsam_input(window.apply(plane_of(working, k, False))) for k in part])
+        images = torch.stack([litemedsam_input(grey_of(k)) for k in part])
         embeddings.append(encode(images).numpy().astype(np.float16))
         for k in part:
             plane = plane_of(working_labels, k, True)
@@ -229,15 +245,17 @@ def coarse_worthy(data_dir: Path, spec: CaseSpec) -> bool:
 
 def cached_cases(data_dir: Path, cache_dir: Path, model, specs: Sequence[CaseSpec], vocabulary: Sequence[str],
                  backend: str = "auto", progress: Optional[ProgressCallback] = None,
-                 cancel: Optional[CancelToken] = None, variants: Sequence[str] = ("native",)) -> List[CaseSlices]:
-    """Every case of ``specs`` in each of ``variants`` (a "coarse" one only where the pixels are fine), from the
-    cache where it is complete, else encoded now and cached."""
+                 cancel: Optional[CancelToken] = None, variants: Sequence[str] = ("native",),
+                 held_out: Sequence[str] = ()) -> List[CaseSlices]:
+    """Every case of ``specs`` in each of ``variants`` (a "coarse" one only where the pixels are fine; only
+    "native" for the patients in ``held_out``), from the cache where it is complete, else encoded now and cached."""
     from ..inference.encoder_backends import encoder_key, make_image_encoder
     from ..weights.hub import medsegx_home
 
     folder = Path(cache_dir) / cache_key(encoder_key(model.image_encoder), vocabulary)
     jobs = [(spec, variant) for spec in specs for variant in variants
-            if variant == "native" or coarse_worthy(data_dir, spec)]
+            if variant == "native" or (spec.patient not in held_out
+                                       and (variant != "coarse" or coarse_worthy(data_dir, spec)))]
     cases, encode = [], None
     for index, (spec, variant) in enumerate(jobs):
         name = spec.key if variant == "native" else f"{spec.key}@{variant}"

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..errors import InputError
 from ..modeling.slice_localiser import SliceLocaliser, SliceLocaliserConfig
 from ..progress import CancelToken, ProgressCallback, check, report
-from .localiser_data import CaseSlices
+from .localiser_data import VARIANTS, CaseSlices
 
 DEFAULT_RECIPE = "text_localiser"            # resources/recipes/text_localiser.json
 TRAINER = "medsegx train-localiser"
@@ -60,6 +61,10 @@ class LocaliserRecipe:
         for name in ("held_out_patients", "variants"):
             if name in values:
                 values[name] = tuple(values[name])
+        unknown = sorted(set(values.get("variants", ())) - set(VARIANTS))
+        if unknown:
+            raise InputError(f"recipe {name_or_path}: unknown variants {', '.join(unknown)}; "
+                             f"known: {', '.join(VARIANTS)}")
         return cls(**values), recipe.record()
 
     def to_dict(self) -> dict:
@@ -126,8 +131,6 @@ def train_localiser(cases: Sequence[CaseSlices], recipe: LocaliserRecipe, struct
     """A localiser trained on the cases of patients not held out by the recipe."""
     training = [c for c in cases if c.patient not in set(recipe.held_out_patients)]
     if not training:
-        from ..errors import InputError
-
         raise InputError("no training case left after holding out " + ", ".join(recipe.held_out_patients))
     torch.manual_seed(recipe.seed)
     generator = np.random.default_rng(recipe.seed)
