@@ -134,7 +134,7 @@ def cell_shares(mask: np.ndarray, side: int = 256, grid: int = GRID) -> np.ndarr
 def cache_key(encoder_key: str, vocabulary: Sequence[str]) -> str:
     text = json.dumps({"encoder": encoder_key, "vocabulary": list(vocabulary), "step": SLICE_STEP_MM,
                        "format": CACHE_FORMAT, "members": MEMBERS, "whole_brain": WHOLE_BRAIN_CASES,
-                       "head": HEAD_CASES})
+                       "head": HEAD_CASES, "label_shift": LABEL_SHIFT_SPREAD})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
